@@ -1,0 +1,6 @@
+//! qgate: decides whether a quantized or converted Qwen3.5-family LLM may ship.
+//!
+//! Data flows one way: plan → oracle or capture → compare → verdict → report.
+pub mod capture;
+pub mod commands;
+pub mod error;
