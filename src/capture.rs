@@ -475,7 +475,7 @@ impl TensorSpec {
         }
     }
     fn nbytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
+        self.shape.iter().product::<usize>() * (self.dtype.bitsize() / 8)
     }
 }
 

@@ -4,3 +4,6 @@
 pub mod capture;
 pub mod commands;
 pub mod error;
+pub mod model;
+pub mod oracle;
+pub mod plan;

@@ -1,9 +1,54 @@
-//! `qgate plan`.
-use crate::error::{Error, Result};
+//! `qgate plan`: tokenize text prompts (optionally through the model's own chat template) into a plan.
+use crate::capture::{write_capture, CaptureMeta, SeqData};
+use crate::error::Result;
+use crate::model::weights::resolve_model_dir;
+use crate::plan::{read_prompts, PromptTokenizer};
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Model directory (tokenizer.json, tokenizer_config.json / chat_template.jinja), or `Org/Name`.
+    #[arg(long)]
+    pub model: String,
+    /// Prompts: a text file with one prompt per line, or a JSON array of strings.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Render each prompt as a user turn through the model's chat template, with the generation prompt.
+    #[arg(long)]
+    pub chat: bool,
+    /// Output plan (a capture holding only token sequences).
+    #[arg(long)]
+    pub out: PathBuf,
+}
 
-pub fn execute(_args: Args) -> Result<i32> {
-    Err(Error::usage("`qgate plan` is not built yet"))
+pub fn execute(args: Args) -> Result<i32> {
+    let dir = resolve_model_dir(&args.model)?;
+    let tok = PromptTokenizer::load(&dir)?;
+    let prompts = read_prompts(&args.prompts)?;
+    let mut seqs = Vec::with_capacity(prompts.len());
+    for p in &prompts {
+        let ids = if args.chat {
+            tok.encode_chat(p)?
+        } else {
+            tok.encode_plain(p)?
+        };
+        seqs.push(SeqData {
+            tokens: ids,
+            ..Default::default()
+        });
+    }
+    let mut meta = CaptureMeta::new("plan", "qgate-plan", "none", tok.vocab_size);
+    meta.extra.insert("chat_template".into(), args.chat.into());
+    meta.extra.insert(
+        "prompts_file".into(),
+        args.prompts.display().to_string().into(),
+    );
+    let out = write_capture(&args.out, &meta, &seqs)?;
+    let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    eprintln!(
+        "qgate: plan of {} sequences / {n} tokens → {}",
+        seqs.len(),
+        out.display()
+    );
+    Ok(0)
 }

@@ -1,0 +1,204 @@
+//! Gated DeltaNet (`linear_attn`): projections, causal depthwise conv + SiLU over q|k|v, GVA head
+//! mapping, L2 norm, β and g, the delta rule (chunked for sequences, recurrent for cached single steps),
+//! gated RMSNorm and out_proj.
+use super::config::TextConfig;
+use super::delta_rule::{self, DeltaInputs};
+use super::mlp::linear;
+use super::norms::GatedRmsNorm;
+use super::precision::Precision;
+use super::weights::WeightStore;
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+
+/// What a GDN layer carries between calls: the last `K-1` pre-conv `qkv` rows and the f32 state.
+pub struct GdnCache {
+    /// `[K-1, C]`, zeros before the first token.
+    pub conv_history: Vec<f32>,
+    /// `[Hv, Dk, Dv]`, f32 (never rounded, as HF).
+    pub state: Vec<f32>,
+    pub seen: usize,
+}
+
+pub struct GatedDeltaNet {
+    in_proj_qkv: Tensor,
+    in_proj_z: Tensor,
+    in_proj_b: Tensor,
+    in_proj_a: Tensor,
+    conv_weight: Vec<f32>, // [C, K]
+    a_log: Vec<f32>,
+    dt_bias: Vec<f32>,
+    norm: GatedRmsNorm,
+    out_proj: Tensor,
+    hk: usize,
+    hv: usize,
+    dk: usize,
+    dv: usize,
+    kernel: usize,
+    prec: Precision,
+}
+
+impl GatedDeltaNet {
+    /// `prefix`: full name prefix ending in `linear_attn.`.
+    pub fn new(cfg: &TextConfig, ws: &WeightStore, prefix: &str, prec: Precision) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (hk, hv, dk, dv) = (
+            cfg.linear_num_key_heads,
+            cfg.linear_num_value_heads,
+            cfg.linear_key_head_dim,
+            cfg.linear_value_head_dim,
+        );
+        let c = 2 * hk * dk + hv * dv;
+        let kernel = cfg.linear_conv_kernel_dim;
+        let vec = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            Ok(ws
+                .load(&format!("{prefix}{name}"), shape, prec)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        Ok(GatedDeltaNet {
+            in_proj_qkv: ws.load(&format!("{prefix}in_proj_qkv.weight"), &[c, h], prec)?,
+            in_proj_z: ws.load(&format!("{prefix}in_proj_z.weight"), &[hv * dv, h], prec)?,
+            in_proj_b: ws.load(&format!("{prefix}in_proj_b.weight"), &[hv, h], prec)?,
+            in_proj_a: ws.load(&format!("{prefix}in_proj_a.weight"), &[hv, h], prec)?,
+            conv_weight: vec("conv1d.weight", &[c, 1, kernel])?,
+            a_log: vec("A_log", &[hv])?,
+            dt_bias: vec("dt_bias", &[hv])?,
+            norm: GatedRmsNorm::new(
+                ws,
+                &format!("{prefix}norm.weight"),
+                dv,
+                cfg.rms_norm_eps,
+                prec,
+            )?,
+            out_proj: ws.load(&format!("{prefix}out_proj.weight"), &[h, hv * dv], prec)?,
+            hk,
+            hv,
+            dk,
+            dv,
+            kernel,
+            prec,
+        })
+    }
+
+    pub fn empty_cache(&self) -> GdnCache {
+        let c = 2 * self.hk * self.dk + self.hv * self.dv;
+        GdnCache {
+            conv_history: vec![0.0; (self.kernel - 1) * c],
+            state: vec![0.0; self.hv * self.dk * self.dv],
+            seen: 0,
+        }
+    }
+
+    pub fn forward(&self, h: &Tensor, cache: &mut GdnCache) -> Result<Tensor> {
+        let p = self.prec;
+        let (t, _) = h.dims2()?;
+        let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
+        let c = 2 * hk * dk + hv * dv;
+        let qkv: Vec<f32> = linear(h, &self.in_proj_qkv, p)?.flatten_all()?.to_vec1()?;
+        let z = linear(h, &self.in_proj_z, p)?;
+        let b: Vec<f32> = linear(h, &self.in_proj_b, p)?.flatten_all()?.to_vec1()?;
+        let a: Vec<f32> = linear(h, &self.in_proj_a, p)?.flatten_all()?.to_vec1()?;
+
+        // Causal depthwise conv over all C channels (f32 accumulation), then R, SiLU, R.
+        let mut conv = vec![0f32; t * c];
+        let hist = kk - 1;
+        let input = |row: isize, ch: usize| -> f32 {
+            if row < 0 {
+                cache.conv_history[((hist as isize + row) as usize) * c + ch]
+            } else {
+                qkv[row as usize * c + ch]
+            }
+        };
+        for ti in 0..t {
+            for ch in 0..c {
+                let mut acc = 0f32;
+                for j in 0..kk {
+                    acc += self.conv_weight[ch * kk + j]
+                        * input(ti as isize - hist as isize + j as isize, ch);
+                }
+                conv[ti * c + ch] = acc;
+            }
+        }
+        p.round_slice(&mut conv);
+        for x in conv.iter_mut() {
+            *x /= 1.0 + (-*x).exp();
+        }
+        p.round_slice(&mut conv);
+        // Keep the last K-1 pre-conv rows for the next call.
+        let mut all_rows = std::mem::take(&mut cache.conv_history);
+        all_rows.extend_from_slice(&qkv);
+        cache.conv_history = all_rows[all_rows.len() - hist * c..].to_vec();
+
+        // Split q | k | v (head-major), expand key heads to value heads (head j uses key head j / r),
+        // L2-normalise q and k (eps 1e-6 inside the root), all f32.
+        let r = hv / hk;
+        let mut q = vec![0f32; hv * t * dk];
+        let mut k = vec![0f32; hv * t * dk];
+        let mut v = vec![0f32; hv * t * dv];
+        for ti in 0..t {
+            let row = &conv[ti * c..(ti + 1) * c];
+            for j in 0..hv {
+                let kh = j / r;
+                let qs = &row[kh * dk..(kh + 1) * dk];
+                let ks = &row[hk * dk + kh * dk..hk * dk + (kh + 1) * dk];
+                let vs = &row[2 * hk * dk + j * dv..2 * hk * dk + (j + 1) * dv];
+                l2_normalise_into(qs, &mut q[(j * t + ti) * dk..(j * t + ti + 1) * dk]);
+                l2_normalise_into(ks, &mut k[(j * t + ti) * dk..(j * t + ti + 1) * dk]);
+                v[(j * t + ti) * dv..(j * t + ti + 1) * dv].copy_from_slice(vs);
+            }
+        }
+        // β = R(sigmoid(b)); g = -exp(A_log) · softplus(a + dt_bias) in f32 (not rounded).
+        let mut beta = vec![0f32; hv * t];
+        let mut g = vec![0f32; hv * t];
+        for ti in 0..t {
+            for j in 0..hv {
+                beta[j * t + ti] = p.round_scalar(1.0 / (1.0 + (-b[ti * hv + j]).exp()));
+                g[j * t + ti] = -self.a_log[j].exp() * softplus(a[ti * hv + j] + self.dt_bias[j]);
+            }
+        }
+        let inputs = DeltaInputs {
+            heads: hv,
+            t,
+            dk,
+            dv,
+            q: &q,
+            k: &k,
+            v: &v,
+            beta: &beta,
+            g: &g,
+        };
+        // HF: recurrent form only for a single token with an existing state; chunked otherwise.
+        let mut o = if t == 1 && cache.seen > 0 {
+            delta_rule::recurrent(&inputs, &mut cache.state)
+        } else {
+            delta_rule::chunked(&inputs, &mut cache.state)
+        };
+        cache.seen += t;
+        p.round_slice(&mut o);
+        // [Hv, T, Dv] → [T, Hv, Dv]
+        let o = Tensor::from_vec(o, (hv, t, dv), &Device::Cpu)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let z = z.reshape((t, hv, dv))?;
+        let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
+        linear(&y, &self.out_proj, p)
+    }
+}
+
+/// `x · rsqrt(Σx² + 1e-6)` (sum, not mean; HF's l2norm).
+fn l2_normalise_into(x: &[f32], out: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    let inv = 1.0 / (ss + 1e-6).sqrt();
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = v * inv;
+    }
+}
+
+/// torch softplus (β = 1, threshold 20): `x` above the threshold, else `log1p(exp(x))`.
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}

@@ -1,0 +1,53 @@
+//! SwiGLU MLP: `R(R(R(silu(R(h·Wgᵀ))) · R(h·Wuᵀ)) · Wdᵀ)`; also the shape of every routed and shared expert.
+use super::precision::Precision;
+use super::weights::WeightStore;
+use crate::error::Result;
+use candle_core::Tensor;
+
+/// `R(x · wᵀ)`: a bias-free Linear with f32 accumulation and one rounding, as HF's bf16 GEMM.
+pub fn linear(x: &Tensor, w: &Tensor, prec: Precision) -> Result<Tensor> {
+    Ok(prec.round(&x.matmul(&w.t()?)?)?)
+}
+
+pub struct Mlp {
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    prec: Precision,
+}
+
+impl Mlp {
+    /// `prefix` is the full tensor-name prefix ending in `.` (e.g. `model.layers.0.mlp.`).
+    pub fn new(
+        ws: &WeightStore,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+        prec: Precision,
+    ) -> Result<Mlp> {
+        Ok(Mlp {
+            gate: ws.load(&format!("{prefix}gate_proj.weight"), &[inter, hidden], prec)?,
+            up: ws.load(&format!("{prefix}up_proj.weight"), &[inter, hidden], prec)?,
+            down: ws.load(&format!("{prefix}down_proj.weight"), &[hidden, inter], prec)?,
+            prec,
+        })
+    }
+
+    pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        swiglu(h, &self.gate, &self.up, &self.down, self.prec)
+    }
+}
+
+/// The SwiGLU body shared by dense MLPs and experts.
+pub fn swiglu(
+    h: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    p: Precision,
+) -> Result<Tensor> {
+    let g = p.round(&linear(h, gate, p)?.silu()?)?;
+    let u = linear(h, up, p)?;
+    let a = p.round(&(g * u)?)?;
+    linear(&a, down, p)
+}

@@ -1,0 +1,237 @@
+//! The Qwen3.5 / Qwen3.5-MoE text decoder, exact to HF transformers 5.23.0 (eager attention, torch
+//! fallbacks for the causal conv and the delta rule), in f32, bf16 or f16 rounding.
+pub mod attention;
+pub mod config;
+pub mod delta_rule;
+pub mod gated_deltanet;
+pub mod mlp;
+pub mod moe;
+pub mod norms;
+pub mod precision;
+pub mod rope;
+pub mod weights;
+
+use crate::error::{Error, Result};
+use attention::{GatedAttention, KvCache};
+use candle_core::{Device, Tensor};
+use config::{LayerKind, TextConfig};
+use gated_deltanet::{GatedDeltaNet, GdnCache};
+use mlp::{linear, Mlp};
+use moe::SparseMoe;
+use norms::RmsNormZeroCentred;
+use precision::Precision;
+use rope::Rope;
+use std::path::Path;
+use weights::WeightStore;
+
+enum Mixer {
+    Attention(GatedAttention),
+    DeltaNet(GatedDeltaNet),
+}
+
+enum FeedForward {
+    Dense(Mlp),
+    Moe(SparseMoe),
+}
+
+struct DecoderLayer {
+    input_norm: RmsNormZeroCentred,
+    mixer: Mixer,
+    post_norm: RmsNormZeroCentred,
+    ffn: FeedForward,
+}
+
+/// Per-layer state carried from one call to the next (teacher-forced prefill, then single steps).
+pub enum LayerCache {
+    Attention(KvCache),
+    DeltaNet(GdnCache),
+}
+
+pub struct Cache {
+    layers: Vec<LayerCache>,
+    pub seen: usize,
+}
+
+pub struct Model {
+    pub cfg: TextConfig,
+    pub prec: Precision,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNormZeroCentred,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Tensor>,
+    rope: Rope,
+}
+
+impl Model {
+    pub fn load(dir: &Path, prec: Precision) -> Result<Model> {
+        let cfg = TextConfig::from_dir(dir)?;
+        let ws = WeightStore::open(dir)?;
+        Model::from_store(cfg, &ws, prec)
+    }
+
+    pub fn from_store(cfg: TextConfig, ws: &WeightStore, prec: Precision) -> Result<Model> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let eps = cfg.rms_norm_eps;
+        let embed = ws.load_decoder("embed_tokens.weight", &[v, h], prec)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (l, kind) in cfg.layer_types.iter().enumerate() {
+            let pre = ws.decoder_name(&format!("layers.{l}."));
+            let mixer = match kind {
+                LayerKind::FullAttention => Mixer::Attention(GatedAttention::new(
+                    &cfg,
+                    ws,
+                    &format!("{pre}self_attn."),
+                    prec,
+                )?),
+                LayerKind::LinearAttention => Mixer::DeltaNet(GatedDeltaNet::new(
+                    &cfg,
+                    ws,
+                    &format!("{pre}linear_attn."),
+                    prec,
+                )?),
+            };
+            let ffn = match (&cfg.moe, cfg.intermediate_size) {
+                (Some(m), _) => {
+                    FeedForward::Moe(SparseMoe::new(ws, &format!("{pre}mlp."), h, m, prec)?)
+                }
+                (None, Some(i)) => {
+                    FeedForward::Dense(Mlp::new(ws, &format!("{pre}mlp."), h, i, prec)?)
+                }
+                (None, None) => {
+                    return Err(Error::Internal(
+                        "dense config without intermediate_size".into(),
+                    ))
+                }
+            };
+            layers.push(DecoderLayer {
+                input_norm: RmsNormZeroCentred::new(
+                    ws,
+                    &format!("{pre}input_layernorm.weight"),
+                    h,
+                    eps,
+                    prec,
+                )?,
+                mixer,
+                post_norm: RmsNormZeroCentred::new(
+                    ws,
+                    &format!("{pre}post_attention_layernorm.weight"),
+                    h,
+                    eps,
+                    prec,
+                )?,
+                ffn,
+            });
+        }
+        let norm = RmsNormZeroCentred::new(ws, &ws.decoder_name("norm.weight"), h, eps, prec)?;
+        let has_head = ws.contains("lm_head.weight");
+        let lm_head = if cfg.tie_word_embeddings && !has_head {
+            None
+        } else if !cfg.tie_word_embeddings && !has_head {
+            return Err(Error::input(
+                &ws.dir,
+                "missing tensor `lm_head.weight` (config says tie_word_embeddings = false)",
+            ));
+        } else {
+            let head = ws.load("lm_head.weight", &[v, h], prec)?;
+            if cfg.tie_word_embeddings {
+                // HF: a tied config with a differing stored head is not tied (it warns).
+                let same = (&head - &embed)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+                if same {
+                    None
+                } else {
+                    eprintln!("qgate: warning: tie_word_embeddings is set but lm_head.weight differs from the embedding; using lm_head.weight as HF does");
+                    Some(head)
+                }
+            } else {
+                Some(head)
+            }
+        };
+        let rope = Rope::new(cfg.rope_theta, cfg.rotary_dim(), prec);
+        Ok(Model {
+            cfg,
+            prec,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Mixer::Attention(_) => LayerCache::Attention(KvCache::default()),
+                Mixer::DeltaNet(g) => LayerCache::DeltaNet(g.empty_cache()),
+            })
+            .collect();
+        Cache { layers, seen: 0 }
+    }
+
+    /// Run `tokens` (positions `cache.seen ..`) through the decoder; returns logits `[T, V]` (f32 holding
+    /// model-dtype values). An empty cache takes HF's prefill path (chunked delta rule); a single token
+    /// after a prefill takes the recurrent path.
+    pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        let hidden = self.hidden_states(tokens, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// Final-normed hidden states `[T, H]`.
+    pub fn hidden_states(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        let p = self.prec;
+        let v = self.cfg.vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::usage(format!(
+                "token id {bad} is outside the model's vocabulary of {v}"
+            )));
+        }
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.input_norm.forward(&x)?;
+            let y = match (&layer.mixer, lc) {
+                (Mixer::Attention(a), LayerCache::Attention(kv)) => {
+                    a.forward(&h, &self.rope, kv)?
+                }
+                (Mixer::DeltaNet(g), LayerCache::DeltaNet(gc)) => g.forward(&h, gc)?,
+                _ => {
+                    return Err(Error::Internal(
+                        "cache does not match the layer kinds".into(),
+                    ))
+                }
+            };
+            x = p.round(&(x + y)?)?;
+            let h = layer.post_norm.forward(&x)?;
+            let y = match &layer.ffn {
+                FeedForward::Dense(m) => m.forward(&h)?,
+                FeedForward::Moe(m) => m.forward(&h)?,
+            };
+            x = p.round(&(x + y)?)?;
+        }
+        cache.seen += tokens.len();
+        self.norm.forward(&x)
+    }
+
+    /// The head: `R(x · Wᵀ)` over the whole vocabulary.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(
+            hidden,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            self.prec,
+        )
+    }
+}
+
+/// Index of the largest value, the first one on ties (torch.argmax).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] || (row[best].is_nan() && !x.is_nan()) {
+            best = i;
+        }
+    }
+    best
+}

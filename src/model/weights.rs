@@ -1,0 +1,268 @@
+//! Checkpoint access: `model.safetensors` or a sharded index, memory-mapped; tensors are looked up by
+//! decoder-relative name (the `model.language_model.` / `model.` prefix is resolved once), checked for
+//! shape, widened to f32 and rounded to the oracle precision.
+use super::precision::Precision;
+use crate::error::{io_err, Error, Result};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::Dtype;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+pub struct WeightStore {
+    pub dir: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+    /// `model.language_model.` (VL checkpoints) or `model.` (ForCausalLM checkpoints).
+    pub decoder_prefix: String,
+}
+
+impl WeightStore {
+    pub fn open(dir: &Path) -> Result<WeightStore> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let shard_names: Vec<String> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::input(&index, format!("not valid JSON ({e})")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::input(&index, "no `weight_map` object"))?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        } else if single.exists() {
+            vec!["model.safetensors".to_string()]
+        } else {
+            return Err(Error::input(
+                dir,
+                "no model.safetensors or model.safetensors.index.json in this directory",
+            ));
+        };
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (fi, name) in shard_names.iter().enumerate() {
+            if name.contains('/') || name.contains("..") {
+                return Err(Error::input(
+                    &index,
+                    format!("shard name `{name}` leaves the model directory"),
+                ));
+            }
+            let path = dir.join(name);
+            let file = File::open(&path).map_err(|e| io_err(&path, e))?;
+            // SAFETY: read-only map of a checkpoint file; nothing in qgate writes to it.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| io_err(&path, e))?;
+            let (n, md) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                Error::input(
+                    &path,
+                    format!("not a valid safetensors file ({e}); truncated or corrupt?"),
+                )
+            })?;
+            for (tname, info) in md.tensors() {
+                let (s, e) = info.data_offsets;
+                entries.insert(
+                    tname,
+                    Entry {
+                        file: fi,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: 8 + n + s,
+                        end: 8 + n + e,
+                    },
+                );
+            }
+            files.push((path, mmap));
+        }
+        let decoder_prefix = if entries.contains_key("model.language_model.embed_tokens.weight") {
+            "model.language_model."
+        } else {
+            "model."
+        }
+        .to_string();
+        Ok(WeightStore {
+            dir: dir.to_path_buf(),
+            files,
+            entries,
+            decoder_prefix,
+        })
+    }
+
+    /// Full tensor name for a decoder-relative name (`layers.0.mlp.gate_proj.weight`).
+    pub fn decoder_name(&self, rel: &str) -> String {
+        format!("{}{rel}", self.decoder_prefix)
+    }
+
+    pub fn contains(&self, full: &str) -> bool {
+        self.entries.contains_key(full)
+    }
+
+    pub fn shape(&self, full: &str) -> Option<&[usize]> {
+        self.entries.get(full).map(|e| e.shape.as_slice())
+    }
+
+    /// Where a problem with this tensor should be reported: its shard file, else the model directory.
+    fn file_of(&self, full: &str) -> PathBuf {
+        match self.entries.get(full) {
+            Some(e) => self.files[e.file].0.clone(),
+            None => self.dir.clone(),
+        }
+    }
+
+    /// Load a tensor by full name, check its shape, widen to f32 and round to `prec`
+    /// (HF casts every parameter to the model dtype, F32-stored ones included).
+    pub fn load(&self, full: &str, shape: &[usize], prec: Precision) -> Result<Tensor> {
+        let e = self
+            .entries
+            .get(full)
+            .ok_or_else(|| Error::input(&self.dir, format!("missing tensor `{full}`")))?;
+        if e.shape != shape {
+            return Err(Error::input(
+                self.file_of(full),
+                format!(
+                    "tensor `{full}` has shape {:?}, expected {:?}",
+                    e.shape, shape
+                ),
+            ));
+        }
+        let dtype = match e.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+            other => {
+                return Err(Error::input(
+                    self.file_of(full),
+                    format!("tensor `{full}` has dtype {other:?}; only F32, BF16 and F16 checkpoints are supported"),
+                ))
+            }
+        };
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let t = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?;
+        Ok(prec.round(&t)?)
+    }
+
+    /// Load a decoder-relative tensor (prefix resolved).
+    pub fn load_decoder(&self, rel: &str, shape: &[usize], prec: Precision) -> Result<Tensor> {
+        self.load(&self.decoder_name(rel), shape, prec)
+    }
+
+    /// sha256 of every weights file (and the index), in name order: the oracle cache key.
+    pub fn weights_sha256(&self) -> Result<Vec<(String, String)>> {
+        use sha2::{Digest, Sha256};
+        let mut out = Vec::new();
+        for (path, mmap) in &self.files {
+            let mut h = Sha256::new();
+            for chunk in mmap.chunks(1 << 24) {
+                h.update(chunk);
+            }
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            out.push((name, hex::encode(h.finalize())));
+        }
+        Ok(out)
+    }
+}
+
+/// Resolve `--model`: a directory as is; otherwise `Org/Name` looked up in the local Hugging Face hub
+/// cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), offline, never downloading.
+pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(model);
+    if p.is_dir() {
+        return Ok(p);
+    }
+    let looks_like_repo_id =
+        model.split('/').count() == 2 && !model.starts_with('/') && !model.starts_with('.');
+    if !looks_like_repo_id {
+        return Err(Error::input(&p, "model directory does not exist"));
+    }
+    let cache = hub_cache_dir();
+    let repo_dir = cache.join(format!("models--{}", model.replace('/', "--")));
+    if !repo_dir.is_dir() {
+        return Err(Error::input(
+            &repo_dir,
+            format!(
+                "`{model}` is neither a directory nor in the local Hugging Face cache (qgate never downloads; \
+                 run `huggingface-cli download {model}` or pass the model directory)"
+            ),
+        ));
+    }
+    let refs_main = repo_dir.join("refs").join("main");
+    let snapshots = repo_dir.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(&refs_main) {
+        let snap = snapshots.join(rev.trim());
+        if snap.is_dir() {
+            return Ok(snap);
+        }
+        return Err(Error::input(
+            &snap,
+            format!(
+                "refs/main points at snapshot `{}` which is missing",
+                rev.trim()
+            ),
+        ));
+    }
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .map_err(|e| io_err(&snapshots, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    snaps.sort();
+    match snaps.len() {
+        1 => Ok(snaps.remove(0)),
+        0 => Err(Error::input(&snapshots, "no snapshots in the cache entry")),
+        n => Err(Error::input(
+            &snapshots,
+            format!(
+                "{n} snapshots and no refs/main: pass the snapshot directory you mean with --model"
+            ),
+        )),
+    }
+}
+
+fn hub_cache_dir() -> PathBuf {
+    if let Some(c) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(c);
+    }
+    if let Some(h) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h).join("hub");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_cache_layout_resolves_through_refs_main() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("models--Org--Tiny");
+        std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        std::env::set_var("HF_HUB_CACHE", tmp.path());
+        let got = resolve_model_dir("Org/Tiny").unwrap();
+        assert_eq!(got, repo.join("snapshots/abc123"));
+        let err = resolve_model_dir("Org/Missing").unwrap_err().to_string();
+        assert!(err.contains("never downloads"), "{err}");
+        std::env::remove_var("HF_HUB_CACHE");
+    }
+}
