@@ -83,7 +83,7 @@ fn chunk_step(
         gc[i] = acc;
     }
     let decay = |i: usize, j: usize| (gc[i] - gc[j]).exp();
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |s, (x, y)| s + x * y);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |s, (x, y)| x.mul_add(*y, s));
     let kb: Vec<f32> = (0..l * dk).map(|e| k[e] * beta[e / dk]).collect();
     let vb: Vec<f32> = (0..l * dv).map(|e| v[e] * beta[e / dv]).collect();
 
@@ -121,7 +121,7 @@ fn chunk_step(
             let kc = k_cum[i * dk + a];
             let srow = &s[a * dv..(a + 1) * dv];
             for (x, sv) in v_new[i * dv..(i + 1) * dv].iter_mut().zip(srow) {
-                *x -= kc * sv;
+                *x = (-kc).mul_add(*sv, *x);
             }
         }
     }
@@ -133,14 +133,14 @@ fn chunk_step(
         for a in 0..dk {
             let qa = q[i * dk + a] * qd;
             for (x, sv) in oi.iter_mut().zip(&s[a * dv..(a + 1) * dv]) {
-                *x += qa * sv;
+                *x = qa.mul_add(*sv, *x);
             }
         }
         let mut intra = vec![0f32; dv];
         for j in 0..=i {
             let w = dot(&q[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk]) * decay(i, j);
             for (x, y) in intra.iter_mut().zip(&v_new[j * dv..(j + 1) * dv]) {
-                *x += w * y;
+                *x = w.mul_add(*y, *x);
             }
         }
         for (x, y) in oi.iter_mut().zip(&intra) {
@@ -160,7 +160,7 @@ fn chunk_step(
                 .iter_mut()
                 .zip(&v_new[i * dv..(i + 1) * dv])
             {
-                *x += ka * y;
+                *x = ka.mul_add(*y, *x);
             }
         }
     }

@@ -9,6 +9,7 @@ pub mod moe;
 pub mod norms;
 pub mod precision;
 pub mod rope;
+pub mod torch_topk;
 pub mod weights;
 
 use crate::error::{Error, Result};
@@ -181,6 +182,17 @@ impl Model {
 
     /// Final-normed hidden states `[T, H]`.
     pub fn hidden_states(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        self.hidden_states_traced(tokens, cache, None)
+    }
+
+    /// As `hidden_states`, also recording the residual stream after every layer (HF's
+    /// `output_hidden_states` order minus the embedding) into `trace`, for layer-by-layer comparison.
+    pub fn hidden_states_traced(
+        &self,
+        tokens: &[u32],
+        cache: &mut Cache,
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let p = self.prec;
         let v = self.cfg.vocab_size;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= v) {
@@ -210,6 +222,9 @@ impl Model {
                 FeedForward::Moe(m) => m.forward(&h)?,
             };
             x = p.round(&(x + y)?)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(x.clone());
+            }
         }
         cache.seen += tokens.len();
         self.norm.forward(&x)

@@ -6,6 +6,7 @@ use super::attention::sigmoid;
 use super::config::MoeConfig;
 use super::mlp::{linear, swiglu, Mlp};
 use super::precision::Precision;
+use super::torch_topk::topk_largest;
 use super::weights::WeightStore;
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -95,7 +96,7 @@ impl SparseMoe {
         let (t, hidden) = h.dims2()?;
         let e = self.experts.len();
         let logits: Vec<f32> = linear(h, &self.router, p)?.flatten_all()?.to_vec1()?;
-        // Per token: softmax over all experts (f32), top-k (descending, lower index first on ties),
+        // Per token: softmax over all experts (f32), top-k (torch's own tie-breaking),
         // renormalise in f32, round the weights to the model dtype.
         let mut routes: Vec<Vec<(usize, f32)>> = Vec::with_capacity(t);
         for row in logits.chunks_exact(e) {
@@ -103,9 +104,7 @@ impl SparseMoe {
             let ex: Vec<f32> = row.iter().map(|x| (x - max).exp()).collect();
             let sum: f32 = ex.iter().sum();
             let probs: Vec<f32> = ex.iter().map(|x| x / sum).collect();
-            let mut idx: Vec<usize> = (0..e).collect();
-            idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-            idx.truncate(self.top_k);
+            let idx = topk_largest(&probs, self.top_k);
             let top_sum: f32 = idx.iter().map(|&x| probs[x]).sum();
             routes.push(
                 idx.iter()
