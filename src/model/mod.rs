@@ -130,7 +130,7 @@ impl Model {
             None
         } else if !cfg.tie_word_embeddings && !has_head {
             return Err(Error::input(
-                &ws.dir,
+                &ws.primary,
                 "missing tensor `lm_head.weight` (config says tie_word_embeddings = false)",
             ));
         } else {

@@ -54,7 +54,7 @@ impl SparseMoe {
             let first = format!("{prefix}experts.0.gate_proj.weight");
             if !ws.contains(&first) {
                 return Err(Error::input(
-                    &ws.dir,
+                    &ws.primary,
                     format!(
                         "missing MoE experts: neither `{fused}` (fused) nor `{first}` (per-expert)"
                     ),

@@ -20,6 +20,8 @@ struct Entry {
 
 pub struct WeightStore {
     pub dir: PathBuf,
+    /// `model.safetensors`, or the index of a sharded checkpoint: where a missing tensor is reported.
+    pub primary: PathBuf,
     files: Vec<(PathBuf, Mmap)>,
     entries: HashMap<String, Entry>,
     /// `model.language_model.` (VL checkpoints) or `model.` (ForCausalLM checkpoints).
@@ -118,7 +120,7 @@ impl WeightStore {
     fn file_of(&self, full: &str) -> PathBuf {
         match self.entries.get(full) {
             Some(e) => self.files[e.file].0.clone(),
-            None => self.dir.clone(),
+            None => self.primary.clone(),
         }
     }
 
