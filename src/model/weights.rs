@@ -95,8 +95,10 @@ impl WeightStore {
             "model."
         }
         .to_string();
+        let primary = if index.exists() { index } else { single };
         Ok(WeightStore {
             dir: dir.to_path_buf(),
+            primary,
             files,
             entries,
             decoder_prefix,
