@@ -132,7 +132,7 @@ impl WeightStore {
         let e = self
             .entries
             .get(full)
-            .ok_or_else(|| Error::input(&self.dir, format!("missing tensor `{full}`")))?;
+            .ok_or_else(|| Error::input(&self.primary, format!("missing tensor `{full}`")))?;
         if e.shape != shape {
             return Err(Error::input(
                 self.file_of(full),
