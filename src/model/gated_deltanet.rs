@@ -24,7 +24,7 @@ pub struct GatedDeltaNet {
     in_proj_z: Tensor,
     in_proj_b: Tensor,
     in_proj_a: Tensor,
-    conv_weight: Vec<f32>, // [C, K]
+    conv_weight_t: Vec<f32>, // [K, C]: tap-major, so the conv loop runs along channels
     a_log: Vec<f32>,
     dt_bias: Vec<f32>,
     norm: GatedRmsNorm,
@@ -60,7 +60,10 @@ impl GatedDeltaNet {
             in_proj_z: ws.load(&format!("{prefix}in_proj_z.weight"), &[hv * dv, h], prec)?,
             in_proj_b: ws.load(&format!("{prefix}in_proj_b.weight"), &[hv, h], prec)?,
             in_proj_a: ws.load(&format!("{prefix}in_proj_a.weight"), &[hv, h], prec)?,
-            conv_weight: vec("conv1d.weight", &[c, 1, kernel])?,
+            conv_weight_t: {
+                let w = vec("conv1d.weight", &[c, 1, kernel])?;
+                (0..kernel * c).map(|i| w[(i % c) * kernel + i / c]).collect()
+            },
             a_log: vec("A_log", &[hv])?,
             dt_bias: vec("dt_bias", &[hv])?,
             norm: GatedRmsNorm::new(
@@ -99,24 +102,19 @@ impl GatedDeltaNet {
         let b: Vec<f32> = linear(h, &self.in_proj_b, p)?.flatten_all()?.to_vec1()?;
         let a: Vec<f32> = linear(h, &self.in_proj_a, p)?.flatten_all()?.to_vec1()?;
 
-        // Causal depthwise conv over all C channels (f32 accumulation), then R, SiLU, R.
-        let mut conv = vec![0f32; t * c];
+        // Causal depthwise conv over all C channels (f32 accumulation over the K taps in order), then
+        // R, SiLU, R. `rows` = the K-1 cached pre-conv rows followed by this call's rows.
         let hist = kk - 1;
-        let input = |row: isize, ch: usize| -> f32 {
-            if row < 0 {
-                cache.conv_history[((hist as isize + row) as usize) * c + ch]
-            } else {
-                qkv[row as usize * c + ch]
-            }
-        };
+        let mut rows = std::mem::take(&mut cache.conv_history);
+        rows.extend_from_slice(&qkv);
+        let mut conv = vec![0f32; t * c];
         for ti in 0..t {
-            for ch in 0..c {
-                let mut acc = 0f32;
-                for j in 0..kk {
-                    acc += self.conv_weight[ch * kk + j]
-                        * input(ti as isize - hist as isize + j as isize, ch);
+            let out = &mut conv[ti * c..(ti + 1) * c];
+            for j in 0..kk {
+                let src = &rows[(ti + j) * c..(ti + j + 1) * c];
+                for ((o, x), w) in out.iter_mut().zip(src).zip(self.conv_weight_t[j * c..(j + 1) * c].iter()) {
+                    *o += w * x;
                 }
-                conv[ti * c + ch] = acc;
             }
         }
         p.round_slice(&mut conv);
@@ -125,9 +123,7 @@ impl GatedDeltaNet {
         }
         p.round_slice(&mut conv);
         // Keep the last K-1 pre-conv rows for the next call.
-        let mut all_rows = std::mem::take(&mut cache.conv_history);
-        all_rows.extend_from_slice(&qkv);
-        cache.conv_history = all_rows[all_rows.len() - hist * c..].to_vec();
+        cache.conv_history = rows[rows.len() - hist * c..].to_vec();
 
         // Split q | k | v (head-major), expand key heads to value heads (head j uses key head j / r),
         // L2-normalise q and k (eps 1e-6 inside the root), all f32.
