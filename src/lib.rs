@@ -4,3 +4,6 @@
 pub mod capture;
 pub mod commands;
 pub mod error;
+pub mod gate;
+pub mod oracle_cache;
+pub mod report;
