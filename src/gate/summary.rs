@@ -332,3 +332,49 @@ pub fn summarise(
     s.symptoms = super::verdict::symptoms(positions, &mask);
     s
 }
+
+pub const REPORT_SCHEMA: &str = "qgate-report/1";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OracleInfo {
+    pub capture: String,
+    pub label: String,
+    pub runtime: String,
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanInfo {
+    pub sequences: usize,
+    pub tokens: usize,
+    pub oracle_rows: usize,
+    pub vocab_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Paired {
+    pub a: String,
+    pub b: String,
+    pub positions: usize,
+    #[serde(flatten)]
+    pub test: stats::McNemar,
+}
+
+/// The whole run: what summary.json holds and every report renders.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub schema: &'static str,
+    pub qgate_version: &'static str,
+    pub oracle: OracleInfo,
+    pub plan: PlanInfo,
+    pub margin_space: super::metrics::MarginSpace,
+    pub margin_floor: f64,
+    pub policy: Policy,
+    pub prompt: super::verdict::PromptCheck,
+    /// Gated candidates in the order given, then the control (role "control") if any.
+    pub candidates: Vec<CandidateSummary>,
+    pub paired: Vec<Paired>,
+    pub ship: Option<String>,
+    pub exit_code: i32,
+    pub verdict: String,
+}

@@ -88,13 +88,15 @@ pub fn judge(s: &CandidateSummary, policy: &Policy) -> Verdict {
     }
     if let Some(th) = policy.min_cosine {
         match &s.cosine {
-            None => return fail(
-                "min_cosine",
-                format!(
+            None => {
+                return fail(
+                    "min_cosine",
+                    format!(
                     "min cosine required by the policy ({th}) but not computable from a {} capture",
                     s.data
                 ),
-            ),
+                )
+            }
             Some(c) if c.min < th => {
                 return fail(
                     "min_cosine",
@@ -110,13 +112,15 @@ pub fn judge(s: &CandidateSummary, policy: &Policy) -> Verdict {
     }
     if let Some(th) = policy.max_mean_kl {
         match &s.kl {
-            None => return fail(
-                "max_mean_kl",
-                format!(
+            None => {
+                return fail(
+                    "max_mean_kl",
+                    format!(
                     "mean KL limit in the policy ({th}) but KL is not computable from a {} capture",
                     s.data
                 ),
-            ),
+                )
+            }
             Some(k) if k.mean > th => {
                 return fail("max_mean_kl", format!("mean KL {:.6} > {th}", k.mean));
             }

@@ -4,5 +4,6 @@ pub mod csv;
 pub mod json;
 pub mod markdown;
 pub mod plot;
+pub mod terminal;
 pub mod tokens;
 pub mod write;
