@@ -301,6 +301,9 @@ pub fn execute(args: Args) -> Result<i32> {
         policy: policy.clone(),
         prompt,
         ship: verdict::ship_decision(&sums).map(|s| s.0),
+        ship_basis: verdict::ship_decision(&sums)
+            .map(|s| s.1.to_string())
+            .unwrap_or_default(),
         candidates: sums,
         paired,
         exit_code: code,

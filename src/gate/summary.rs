@@ -375,6 +375,8 @@ pub struct RunSummary {
     pub candidates: Vec<CandidateSummary>,
     pub paired: Vec<Paired>,
     pub ship: Option<String>,
+    /// How the ship decision was made ("smallest size", or the order given when sizes are unknown).
+    pub ship_basis: String,
     pub exit_code: i32,
     pub verdict: String,
 }

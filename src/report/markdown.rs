@@ -134,7 +134,8 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
     let _ = match &s.ship {
         Some(l) => writeln!(
             o,
-            "Ship decision: **{l}** — the smallest candidate that passes the policy.\n"
+            "Ship decision: **{l}** — the smallest candidate that passes the policy ({}).\n",
+            s.ship_basis
         ),
         None => writeln!(
             o,
@@ -166,9 +167,10 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
             c.kl.as_ref()
                 .map(|k| format!("{:.6}", k.p99))
                 .unwrap_or_else(na);
-        let introduced = match c.shared_with_control {
-            Some(sh) => format!("{} ({} shared)", c.introduced_confident_flips, sh),
-            None => format!("{} (no control)", c.introduced_confident_flips),
+        let introduced = match (c.role, c.shared_with_control) {
+            (Role::Control, _) => "—".to_string(),
+            (_, Some(sh)) => format!("{} ({} shared)", c.introduced_confident_flips, sh),
+            (_, None) => format!("{} (no control)", c.introduced_confident_flips),
         };
         let _ = writeln!(
             o,
@@ -342,10 +344,11 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
                 f.cosine
                     .map(|x| format!("{x:.4}"))
                     .unwrap_or(NOT_COMPUTABLE.into()),
-                match f.shared_with_control {
-                    Some(true) => "shared",
-                    Some(false) => "introduced",
-                    None => "—",
+                match (f.kind, f.shared_with_control) {
+                    (FlipKind::Tie, _) => "n/a (tie)",
+                    (_, Some(true)) => "shared",
+                    (_, Some(false)) => "introduced",
+                    (_, None) => "—",
                 }
             );
         }
