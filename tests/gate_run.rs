@@ -323,3 +323,172 @@ fn garbage_rows_craters_and_rollouts_fail_by_name() {
     assert_eq!(code, 1);
     assert!(err.contains("rollout of seq 1 diverges at step 2 (oracle margin unknown): exact prefix 2 < required 6"), "{err}");
 }
+
+fn write_partial(dir: &Path, name: &str, f: &dyn Fn(usize, usize, &[f32]) -> SeqData) -> String {
+    let seqs: Vec<SeqData> = SEQS
+        .iter()
+        .enumerate()
+        .map(|(s, &(t, _))| {
+            let rows: Vec<f32> = (0..t).flat_map(|p| good(s, p)).collect();
+            f(s, t, &rows)
+        })
+        .collect();
+    let p = dir.join(name);
+    write_capture(&p, &CaptureMeta::new(name, "test", "f16", V), &seqs).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn top_k_and_argmax_candidates_report_what_they_can_and_mismatches_exit_2() {
+    let fx = Fx::new();
+    let d = fx.dir.path();
+    let topk = write_partial(d, "topk.capture.safetensors", &|s, t, rows| {
+        let mut ids = Vec::new();
+        let mut lg = Vec::new();
+        for p in 0..t {
+            let r = &rows[p * V..(p + 1) * V];
+            let mut idx: Vec<usize> = (0..V).collect();
+            idx.sort_by(|&a, &b| r[b].total_cmp(&r[a]));
+            // the top-k entries are stored in scrambled order: the gate must sort them
+            for &j in idx[..10].iter().rev() {
+                ids.push(j as i64);
+                lg.push(r[j]);
+            }
+        }
+        SeqData {
+            tokens: tokens(s, t),
+            top: Some((t, 10, ids, lg)),
+            ..Default::default()
+        }
+    });
+    // argmax-only, rows for all but the last position, with one planted confident flip at (0, 5)
+    let argmax = write_partial(d, "argmax.capture.safetensors", &|s, t, _| SeqData {
+        tokens: tokens(s, t),
+        argmax: Some(
+            (0..t - 1)
+                .map(|p| {
+                    if (s, p) == (0, 5) {
+                        top2(s, p) as i64
+                    } else {
+                        top1(s, p) as i64
+                    }
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    });
+    // release policy: cosine / KL are required but not computable
+    let (code, _, err) = fx.run(&["--bundle", &topk]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "min cosine required by the policy (0.98) but not computable from a top_k capture"
+        ),
+        "{err}"
+    );
+    let flips_only = d.join("flips-only.toml");
+    let pol = qgate::gate::policy::DEFAULT_POLICY
+        .replace("min_cosine = 0.98", "")
+        .replace("max_mean_kl = 0.1", "");
+    std::fs::write(&flips_only, pol).unwrap();
+    let g = flips_only.display().to_string();
+    let (code, _, err) = fx.run(&["--bundle", &topk, "--bundle", &argmax, "--gate", &g]);
+    assert_eq!(code, 1, "{err}");
+    let s = fx.summary();
+    let (t, a) = (&s["candidates"][0], &s["candidates"][1]);
+    assert_eq!(t["verdict"]["status"], "pass");
+    assert_eq!(t["exact"], 22);
+    assert!(t["kl"].is_null() && t["cosine"].is_null() && t["delta_p"].is_null());
+    // computed from the stored top-10 (the synthetic rows have ties below the top-2, so not exactly 10)
+    assert!(t["top10_overlap_mean"].as_f64().unwrap() > 9.0);
+    assert_eq!(
+        t["not_computed"],
+        serde_json::json!(["cosine", "kl", "delta_p"])
+    );
+    assert_eq!(a["positions_compared"], 20);
+    assert_eq!(a["positions_not_compared"], 2);
+    assert_eq!(a["confident_flips"], 1);
+    assert_eq!(
+        a["verdict"]["failed_rule"],
+        "max_introduced_confident_flips"
+    );
+    assert!(a["top10_overlap_mean"].is_null());
+    let md = fx.report();
+    assert!(
+        md.contains("n/a — not computable from top-k capture"),
+        "{md}"
+    );
+    assert!(
+        md.contains("n/a — not computable from argmax-only capture"),
+        "{md}"
+    );
+
+    // mismatched tokens and vocabularies: exit 2, first difference named, no report written
+    std::fs::remove_dir_all(d.join("out")).unwrap();
+    let bad_tok = write_partial(d, "badtok.capture.safetensors", &|s, t, rows| {
+        let mut tk = tokens(s, t);
+        if s == 1 {
+            tk[4] += 1;
+        }
+        SeqData {
+            tokens: tk,
+            logits: Some((t, V, rows.to_vec())),
+            ..Default::default()
+        }
+    });
+    let (code, _, err) = fx.run(&["--bundle", &bad_tok]);
+    assert_eq!(code, 2);
+    assert!(err.contains("first at sequence 1 position 4"), "{err}");
+    assert!(!d.join("out").exists());
+    let wide = d.join("wide.capture.safetensors");
+    let seqs: Vec<SeqData> = SEQS
+        .iter()
+        .enumerate()
+        .map(|(s, &(t, _))| SeqData {
+            tokens: tokens(s, t),
+            logits: Some((t, V + 1, vec![0.0; t * (V + 1)])),
+            ..Default::default()
+        })
+        .collect();
+    write_capture(
+        &wide,
+        &CaptureMeta::new("wide", "test", "f16", V + 1),
+        &seqs,
+    )
+    .unwrap();
+    let (code, _, err) = fx.run(&["--bundle", &wide.display().to_string()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("vocab size 65 but the oracle"), "{err}");
+    let (code, _, err) = fx.run(&["--bundle", &topk, "--margin-space", "logit"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("pass --margin-floor as well"), "{err}");
+}
+
+#[test]
+fn bundle_directory_gives_name_size_and_mode() {
+    let fx = Fx::new();
+    let b = fx.dir.path().join("qwen3_5_0_8b_decode_int8hu");
+    std::fs::create_dir(&b).unwrap();
+    std::fs::write(
+        b.join("metadata.json"),
+        r#"{"metadata_version":"0.2","kind":"llm","name":"qwen3_5_0_8b_decode_int8hu"}"#,
+    )
+    .unwrap();
+    std::fs::write(b.join("model.aimodel"), vec![0u8; 1234]).unwrap();
+    std::fs::copy(fx.p("good-int8"), b.join("plan.capture.safetensors")).unwrap();
+    let (code, _, err) = fx.run(&["--bundle", &b.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let c = &fx.summary()["candidates"][0];
+    assert_eq!(c["label"], "qwen3_5_0_8b_decode_int8hu");
+    assert_eq!(c["size_bytes"], 1234);
+    assert_eq!(c["mode"], "int8hu");
+    let empty = fx.dir.path().join("empty-bundle");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("metadata.json"), "{}").unwrap();
+    let (code, _, err) = fx.run(&["--bundle", &empty.display().to_string()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("bundle holds no *.capture.safetensors"),
+        "{err}"
+    );
+}
