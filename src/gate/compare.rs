@@ -6,6 +6,9 @@ use crate::capture::{Capture, SeqView};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
+/// The oracle's view at (sequence, position).
+pub type OracleAt = (usize, usize, OracleView);
+
 /// Per candidate: its compared positions in plan order, and how many oracle rows it had no row for.
 #[derive(Debug, Clone, Default)]
 pub struct Compared {
@@ -86,7 +89,7 @@ pub fn compare(
     oracle: &Capture,
     cands: &[&Capture],
     space: MarginSpace,
-) -> Result<(Vec<(usize, usize, OracleView)>, Vec<Compared>)> {
+) -> Result<(Vec<OracleAt>, Vec<Compared>)> {
     let vocab = oracle.meta.vocab_size;
     let oseqs: Vec<SeqView<'_>> = (0..oracle.len()).map(|i| oracle.seq(i)).collect();
     for s in &oseqs {

@@ -104,7 +104,7 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
     // (value, index), kept sorted descending by value then ascending index
     let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
     let mut thresh = f32::NEG_INFINITY;
-    let mut consider = |best: &mut Vec<(f32, usize)>, thresh: &mut f32, j: usize, v: f32| {
+    let consider = |best: &mut Vec<(f32, usize)>, thresh: &mut f32, j: usize, v: f32| {
         if (best.len() == k && v <= *thresh) || v.is_nan() {
             return;
         }
@@ -148,6 +148,7 @@ macro_rules! kernels {
         use crate::gate::kernel::{OracleRowStats, PairStats, BLOCK, LANES};
 
         #[inline(always)]
+        #[allow(clippy::excessive_precision)]
         fn exp_neg(x: f32) -> f32 {
             // exp for x ≤ 0 (Cephes expf polynomial, ~1 ulp); below −87 it flushes to ~1e-38.
             const MAGIC: f32 = 12582912.0; // 1.5 · 2^23: adding it rounds to an integer
