@@ -4,6 +4,9 @@
 pub mod capture;
 pub mod commands;
 pub mod error;
+pub mod gate;
 pub mod model;
 pub mod oracle;
+pub mod oracle_cache;
 pub mod plan;
+pub mod report;

@@ -1,0 +1,95 @@
+//! Free-running greedy rollouts (`seq.{i}.rollout` on both sides): exact prefix, first divergence and the
+//! oracle's margin there. The stop is a token too: EOS is compared like any other id, so a candidate that
+//! stops early (or runs on) diverges at that step.
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RolloutDivergence {
+    /// Step within the rollout (0 = the first generated token).
+    pub step: usize,
+    pub oracle_token: i64,
+    pub candidate_token: i64,
+    /// Oracle margin at the divergence, when the oracle's data has that row (step 0 with the row after the
+    /// last prompt token); `None` = unknown.
+    pub oracle_margin: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RolloutComparison {
+    pub seq: usize,
+    pub oracle_len: usize,
+    pub candidate_len: usize,
+    pub exact_prefix: usize,
+    pub divergence: Option<RolloutDivergence>,
+}
+
+impl RolloutComparison {
+    /// Both rollouts identical, length included.
+    pub fn is_exact(&self) -> bool {
+        self.divergence.is_none() && self.oracle_len == self.candidate_len
+    }
+}
+
+/// Compare two rollouts. `margin_at_step0` is the oracle margin at the row that predicts step 0, if known.
+pub fn compare(
+    seq: usize,
+    oracle: &[i64],
+    cand: &[i64],
+    margin_at_step0: Option<f64>,
+) -> RolloutComparison {
+    let n = oracle.len().min(cand.len());
+    let k = (0..n).find(|&i| oracle[i] != cand[i]);
+    RolloutComparison {
+        seq,
+        oracle_len: oracle.len(),
+        candidate_len: cand.len(),
+        exact_prefix: k.unwrap_or(n),
+        divergence: k.map(|k| RolloutDivergence {
+            step: k,
+            oracle_token: oracle[k],
+            candidate_token: cand[k],
+            oracle_margin: if k == 0 { margin_at_step0 } else { None },
+        }),
+    }
+}
+
+/// Longest run of one repeated token (degenerate repetition when ≥ 8).
+pub fn longest_run(tokens: &[i64]) -> (usize, Option<i64>) {
+    let mut best = (0usize, None);
+    let mut i = 0;
+    while i < tokens.len() {
+        let mut j = i;
+        while j < tokens.len() && tokens[j] == tokens[i] {
+            j += 1;
+        }
+        if j - i > best.0 {
+            best = (j - i, Some(tokens[i]));
+        }
+        i = j;
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eos_is_a_token_and_prefixes_are_exact() {
+        // candidate stops (EOS = 2) where the oracle goes on
+        let c = compare(0, &[5, 6, 7, 8], &[5, 6, 2], Some(0.3));
+        assert_eq!(c.exact_prefix, 2);
+        assert_eq!(
+            c.divergence
+                .as_ref()
+                .map(|d| (d.step, d.oracle_token, d.candidate_token)),
+            Some((2, 7, 2))
+        );
+        assert_eq!(c.divergence.unwrap().oracle_margin, None);
+        let c = compare(0, &[5, 6], &[9, 6], Some(0.3));
+        assert_eq!(c.divergence.unwrap().oracle_margin, Some(0.3));
+        let c = compare(0, &[5, 6], &[5, 6], None);
+        assert!(c.is_exact());
+        assert_eq!(longest_run(&[1, 3, 3, 3, 2]), (3, Some(3)));
+    }
+}

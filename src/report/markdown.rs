@@ -1,0 +1,434 @@
+//! report.md: the model-card table, the ship decision, every flip, and a llama.cpp-style KL / Δp block.
+//! Deterministic: no timestamps, fixed number formats, plan order.
+use super::tokens::TokenText;
+use crate::gate::margin_rule::FlipKind;
+use crate::gate::metrics::MarginSpace;
+use crate::gate::summary::{CandidateSummary, Distribution, Role, RunSummary};
+use std::fmt::Write;
+
+pub const NOT_COMPUTABLE: &str = "n/a";
+
+fn not_computable(c: &CandidateSummary) -> String {
+    let what = match c.data {
+        "top_k" => "top-k",
+        "argmax" => "argmax-only",
+        "none" => "rollout-only",
+        _ => "this",
+    };
+    format!("n/a — not computable from {what} capture")
+}
+
+pub fn human_size(b: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < units.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+fn label(c: &CandidateSummary) -> String {
+    match &c.id.mode {
+        Some(m) if !c.id.label.to_ascii_lowercase().contains(m.as_str()) => {
+            format!("{} ({m})", c.id.label)
+        }
+        _ => c.id.label.clone(),
+    }
+}
+
+fn verdict_cell(c: &CandidateSummary) -> String {
+    match c.verdict.status {
+        "pass" => "**PASS**".into(),
+        "control" => "control".into(),
+        _ => format!("**FAIL** ({})", c.verdict.failed_rule.unwrap_or("?")),
+    }
+}
+
+fn rollout_cell(c: &CandidateSummary) -> String {
+    match &c.rollout {
+        None => "not compared".into(),
+        Some(r) if r.sequences_compared == 0 => "not compared".into(),
+        Some(r) => format!(
+            "{}/{} exact (min prefix {})",
+            r.sequences_exact, r.sequences_compared, r.min_exact_prefix
+        ),
+    }
+}
+
+fn margin_unit(s: MarginSpace) -> &'static str {
+    match s {
+        MarginSpace::Prob => "softmax probability (top-1 p − top-2 p)",
+        MarginSpace::Logit => "logit gap in nats (top-1 − top-2)",
+    }
+}
+
+fn dist_block(out: &mut String, name: &str, d: &Distribution, scale: f64, unit: &str) {
+    let w = |out: &mut String, lbl: &str, v: f64| {
+        let _ = writeln!(out, "{lbl:<12}{:>12.6}{unit}", v * scale);
+    };
+    let se =
+        d.se.map(|s| format!(" ± {:>10.6}", s * scale))
+            .unwrap_or_else(|| " ± n/a (one sequence)".into());
+    let _ = writeln!(
+        out,
+        "{:<12}{:>12.6}{se}{unit}",
+        format!("Mean    {name}:"),
+        d.mean * scale
+    );
+    w(out, &format!("Maximum {name}:"), d.max);
+    w(out, &format!("99.9%   {name}:"), d.p99_9);
+    w(out, &format!("99.0%   {name}:"), d.p99);
+    w(out, &format!("95.0%   {name}:"), d.p95);
+    w(out, &format!("90.0%   {name}:"), d.p90);
+    w(out, &format!("Median  {name}:"), d.median);
+    w(out, &format!("10.0%   {name}:"), d.p10);
+    w(out, &format!(" 5.0%   {name}:"), d.p5);
+    w(out, &format!(" 1.0%   {name}:"), d.p1);
+    w(out, &format!("Minimum {name}:"), d.min);
+}
+
+/// Render report.md. `plan` holds the token sequences (for decoded context).
+pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# qgate report\n");
+    let _ = writeln!(
+        o,
+        "- Oracle: `{}` ({}, {}), capture `{}`",
+        s.oracle.label, s.oracle.dtype, s.oracle.runtime, s.oracle.capture
+    );
+    let _ = writeln!(
+        o,
+        "- Plan: {} sequence(s), {} tokens, {} oracle rows, vocabulary {}",
+        s.plan.sequences, s.plan.tokens, s.plan.oracle_rows, s.plan.vocab_size
+    );
+    let _ = writeln!(
+        o,
+        "- Margin: {}; floor {} — a top-1 change at or above the floor is a **confident flip**, below it a **tie-flip** (passes)",
+        margin_unit(s.margin_space),
+        s.margin_floor
+    );
+    let p = &s.policy;
+    let _ = writeln!(
+        o,
+        "- Policy: max introduced confident flips {}, min cosine {}, max mean KL {}, rollout prefix {}, positions {}, sequences {}",
+        p.max_introduced_confident_flips,
+        p.min_cosine.map(|v| v.to_string()).unwrap_or("off".into()),
+        p.max_mean_kl.map(|v| v.to_string()).unwrap_or("off".into()),
+        match &p.rollout_prefix {
+            crate::gate::policy::RolloutPrefix::Steps(n) => n.to_string(),
+            crate::gate::policy::RolloutPrefix::Word(w) => w.clone(),
+        },
+        p.positions,
+        match &p.sequences {
+            crate::gate::policy::Sequences::List(l) => format!("{l:?}"),
+            crate::gate::policy::Sequences::Word(w) => w.clone(),
+        }
+    );
+    let _ = writeln!(o, "\n## Verdict\n\n**{}**\n", s.verdict);
+    let _ = match &s.ship {
+        Some(l) => writeln!(
+            o,
+            "Ship decision: **{l}** — the smallest candidate that passes the policy ({}).\n",
+            s.ship_basis
+        ),
+        None => writeln!(
+            o,
+            "Ship decision: **none** — no candidate passes the policy.\n"
+        ),
+    };
+
+    let _ = writeln!(o, "## Model card\n");
+    let _ = writeln!(
+        o,
+        "| candidate | size | exact | tie-flips | confident flips | introduced (vs control) | cosine min / mean | mean KL ± se | p99 KL | rollout | verdict |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for c in &s.candidates {
+        let na = || NOT_COMPUTABLE.to_string();
+        let cos = c
+            .cosine
+            .as_ref()
+            .map(|x| format!("{:.4} / {:.4}", x.min, x.mean))
+            .unwrap_or_else(na);
+        let kl =
+            c.kl.as_ref()
+                .map(|k| match k.se {
+                    Some(se) => format!("{:.6} ± {:.6}", k.mean, se),
+                    None => format!("{:.6} ± n/a", k.mean),
+                })
+                .unwrap_or_else(na);
+        let p99 =
+            c.kl.as_ref()
+                .map(|k| format!("{:.6}", k.p99))
+                .unwrap_or_else(na);
+        let introduced = match (c.role, c.shared_with_control) {
+            (Role::Control, _) => "—".to_string(),
+            (_, Some(sh)) => format!("{} ({} shared)", c.introduced_confident_flips, sh),
+            (_, None) => format!("{} (no control)", c.introduced_confident_flips),
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {}/{} exact | {} | {} | {} | {} | {} | {} | {} | {} |",
+            label(c),
+            c.id.size_bytes.map(human_size).unwrap_or("unknown".into()),
+            c.exact,
+            c.positions_counted,
+            c.tie_flips,
+            c.confident_flips,
+            introduced,
+            cos,
+            kl,
+            p99,
+            rollout_cell(c),
+            verdict_cell(c)
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "Cosine is the mean-centred cosine of the logit rows (softmax ignores a constant shift); KL is KL(oracle ‖ candidate) in nats. `n/a` = not computable from the candidate's capture, never a 0.\n"
+    );
+    for c in &s.candidates {
+        let _ = write!(
+            o,
+            "- `{}`: {} ({} positions compared",
+            c.id.label, c.verdict.reason, c.positions_compared
+        );
+        if c.positions_not_compared > 0 {
+            let _ = write!(
+                o,
+                ", {} oracle rows without a candidate row",
+                c.positions_not_compared
+            );
+        }
+        let _ = write!(o, "; data: {})", c.data);
+        if let Some((lo, hi)) = c.top1_wilson95 {
+            let _ = write!(o, "; top-1 agreement 95% Wilson [{:.4}, {:.4}]", lo, hi);
+        }
+        if let Some(k) = c.kl_reverse_mean {
+            let _ = write!(o, "; mean KL(candidate ‖ oracle) {k:.6}");
+        }
+        if let Some(ov) = c.top10_overlap_mean {
+            let _ = write!(o, "; mean top-10 overlap {ov:.2}/10");
+        }
+        if let Some(r) = &c.rank_of_oracle_top1_median {
+            let _ = write!(o, "; median rank of the oracle's top-1 {r}");
+        }
+        let _ = writeln!(o);
+        if !c.not_computed.is_empty() {
+            let _ = writeln!(
+                o,
+                "  - {}: {}",
+                c.not_computed.join(", "),
+                not_computable(c)
+            );
+        }
+    }
+
+    let _ = writeln!(o, "\n## Prompt validation\n");
+    let _ = writeln!(
+        o,
+        "{} of {} counted oracle positions have a margin below the floor {}: those positions cannot judge a candidate (their flips are tie-flips).{}",
+        s.prompt.below_floor,
+        s.prompt.positions_counted,
+        s.margin_floor,
+        if s.prompt.rejected { " **The plan is rejected (`--require-confident-prompt`).**" } else { "" }
+    );
+
+    if !s.paired.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n## Paired comparisons (McNemar on per-position top-1 agreement)\n"
+        );
+        let _ = writeln!(
+            o,
+            "| A | B | positions | A right, B wrong | B right, A wrong | p | reading |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|");
+        for pc in &s.paired {
+            let reading = if pc.test.p_value < 0.05 {
+                if pc.test.a_only > pc.test.b_only {
+                    format!("{} measurably better", pc.a)
+                } else {
+                    format!("{} measurably better", pc.b)
+                }
+            } else {
+                "no measurable difference".into()
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {:.4} ({}) | {} |",
+                pc.a,
+                pc.b,
+                pc.positions,
+                pc.test.a_only,
+                pc.test.b_only,
+                pc.test.p_value,
+                pc.test.method,
+                reading
+            );
+        }
+    }
+
+    let syms: Vec<String> = s
+        .candidates
+        .iter()
+        .flat_map(|c| {
+            c.symptoms.iter().map(move |y| {
+                let at = y.pos.map(|p| format!(" pos {p}")).unwrap_or_default();
+                format!(
+                    "- `{}`: {} at seq {}{at}: {}",
+                    c.id.label,
+                    y.kind.replace('_', " "),
+                    y.seq,
+                    y.detail
+                )
+            })
+        })
+        .collect();
+    let _ = writeln!(o, "\n## Symptoms\n");
+    if syms.is_empty() {
+        let _ = writeln!(
+            o,
+            "None (cosine craters, collapse after position 0, degenerate repetition in rollouts)."
+        );
+    } else {
+        for l in syms {
+            let _ = writeln!(o, "{l}");
+        }
+    }
+
+    let _ = writeln!(o, "\n## Flips\n");
+    if !tt.available() {
+        let _ = writeln!(
+            o,
+            "No tokenizer available: tokens are shown as ids (pass `--tokenizer` or `--model`).\n"
+        );
+    }
+    for c in &s.candidates {
+        let _ = writeln!(o, "### {}\n", c.id.label);
+        if c.flips.is_empty() {
+            let _ = writeln!(o, "No flips.\n");
+            continue;
+        }
+        let _ = writeln!(o, "| seq | pos | kind | context | oracle top-1 (p) | oracle top-2 (p) | candidate | margin | cosine | control |");
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
+        for f in &c.flips {
+            let ctx = plan
+                .get(f.seq)
+                .map(|t| tt.context(t, f.pos))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} ({:.4}) | {} ({:.4}) | {} | {:.4} | {} | {} |",
+                f.seq,
+                f.pos,
+                if f.kind == FlipKind::Confident {
+                    "**confident**"
+                } else {
+                    "tie"
+                },
+                ctx,
+                tt.token(f.oracle_top1),
+                f.oracle_p1,
+                tt.token(f.oracle_top2),
+                f.oracle_p2,
+                tt.token(f.candidate_token),
+                f.margin,
+                f.cosine
+                    .map(|x| format!("{x:.4}"))
+                    .unwrap_or(NOT_COMPUTABLE.into()),
+                match (f.kind, f.shared_with_control) {
+                    (FlipKind::Tie, _) => "n/a (tie)",
+                    (_, Some(true)) => "shared",
+                    (_, Some(false)) => "introduced",
+                    (_, None) => "—",
+                }
+            );
+        }
+        let _ = writeln!(o);
+    }
+
+    let _ = writeln!(o, "## Rollouts\n");
+    for c in &s.candidates {
+        match &c.rollout {
+            Some(r) if !r.per_sequence.is_empty() => {
+                for x in &r.per_sequence {
+                    let d = match &x.divergence {
+                        None if x.oracle_len == x.candidate_len => "identical".to_string(),
+                        None => format!(
+                            "no differing token; lengths differ (oracle {}, candidate {})",
+                            x.oracle_len, x.candidate_len
+                        ),
+                        Some(d) => format!(
+                            "diverges at step {}: oracle {} / candidate {}, oracle margin {}",
+                            d.step,
+                            tt.token(d.oracle_token.max(0) as usize),
+                            tt.token(d.candidate_token.max(0) as usize),
+                            d.oracle_margin
+                                .map(|m| format!("{m:.4}"))
+                                .unwrap_or("unknown".into())
+                        ),
+                    };
+                    let _ = writeln!(
+                        o,
+                        "- `{}` seq {}: exact prefix {}/{}; {d}",
+                        c.id.label, x.seq, x.exact_prefix, x.oracle_len
+                    );
+                }
+            }
+            _ => {
+                let _ = writeln!(
+                    o,
+                    "- `{}`: not compared (a rollout is missing on one side)",
+                    c.id.label
+                );
+            }
+        }
+    }
+
+    let _ = writeln!(o, "\n## KL divergence and token probability (llama.cpp `perplexity --kl-divergence` layout)\n");
+    for c in s
+        .candidates
+        .iter()
+        .filter(|c| c.role == Role::Candidate || c.role == Role::Control)
+    {
+        let _ = writeln!(o, "### {}\n", c.id.label);
+        match (&c.kl, &c.delta_p) {
+            (Some(k), Some(dp)) => {
+                let _ = writeln!(o, "```");
+                let _ = writeln!(o, "====== KL divergence statistics ======");
+                dist_block(&mut o, "KLD", k, 1.0, "");
+                let _ = writeln!(o, "\n====== Token probability statistics ======");
+                dist_block(&mut o, "Δp", dp, 100.0, " %");
+                let _ = writeln!(o, "{:<12}{:>12.6} %", "RMS Δp    :", dp.rms * 100.0);
+                if let Some(a) = c.top1_agreement {
+                    let n = c.positions_counted as f64;
+                    let se = (a * (1.0 - a) / n).sqrt();
+                    let _ = writeln!(
+                        o,
+                        "{:<12}{:>12.6} ± {:>10.6} %",
+                        "Same top p:",
+                        a * 100.0,
+                        se * 100.0
+                    );
+                }
+                let _ = writeln!(o, "```\n");
+            }
+            _ => {
+                let _ = writeln!(o, "KL and Δp: {}.", not_computable(c));
+                if let Some(a) = c.top1_agreement {
+                    let _ = writeln!(o, "Same top p: {:.4} %.", a * 100.0);
+                }
+                let _ = writeln!(o);
+            }
+        }
+    }
+    o
+}

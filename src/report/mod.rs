@@ -1,0 +1,9 @@
+//! Reports of a `qgate run`: report.md, positions.csv, summary.json, positions.svg, written to a temporary
+//! directory and renamed into place (never a half-written report directory).
+pub mod csv;
+pub mod json;
+pub mod markdown;
+pub mod plot;
+pub mod terminal;
+pub mod tokens;
+pub mod write;
