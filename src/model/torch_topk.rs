@@ -204,7 +204,7 @@ mod tests {
     /// torch.topk's own choices on tie-heavy inputs (fixtures/gen/make_topk_cases.py).
     #[test]
     fn replays_torch_topk_tie_breaking() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/hf/topk_ties.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/torch/topk_ties.json");
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let cases = v["cases"].as_array().unwrap();
