@@ -4,7 +4,9 @@
 //! least `format`, `label`, `runtime`, `dtype`, `vocab_size`. Tensors per sequence `i = 0..n-1`:
 //! `seq.{i}.tokens` I64/I32 `[T]` (required), `seq.{i}.logits` F32/F16/BF16 `[R, V]` (row t = logits after
 //! `tokens[0..=t]`, R ≤ T), `seq.{i}.top_ids` `[R, K]` + `seq.{i}.top_logits` `[R, K]`, `seq.{i}.argmax`
-//! `[R]`, `seq.{i}.rollout` `[G]`. A plan is a capture holding only tokens.
+//! `[R]`, `seq.{i}.rollout` `[G]`, optionally `seq.{i}.rollout_margin` F32 `[G, 2]` (the producer's own
+//! top1−top2 margin, softmax-probability and logit, at the row that chose each rollout token; oracles
+//! write it so a rollout divergence can be judged tie or confident). A plan is a capture holding only tokens.
 use crate::error::{io_err, Error, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -108,6 +110,13 @@ impl<'a> FloatRows<'a> {
             }
         }
     }
+    /// A `[R, 2]` matrix as pairs.
+    pub fn row_pairs(&self) -> Vec<(f32, f32)> {
+        (0..self.rows)
+            .map(|r| self.row(r))
+            .map(|v| (v[0], v[1]))
+            .collect()
+    }
     pub fn row(&self, r: usize) -> Vec<f32> {
         let mut v = vec![0f32; self.cols];
         self.row_into(r, &mut v);
@@ -170,6 +179,7 @@ struct SeqSlots {
     top_logits: Option<Slot>,
     argmax: Option<Slot>,
     rollout: Option<Slot>,
+    rollout_margin: Option<Slot>,
 }
 
 /// An opened, validated capture. The file is memory-mapped; rows are decoded on demand.
@@ -189,6 +199,8 @@ pub struct SeqView<'a> {
     pub top_logits: Option<FloatRows<'a>>,
     pub argmax: Option<Vec<i64>>,
     pub rollout: Option<Vec<i64>>,
+    /// Per rollout step: (probability margin, logit margin) of the row that chose the token.
+    pub rollout_margin: Option<Vec<(f32, f32)>>,
 }
 
 impl SeqView<'_> {
@@ -280,6 +292,7 @@ impl Capture {
                 "top_logits" => &mut entry.top_logits,
                 "argmax" => &mut entry.argmax,
                 "rollout" => &mut entry.rollout,
+                "rollout_margin" => &mut entry.rollout_margin,
                 other => return Err(bad(format!("unknown field `{other}`"))),
             };
             *target = Some(slot);
@@ -340,6 +353,7 @@ impl Capture {
             top_logits: s.top_logits.as_ref().map(floats),
             argmax: s.argmax.as_ref().map(|t| ints(t).to_vec()),
             rollout: s.rollout.as_ref().map(|t| ints(t).to_vec()),
+            rollout_margin: s.rollout_margin.as_ref().map(|t| floats(t).row_pairs()),
         }
     }
 

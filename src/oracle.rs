@@ -36,6 +36,24 @@ pub fn logits_kind(prec: Precision) -> FloatKind {
 pub struct SequenceResult {
     pub logits: Vec<f32>,
     pub rollout: Vec<i64>,
+    /// Per rollout step: (probability margin, logit margin) of the row that chose the token.
+    pub rollout_margin: Vec<(f32, f32)>,
+}
+
+/// top1 − top2 of one logits row, as softmax probabilities (f64 sums) and as logits.
+pub fn row_margins(row: &[f32]) -> (f32, f32) {
+    let (mut l1, mut l2) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in row {
+        if x > l1 {
+            l2 = l1;
+            l1 = x;
+        } else if x > l2 {
+            l2 = x;
+        }
+    }
+    let z: f64 = row.iter().map(|&x| ((x - l1) as f64).exp()).sum();
+    let p_margin = (1.0 - ((l2 - l1) as f64).exp()) / z;
+    (p_margin as f32, l1 - l2)
 }
 
 /// Teacher-forced logits `[T, V]` and the greedy rollout of up to `rollout` tokens (stopping after an EOS
@@ -51,10 +69,12 @@ pub fn run_sequence(model: &Model, tokens: &[i64], rollout: usize) -> Result<Seq
     let mut cache = model.new_cache();
     let logits: Vec<f32> = model.forward(&ids, &mut cache)?.flatten_all()?.to_vec1()?;
     let mut out = Vec::new();
+    let mut margins = Vec::new();
     let mut last: Vec<f32> = logits[logits.len() - v..].to_vec();
     for step in 0..rollout {
         let next = argmax(&last) as u32;
         out.push(next as i64);
+        margins.push(row_margins(&last));
         if model.cfg.eos_token_ids.contains(&(next as i64)) || step + 1 == rollout {
             break;
         }
@@ -66,6 +86,7 @@ pub fn run_sequence(model: &Model, tokens: &[i64], rollout: usize) -> Result<Seq
     Ok(SequenceResult {
         logits,
         rollout: out,
+        rollout_margin: margins,
     })
 }
 
@@ -92,6 +113,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     let bar = progress_bar(req.progress, total);
     let mut spill = tempfile::tempfile().map_err(|e| io_err(std::env::temp_dir(), e))?;
     let mut rollouts = Vec::with_capacity(req.plan.len());
+    let mut margins = Vec::with_capacity(req.plan.len());
     for seq in req.plan {
         let r = run_sequence(&model, seq, req.rollout)?;
         let mut bytes = Vec::with_capacity(r.logits.len() * kind.size());
@@ -106,6 +128,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
             .write_all(&bytes)
             .map_err(|e| io_err("spill file", e))?;
         rollouts.push(r.rollout);
+        margins.push(r.rollout_margin);
         bar.inc(seq.len() as u64);
     }
     bar.finish_and_clear();
@@ -158,13 +181,18 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
             Dtype::I64,
             &[ro.len()],
         ));
+        specs.push(TensorSpec::new(
+            format!("seq.{i}.rollout_margin"),
+            Dtype::F32,
+            &[ro.len(), 2],
+        ));
     }
     let mut w = CaptureWriter::create(req.out, &meta, &specs)?;
     spill
         .seek(SeekFrom::Start(0))
         .map_err(|e| io_err("spill file", e))?;
     let mut buf = vec![0u8; 1 << 20];
-    for (seq, ro) in req.plan.iter().zip(&rollouts) {
+    for ((seq, ro), m) in req.plan.iter().zip(&rollouts).zip(&margins) {
         w.write_i64(seq)?;
         let mut left = seq.len() * v * kind.size();
         while left > 0 {
@@ -176,6 +204,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
             left -= n;
         }
         w.write_i64(ro)?;
+        w.write_f32(&m.iter().flat_map(|&(p, l)| [p, l]).collect::<Vec<f32>>())?;
     }
     w.finish()
 }

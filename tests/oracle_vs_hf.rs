@@ -118,17 +118,104 @@ fn bf16_and_f16_agree_with_hf_wherever_hf_is_confident() {
                 "{m} {}: argmax differs where HF's top1−top2 gap ≥ 0.1",
                 prec.name()
             );
-            assert!(
-                c.identical_rows * 2 >= c.rows,
-                "{m} {}: only {}/{} rows bit-identical to HF",
-                prec.name(),
-                c.identical_rows,
-                c.rows
-            );
         }
     }
     assert!(
         compared >= 6,
         "expected bf16 for all models and f16 for the dense ones"
     );
+}
+
+/// Layer by layer, each layer fed HF's own input (fixtures/gen/make_layer_refs.py): checks every rounding
+/// point without the drift that 1-ulp accumulation-order differences cause over a whole forward pass.
+fn per_layer(model_name: &str, prec: Precision) -> (usize, usize, usize, usize) {
+    let path = fixture(&format!(
+        "hf-layers/{model_name}.{}.layers.safetensors",
+        prec.name()
+    ));
+    let bytes = std::fs::read(&path).expect("layer references");
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let model = Model::load(&fixture(&format!("models/{model_name}")), prec).unwrap();
+    let stream: Vec<Vec<f32>> = (0..st.len())
+        .map(|i| {
+            let t = st.tensor(&format!("hidden.{i}")).unwrap();
+            t.data()
+                .chunks_exact(2)
+                .map(|c| {
+                    let b = u16::from_le_bytes([c[0], c[1]]);
+                    match prec {
+                        Precision::BF16 => half::bf16::from_bits(b).to_f32(),
+                        _ => half::f16::from_bits(b).to_f32(),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let h = model.cfg.hidden_size;
+    let t = stream[0].len() / h;
+    let (mut rows_same, mut rows, mut elems_same, mut elems) = (0, 0, 0, 0);
+    let mut cache = model.new_cache();
+    for (l, lc) in Model::layer_caches(&mut cache).iter_mut().enumerate() {
+        let x = candle_core::Tensor::from_vec(stream[l].clone(), (t, h), &candle_core::Device::Cpu)
+            .unwrap();
+        let got: Vec<f32> = model
+            .layer_forward(l, &x, lc)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = &stream[l + 1];
+        let layer_same = got.iter().zip(want.iter()).filter(|(a, b)| a == b).count();
+        eprintln!(
+            "  {model_name} {} layer {l}: {layer_same}/{} elements identical",
+            prec.name(),
+            t * h
+        );
+        for r in 0..t {
+            let same = (0..h)
+                .filter(|&c| got[r * h + c] == want[r * h + c])
+                .count();
+            elems_same += same;
+            elems += h;
+            rows_same += usize::from(same == h);
+            rows += 1;
+        }
+    }
+    eprintln!(
+        "{model_name} {} per layer: {rows_same}/{rows} rows and {elems_same}/{elems} elements bit-identical to HF",
+        prec.name()
+    );
+    (rows_same, rows, elems_same, elems)
+}
+
+#[test]
+fn bf16_layers_are_bit_identical_to_hf_given_hf_inputs() {
+    for m in MODELS {
+        let (rs, r, es, e) = per_layer(m, Precision::BF16);
+        // Isolated 1-ulp accumulation-order differences (torch's reduction and GEMM order) are allowed.
+        assert!(
+            rs * 100 >= r * 95,
+            "{m}: only {rs}/{r} layer rows bit-identical"
+        );
+        assert!(
+            es * 1000 >= e * 995,
+            "{m}: only {es}/{e} layer elements bit-identical"
+        );
+    }
+}
+
+#[test]
+fn f16_layers_match_hf_given_hf_inputs() {
+    for m in MODELS {
+        // torch's CPU f16 GEMM (M > ~32 rows) differs from f32 accumulation + one rounding in ~0.05–0.1% of
+        // its outputs (fixtures/gen/README.md); the delta rule carries each such ulp along the sequence, so
+        // ~5–15% of a layer's f16 elements differ by an ulp. Held to ≥ 85% identical elements: a wrong
+        // rounding point drives this far lower.
+        let (_, _, es, e) = per_layer(m, Precision::F16);
+        assert!(
+            es * 100 >= e * 85,
+            "{m}: only {es}/{e} layer elements identical"
+        );
+    }
 }

@@ -211,7 +211,24 @@ pub fn execute(args: Args) -> Result<i32> {
             if let (Some(or), Some(cr)) = (&ov.rollout, &cv.rollout) {
                 let last = ov.tokens.len() - 1;
                 let m0 = view_at.get(&(s, last)).map(|v| v.margin);
-                per_seq.push(rollout::compare(s, or, cr, m0));
+                // Later steps: the oracle's own per-step margins, in the run's margin space.
+                let mut margins: Vec<Option<f64>> = match &ov.rollout_margin {
+                    Some(m) => m
+                        .iter()
+                        .map(|&(p, l)| {
+                            Some(if policy.margin_space == MarginSpace::Prob {
+                                p as f64
+                            } else {
+                                l as f64
+                            })
+                        })
+                        .collect(),
+                    None => vec![None; or.len()],
+                };
+                if let (Some(first), Some(m0)) = (margins.first_mut(), m0) {
+                    *first = Some(m0);
+                }
+                per_seq.push(rollout::compare(s, or, cr, &margins));
             }
         }
         let rs = (!per_seq.is_empty()).then(|| RolloutSummary {

@@ -9,8 +9,8 @@ pub struct RolloutDivergence {
     pub step: usize,
     pub oracle_token: i64,
     pub candidate_token: i64,
-    /// Oracle margin at the divergence, when the oracle's data has that row (step 0 with the row after the
-    /// last prompt token); `None` = unknown.
+    /// Oracle margin at the divergence, when known (the oracle's row after the last prompt token for step
+    /// 0, the oracle capture's `rollout_margin` for later steps); `None` = unknown.
     pub oracle_margin: Option<f64>,
 }
 
@@ -30,12 +30,12 @@ impl RolloutComparison {
     }
 }
 
-/// Compare two rollouts. `margin_at_step0` is the oracle margin at the row that predicts step 0, if known.
+/// Compare two rollouts. `oracle_margins[k]` is the oracle margin at the row that chose step k, if known.
 pub fn compare(
     seq: usize,
     oracle: &[i64],
     cand: &[i64],
-    margin_at_step0: Option<f64>,
+    oracle_margins: &[Option<f64>],
 ) -> RolloutComparison {
     let n = oracle.len().min(cand.len());
     let k = (0..n).find(|&i| oracle[i] != cand[i]);
@@ -48,7 +48,7 @@ pub fn compare(
             step: k,
             oracle_token: oracle[k],
             candidate_token: cand[k],
-            oracle_margin: if k == 0 { margin_at_step0 } else { None },
+            oracle_margin: oracle_margins.get(k).copied().flatten(),
         }),
     }
 }
@@ -77,7 +77,7 @@ mod tests {
     #[test]
     fn eos_is_a_token_and_prefixes_are_exact() {
         // candidate stops (EOS = 2) where the oracle goes on
-        let c = compare(0, &[5, 6, 7, 8], &[5, 6, 2], Some(0.3));
+        let c = compare(0, &[5, 6, 7, 8], &[5, 6, 2], &[Some(0.3)]);
         assert_eq!(c.exact_prefix, 2);
         assert_eq!(
             c.divergence
@@ -86,9 +86,11 @@ mod tests {
             Some((2, 7, 2))
         );
         assert_eq!(c.divergence.unwrap().oracle_margin, None);
-        let c = compare(0, &[5, 6], &[9, 6], Some(0.3));
+        let c = compare(0, &[5, 6], &[9, 6], &[Some(0.3)]);
         assert_eq!(c.divergence.unwrap().oracle_margin, Some(0.3));
-        let c = compare(0, &[5, 6], &[5, 6], None);
+        let c = compare(0, &[5, 6, 7], &[5, 8, 7], &[Some(0.3), Some(0.02), None]);
+        assert_eq!(c.divergence.unwrap().oracle_margin, Some(0.02));
+        let c = compare(0, &[5, 6], &[5, 6], &[]);
         assert!(c.is_exact());
         assert_eq!(longest_run(&[1, 3, 3, 3, 2]), (3, Some(3)));
     }

@@ -193,7 +193,6 @@ impl Model {
         cache: &mut Cache,
         mut trace: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let p = self.prec;
         let v = self.cfg.vocab_size;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= v) {
             return Err(Error::usage(format!(
@@ -202,32 +201,46 @@ impl Model {
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.input_norm.forward(&x)?;
-            let y = match (&layer.mixer, lc) {
-                (Mixer::Attention(a), LayerCache::Attention(kv)) => {
-                    a.forward(&h, &self.rope, kv)?
-                }
-                (Mixer::DeltaNet(g), LayerCache::DeltaNet(gc)) => g.forward(&h, gc)?,
-                _ => {
-                    return Err(Error::Internal(
-                        "cache does not match the layer kinds".into(),
-                    ))
-                }
-            };
-            x = p.round(&(x + y)?)?;
-            let h = layer.post_norm.forward(&x)?;
-            let y = match &layer.ffn {
-                FeedForward::Dense(m) => m.forward(&h)?,
-                FeedForward::Moe(m) => m.forward(&h)?,
-            };
-            x = p.round(&(x + y)?)?;
+        for (l, lc) in cache.layers.iter_mut().enumerate() {
+            x = self.layer_forward(l, &x, lc)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.push(x.clone());
             }
         }
         cache.seen += tokens.len();
         self.norm.forward(&x)
+    }
+
+    /// One decoder layer on the residual stream `x: [T, H]` (pre-norm mixer and feed-forward, each added
+    /// back with one rounding). Public so tests can feed HF's own layer inputs.
+    pub fn layer_forward(&self, l: usize, x: &Tensor, lc: &mut LayerCache) -> Result<Tensor> {
+        let p = self.prec;
+        let layer = self
+            .layers
+            .get(l)
+            .ok_or_else(|| Error::Internal(format!("no layer {l}")))?;
+        let h = layer.input_norm.forward(x)?;
+        let y = match (&layer.mixer, lc) {
+            (Mixer::Attention(a), LayerCache::Attention(kv)) => a.forward(&h, &self.rope, kv)?,
+            (Mixer::DeltaNet(g), LayerCache::DeltaNet(gc)) => g.forward(&h, gc)?,
+            _ => {
+                return Err(Error::Internal(
+                    "cache does not match the layer kinds".into(),
+                ))
+            }
+        };
+        let x = p.round(&(x + y)?)?;
+        let h = layer.post_norm.forward(&x)?;
+        let y = match &layer.ffn {
+            FeedForward::Dense(m) => m.forward(&h)?,
+            FeedForward::Moe(m) => m.forward(&h)?,
+        };
+        Ok(p.round(&(x + y)?)?)
+    }
+
+    /// The per-layer caches, for driving `layer_forward` directly.
+    pub fn layer_caches(cache: &mut Cache) -> &mut [LayerCache] {
+        &mut cache.layers
     }
 
     /// The head: `R(x · Wᵀ)` over the whole vocabulary.
