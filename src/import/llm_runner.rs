@@ -47,6 +47,8 @@ pub struct EvalSeq {
     /// `context_tokens + continuation_tokens` (T tokens).
     pub tokens: Vec<i64>,
     pub rows: Rows,
+    /// True when the vocab size was unknown and the rows were taken as fp16 by assumption.
+    pub fp16_assumed: bool,
 }
 
 pub enum Rows {
@@ -198,6 +200,7 @@ pub fn parse(bytes: &[u8], vocab: Option<usize>) -> std::result::Result<EvalSeq,
         };
         Ok(EvalSeq {
             tokens,
+            fp16_assumed: vocab.is_none(),
             rows: Rows::Full(RowBytes {
                 rows,
                 vocab: v,
@@ -208,6 +211,7 @@ pub fn parse(bytes: &[u8], vocab: Option<usize>) -> std::result::Result<EvalSeq,
     } else {
         Ok(EvalSeq {
             tokens,
+            fp16_assumed: false,
             rows: Rows::TopK(TopRows {
                 rows,
                 k: k.unwrap_or(0),
@@ -231,6 +235,7 @@ pub struct LlmRunnerSource {
     plan: Option<(PathBuf, Vec<Vec<i64>>, usize)>,
     vocab: Option<usize>,
     extra_token_dropped: Vec<bool>,
+    fp16_assumed: bool,
 }
 
 impl LlmRunnerSource {
@@ -250,6 +255,7 @@ impl LlmRunnerSource {
             plan: plan.map(|p| (p.path.clone(), p.seqs.clone(), p.vocab_size)),
             vocab,
             extra_token_dropped: vec![false; files.len()],
+            fp16_assumed: false,
         })
     }
 }
@@ -268,7 +274,12 @@ impl SeqSource for LlmRunnerSource {
         let path = &self.files[i];
         let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
         let ev = parse(&bytes, self.vocab).map_err(|p| Error::input(path, p))?;
-        let EvalSeq { mut tokens, rows } = ev;
+        let EvalSeq {
+            mut tokens,
+            rows,
+            fp16_assumed,
+        } = ev;
+        self.fp16_assumed |= fp16_assumed;
         if let Some((ppath, seqs, vocab_size)) = &self.plan {
             let want = &seqs[i];
             if tokens.len() == want.len() + 1 && tokens[..want.len()] == want[..] {
@@ -307,6 +318,12 @@ impl SeqSource for LlmRunnerSource {
             "logits_base64: raw little-endian logits (fp16 on Apple silicon), standard base64"
                 .into(),
         );
+        if self.fp16_assumed {
+            m.insert(
+                "row_dtype".into(),
+                "assumed fp16 (Apple silicon): no --vocab-size or --plan to tell fp16 from f32 rows".into(),
+            );
+        }
         m.insert(
             "files".into(),
             serde_json::Value::Array(
