@@ -242,12 +242,27 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 fn default_label(files: &[PathBuf]) -> String {
     let stem = |p: &Path| {
-        let name = p
+        let mut name = p
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // strip compound suffixes like `.capture.safetensors` or `.logits.json`
-        name.split('.').next().unwrap_or("").to_string()
+        // strip known suffixes (`.capture.safetensors`, `.logits.json`, `.npz`, …), keep dots inside names
+        const SUFFIXES: [&str; 7] = [
+            ".json",
+            ".npz",
+            ".npy",
+            ".safetensors",
+            ".capture",
+            ".logits",
+            ".transcript",
+        ];
+        while let Some(s) = SUFFIXES
+            .iter()
+            .find(|s| name.len() > s.len() && name.to_ascii_lowercase().ends_with(*s))
+        {
+            name.truncate(name.len() - s.len());
+        }
+        name
     };
     if files.len() > 1 {
         if let Some(dir) = files[0]
