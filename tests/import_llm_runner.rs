@@ -119,7 +119,7 @@ fn plan_with_the_capture_tools_extra_token_keeps_all_plan_rows() {
     let exp = &expected()["files"]["raw-full-f16.json"];
     let plan_tokens = ints(&exp["capture_tokens"]);
     let plan = dir.path().join("p.plan.safetensors");
-    write_plan(&plan, &[plan_tokens.clone()], 384);
+    write_plan(&plan, std::slice::from_ref(&plan_tokens), 384);
     let out = dir.path().join("x.capture.safetensors");
     let (code, _, stderr) = qgate(&[
         "import",
@@ -157,7 +157,7 @@ fn plan_equal_to_file_tokens_gives_t_minus_one_rows() {
     let exp = &expected()["files"]["raw-full-f16.json"];
     let toks = ints(&exp["tokens"]);
     let plan = dir.path().join("p.plan.safetensors");
-    write_plan(&plan, &[toks.clone()], 384);
+    write_plan(&plan, std::slice::from_ref(&toks), 384);
     let out = dir.path().join("x.capture.safetensors");
     let (code, _, stderr) = qgate(&[
         "import",

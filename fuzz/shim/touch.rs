@@ -15,7 +15,11 @@ pub fn touch_all(c: &Capture) -> f64 {
                 let mut buf = vec![0f32; l.cols];
                 for r in 0..l.rows {
                     l.row_into(r, &mut buf);
-                    acc += buf.iter().map(|&x| x as f64).filter(|x| x.is_finite()).sum::<f64>();
+                    acc += buf
+                        .iter()
+                        .map(|&x| x as f64)
+                        .filter(|x| x.is_finite())
+                        .sum::<f64>();
                 }
                 acc += l.row(l.rows - 1).len() as f64;
             }
@@ -29,7 +33,12 @@ pub fn touch_all(c: &Capture) -> f64 {
         }
         if let Some(t) = &s.top_logits {
             for r in 0..t.rows {
-                acc += t.row(r).iter().map(|&x| x as f64).filter(|x| x.is_finite()).sum::<f64>();
+                acc += t
+                    .row(r)
+                    .iter()
+                    .map(|&x| x as f64)
+                    .filter(|x| x.is_finite())
+                    .sum::<f64>();
             }
         }
         if let Some(a) = &s.argmax {

@@ -44,10 +44,13 @@ fn ids(v: &Value, what: &str) -> std::result::Result<Vec<i64>, String> {
 
 /// Parse one transcript. `tokenize(text, add_special_tokens)` is called only where ids are not recorded;
 /// it returns `None` when no tokenizer was given.
+/// `tokenize(text, add_special_tokens)`: `None` when no tokenizer was given.
+pub type Tokenize<'a> = dyn FnMut(&str, bool) -> Option<std::result::Result<Vec<i64>, String>> + 'a;
+
 pub fn parse(
     bytes: &[u8],
     side: TranscriptSide,
-    tokenize: &mut dyn FnMut(&str, bool) -> Option<std::result::Result<Vec<i64>, String>>,
+    tokenize: &mut Tokenize<'_>,
 ) -> std::result::Result<TranscriptSeq, String> {
     let v: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("not valid transcript JSON ({e})"))?;
