@@ -276,7 +276,12 @@ fn top_k_file_gives_top_rows() {
     assert_eq!(s.tokens, ints(&exp["tokens"]));
     let ids = s.top_ids.unwrap();
     let lg = s.top_logits.unwrap();
-    assert_eq!((ids.rows, ids.cols), (4, 5));
+    let rows = exp["rows"].as_u64().unwrap() as usize;
+    assert_eq!(
+        (ids.rows, ids.cols),
+        (rows, exp["k"].as_u64().unwrap() as usize)
+    );
+    assert_eq!(exp["top_ids"].as_array().unwrap().len(), rows);
     for (r, want) in exp["top_ids"].as_array().unwrap().iter().enumerate() {
         assert_eq!(ids.row(r), ints(want), "row {r}");
     }
@@ -289,6 +294,34 @@ fn top_k_file_gives_top_rows() {
             .collect();
         assert_eq!(lg.row(r), want, "row {r}");
     }
+}
+
+#[test]
+fn top_k_file_with_plan_takes_vocab_from_the_plan_and_drops_the_pad() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = &expected()["files"]["raw-top5.json"];
+    let plan_tokens = ints(&exp["capture_tokens"]);
+    let plan = dir.path().join("p.plan.safetensors");
+    write_plan(&plan, std::slice::from_ref(&plan_tokens), 384);
+    let out = dir.path().join("x.capture.safetensors");
+    let (code, _, stderr) = qgate(&[
+        "import",
+        "--from",
+        "llm-runner",
+        fixture("raw-top5.json").to_str().unwrap(),
+        "--plan",
+        plan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let c = Capture::open(&out).unwrap();
+    assert_eq!(c.meta.vocab_size, 384);
+    assert_eq!(c.meta.dtype, "f32", "top-k logits are stored as f32");
+    let s = c.seq(0);
+    assert_eq!(s.tokens, plan_tokens);
+    assert_eq!(s.rows(), plan_tokens.len());
+    assert_eq!(s.top_ids.unwrap().row(0), ints(&exp["top_ids"][0]));
 }
 
 #[test]

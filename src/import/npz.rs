@@ -54,15 +54,13 @@ fn desc_str(d: &PyValue) -> Option<&str> {
 /// Parse a simple numpy descriptor (`<f2`, `>i4`, `|u1`, …) into (kind char, width, big-endian).
 fn parse_desc(d: &PyValue) -> Option<(char, usize, bool)> {
     let s = desc_str(d)?;
-    let mut c = s.chars();
-    let (order, kind) = match (c.next()?, c.next()?) {
-        (o @ ('<' | '>' | '|' | '='), k) => (o, k),
-        (k, _) => {
-            // no byte-order prefix ("i1", "b" forms): treat as native little-endian
-            let w: usize = s[1..].parse().ok()?;
-            return Some((k, w, false));
-        }
+    let (order, rest) = match s.chars().next()? {
+        o @ ('<' | '>' | '|' | '=') => (o, &s[1..]),
+        // no byte-order prefix ("i1", "f4" forms): native, i.e. little-endian here
+        _ => ('<', s),
     };
+    let mut c = rest.chars();
+    let kind = c.next()?;
     let w: usize = c.as_str().parse().ok()?;
     Some((kind, w, order == '>'))
 }
@@ -659,5 +657,40 @@ impl SeqSource for NpzSource {
             serde_json::Value::Array(self.files.iter().map(|f| file_name(f).into()).collect()),
         );
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_parse_or_are_refused_without_panic() {
+        let d = |s: &str| parse_desc(&PyValue::String(s.into()));
+        assert_eq!(d("<f2"), Some(('f', 2, false)));
+        assert_eq!(d(">i8"), Some(('i', 8, true)));
+        assert_eq!(d("|u1"), Some(('u', 1, false)));
+        assert_eq!(d("f4"), Some(('f', 4, false)));
+        // never a panic; nothing here reads as a float or integer type
+        for bad in ["", "<", "é2", "<é", "<f", "<fx", "b", "|b1", "<c8", "<f2x"] {
+            let r = d(bad);
+            assert!(!matches!(r, Some(('f' | 'i' | 'u', _, _))), "{bad}: {r:?}");
+        }
+        assert_eq!(parse_desc(&PyValue::Integer(3.into())), None);
+    }
+
+    #[test]
+    fn parse_name_accepts_only_canonical_indices() {
+        assert_eq!(parse_name("seq0_tokens"), Some((0, "tokens")));
+        assert_eq!(parse_name("seq12_top_ids"), Some((12, "top_ids")));
+        for bad in [
+            "seq_tokens",
+            "seq01_tokens",
+            "seq+1_tokens",
+            "sequence0_tokens",
+            "seq0tokens",
+        ] {
+            assert_eq!(parse_name(bad), None, "{bad}");
+        }
     }
 }
