@@ -232,7 +232,7 @@ fn check_ids_str(what: &str, ids: &[i64], vocab: Option<usize>) -> std::result::
 /// One file per sequence, in plan order.
 pub struct LlmRunnerSource {
     files: Vec<PathBuf>,
-    plan: Option<(PathBuf, Vec<Vec<i64>>, usize)>,
+    plan: Option<Plan>,
     vocab: Option<usize>,
     extra_token_dropped: Vec<bool>,
     fp16_assumed: bool,
@@ -252,7 +252,11 @@ impl LlmRunnerSource {
         }
         Ok(LlmRunnerSource {
             files: files.to_vec(),
-            plan: plan.map(|p| (p.path.clone(), p.seqs.clone(), p.vocab_size)),
+            plan: plan.map(|p| Plan {
+                path: p.path.clone(),
+                seqs: p.seqs.clone(),
+                vocab_size: p.vocab_size,
+            }),
             vocab,
             extra_token_dropped: vec![false; files.len()],
             fp16_assumed: false,
@@ -280,19 +284,23 @@ impl SeqSource for LlmRunnerSource {
             fp16_assumed,
         } = ev;
         self.fp16_assumed |= fp16_assumed;
-        if let Some((ppath, seqs, vocab_size)) = &self.plan {
-            let want = &seqs[i];
+        if let Some(plan) = &self.plan {
+            let want = &plan.seqs[i];
             if tokens.len() == want.len() + 1 && tokens[..want.len()] == want[..] {
                 // The capture tool's extra token: keep the plan's tokens and all T rows.
                 tokens.truncate(want.len());
                 self.extra_token_dropped[i] = true;
             } else {
-                let plan = Plan {
-                    path: ppath.clone(),
-                    seqs: seqs.clone(),
-                    vocab_size: *vocab_size,
-                };
-                check_plan_tokens(path, &plan, i, &tokens)?;
+                check_plan_tokens(path, plan, i, &tokens).map_err(|e| match e {
+                    Error::Input { path, problem } => Error::Input {
+                        path,
+                        problem: format!(
+                            "{problem} (expected the plan sequence itself, or the plan sequence plus the one token \
+                             the capture tool appends so that llm-runner emits the last plan row)"
+                        ),
+                    },
+                    other => other,
+                })?;
                 self.extra_token_dropped[i] = false;
             }
         }
