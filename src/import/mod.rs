@@ -317,6 +317,9 @@ pub fn import(opts: &ImportOptions) -> Result<ImportSummary> {
             )));
         }
     }
+    if opts.vocab_size == Some(0) {
+        return Err(Error::usage("--vocab-size must be at least 1"));
+    }
     let plan = match &opts.plan {
         Some(p) => Some(Plan::open(p)?),
         None => None,
