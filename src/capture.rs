@@ -278,6 +278,13 @@ impl Capture {
             let i: usize = idx
                 .parse()
                 .map_err(|_| bad("sequence index is not a number".into()))?;
+            // Only the canonical spelling: `seq.00.x` or `seq.+0.x` beside `seq.0.x` would name the same
+            // slot, and which one won would depend on hash order.
+            if idx != i.to_string() {
+                return Err(bad(format!(
+                    "sequence index `{idx}` is not written canonically (expected `{i}`)"
+                )));
+            }
             let (s, e) = info.data_offsets;
             let slot = Slot {
                 dtype: info.dtype,

@@ -5,6 +5,7 @@ pub mod capture;
 pub mod commands;
 pub mod error;
 pub mod gate;
+pub mod import;
 pub mod model;
 pub mod oracle;
 pub mod oracle_cache;
