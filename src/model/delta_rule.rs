@@ -42,82 +42,66 @@ pub fn chunked(x: &DeltaInputs, state: &mut [f32]) -> Vec<f32> {
             let mut c0 = 0;
             while c0 < t {
                 let l = CHUNK.min(t - c0);
-                let o = &mut o[c0 * dv..];
-                chunk_step_dispatch(
-                    &q[c0 * dk..],
-                    &k[c0 * dk..],
-                    &v[c0 * dv..],
-                    &beta[c0..],
-                    &g[c0..],
+                let chunk = Chunk {
+                    q: &q[c0 * dk..],
+                    k: &k[c0 * dk..],
+                    v: &v[c0 * dv..],
+                    beta: &beta[c0..],
+                    g: &g[c0..],
                     l,
                     dk,
                     dv,
-                    s,
-                    o,
-                );
+                };
+                chunk_step_dispatch(&chunk, s, &mut o[c0 * dv..]);
                 c0 += l;
             }
         });
     out
 }
 
-/// `chunk_step` compiled with FMA when the CPU has it: `mul_add` is then one instruction (as in the BLAS
-/// kernels behind HF's matmuls) instead of a libm call. The results are identical either way.
-#[allow(clippy::too_many_arguments)]
-fn chunk_step_dispatch(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    beta: &[f32],
-    g: &[f32],
+/// One chunk's inputs (positions `0..l` of each slice).
+struct Chunk<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    beta: &'a [f32],
+    g: &'a [f32],
     l: usize,
     dk: usize,
     dv: usize,
-    s: &mut [f32],
-    o: &mut [f32],
-) {
+}
+
+/// `chunk_step` compiled with FMA when the CPU has it: `mul_add` is then one instruction (as in the BLAS
+/// kernels behind HF's matmuls) instead of a libm call. The results are identical either way.
+fn chunk_step_dispatch(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "fma,avx2")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn with_fma(
-            q: &[f32],
-            k: &[f32],
-            v: &[f32],
-            beta: &[f32],
-            g: &[f32],
-            l: usize,
-            dk: usize,
-            dv: usize,
-            s: &mut [f32],
-            o: &mut [f32],
-        ) {
-            chunk_step(q, k, v, beta, g, l, dk, dv, s, o)
+        unsafe fn with_fma(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
+            chunk_step(c, s, o)
         }
         if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
             // SAFETY: the features were detected at run time.
-            return unsafe { with_fma(q, k, v, beta, g, l, dk, dv, s, o) };
+            return unsafe { with_fma(c, s, o) };
         }
     }
-    chunk_step(q, k, v, beta, g, l, dk, dv, s, o)
+    chunk_step(c, s, o)
 }
 
 /// One chunk of `l ≤ 64` positions. Positions past the end (HF's zero padding) would contribute exact
 /// zeros, so a short last chunk is processed without them.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn chunk_step(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    beta: &[f32],
-    g: &[f32],
-    l: usize,
-    dk: usize,
-    dv: usize,
-    s: &mut [f32],
-    o: &mut [f32],
-) {
+fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
+    let Chunk {
+        q,
+        k,
+        v,
+        beta,
+        g,
+        l,
+        dk,
+        dv,
+    } = *c;
     // Cumulative log-decay inside the chunk and the pairwise decays exp(γ_i − γ_j), i ≥ j.
     let mut gc = vec![0f32; l];
     let mut acc = 0f32;
@@ -280,8 +264,8 @@ mod tests {
 
     fn l2(v: &mut [f32], d: usize) {
         for r in v.chunks_exact_mut(d) {
-            let n = (r.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
-            r.iter_mut().for_each(|x| *x /= n);
+            let x = r.to_vec();
+            crate::model::gated_deltanet::l2_normalise_into(&x, r);
         }
     }
 

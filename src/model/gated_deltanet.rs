@@ -188,7 +188,7 @@ impl GatedDeltaNet {
 }
 
 /// `x · rsqrt(Σx² + 1e-6)` (sum, not mean; HF's l2norm).
-fn l2_normalise_into(x: &[f32], out: &mut [f32]) {
+pub(crate) fn l2_normalise_into(x: &[f32], out: &mut [f32]) {
     let ss: f32 = x.iter().map(|v| v * v).sum();
     let inv = 1.0 / (ss + 1e-6).sqrt();
     for (o, v) in out.iter_mut().zip(x) {
