@@ -16,6 +16,7 @@ fn peak_rss_gb() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    qgate::alloc_tuning::keep_freed_memory_for_reuse();
     let a: Vec<String> = std::env::args().collect();
     if a.len() != 4 {
         eprintln!("usage: bench_oracle MODEL_DIR DTYPE T");

@@ -1,6 +1,7 @@
 //! qgate: decides whether a quantized or converted Qwen3.5-family LLM may ship.
 //!
 //! Data flows one way: plan → oracle or capture → compare → verdict → report.
+pub mod alloc_tuning;
 pub mod capture;
 pub mod commands;
 pub mod error;

@@ -27,6 +27,7 @@ enum Command {
 }
 
 fn main() {
+    qgate::alloc_tuning::keep_freed_memory_for_reuse();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Oracle(a) => commands::oracle::execute(a),

@@ -109,8 +109,30 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
         acc += g[i];
         gc[i] = acc;
     }
-    let decay = |i: usize, j: usize| (gc[i] - gc[j]).exp();
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |s, (x, y)| x.mul_add(*y, s));
+    let mut decay_m = vec![0f32; l * l];
+    for i in 0..l {
+        for j in 0..=i {
+            decay_m[i * l + j] = (gc[i] - gc[j]).exp();
+        }
+    }
+    let decay = |i: usize, j: usize| decay_m[i * l + j];
+    // K transposed ([Dk, l]) so the dot products of one row against all earlier keys run along j
+    // (vectorised) while each dot still accumulates over the key dimension in order, with FMA.
+    let mut kt = vec![0f32; dk * l];
+    for j in 0..l {
+        for a in 0..dk {
+            kt[a * l + j] = k[j * dk + a];
+        }
+    }
+    let dots_upto = |x: &[f32], n: usize, out: &mut [f32]| {
+        out[..n].iter_mut().for_each(|o| *o = 0.0);
+        for (a, &xa) in x.iter().enumerate() {
+            for (o, kv) in out[..n].iter_mut().zip(&kt[a * l..a * l + n]) {
+                *o = xa.mul_add(*kv, *o);
+            }
+        }
+    };
+    let mut row_dots = vec![0f32; l];
     let kb: Vec<f32> = (0..l * dk).map(|e| k[e] * beta[e / dk]).collect();
     let vb: Vec<f32> = (0..l * dv).map(|e| v[e] * beta[e / dv]).collect();
 
@@ -118,8 +140,9 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
     // new_values = (I + A)^-1 diag(β) V, k_cumdecay = (I + A)^-1 diag(β e^{γ}) K.
     let mut ut = vec![0f32; l * l];
     for i in 0..l {
+        dots_upto(&kb[i * dk..(i + 1) * dk], i, &mut row_dots);
         for j in 0..i {
-            ut[i * l + j] = dot(&kb[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk]) * decay(i, j);
+            ut[i * l + j] = row_dots[j] * decay(i, j);
         }
     }
     let mut new_v = vb;
@@ -164,8 +187,9 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
             }
         }
         let mut intra = vec![0f32; dv];
+        dots_upto(&q[i * dk..(i + 1) * dk], i + 1, &mut row_dots);
         for j in 0..=i {
-            let w = dot(&q[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk]) * decay(i, j);
+            let w = row_dots[j] * decay(i, j);
             for (x, y) in intra.iter_mut().zip(&v_new[j * dv..(j + 1) * dv]) {
                 *x = w.mul_add(*y, *x);
             }
