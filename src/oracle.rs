@@ -328,7 +328,7 @@ fn run_streamed(
         .map(|s| st.embed(s))
         .collect::<Result<Vec<_>>>()?;
     let mut caches: Vec<Cache> = ids.iter().map(|_| Cache::default()).collect();
-    st.layers(&mut xs, &mut caches, keep, &mut |l| {
+    st.layers(&mut xs, &mut caches, keep, &mut |l, _| {
         bar.set_message(format!("layer {}/{n_layers}", l + 1));
         bar.inc(1);
     })?;
@@ -421,7 +421,7 @@ fn run_streamed(
             .iter()
             .map(|&s| std::mem::take(&mut caches[s]))
             .collect();
-        st.layers(&mut xs, &mut sub, true, &mut |l| {
+        st.layers(&mut xs, &mut sub, true, &mut |l, _| {
             bar.set_message(format!("step {}, layer {}/{n_layers}", step + 1, l + 1));
             bar.inc(1);
         })?;
@@ -471,4 +471,21 @@ pub fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     );
     bar.set_message("oracle");
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!(parse_bytes("8GiB"), Some(8 << 30));
+        assert_eq!(parse_bytes("8G"), Some(8 << 30));
+        assert_eq!(parse_bytes("1.5 GB"), Some(1_500_000_000));
+        assert_eq!(parse_bytes("512mib"), Some(512 << 20));
+        assert_eq!(parse_bytes("1000"), Some(1000));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("8 parsecs"), None);
+        assert_eq!(parse_bytes("0"), None);
+    }
 }

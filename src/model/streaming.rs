@@ -18,6 +18,7 @@ use super::{layer_norm, Cache, FeedForward, LayerCache, Mixer};
 use crate::error::{Error, Result};
 use crate::model::mlp::linear;
 use candle_core::Tensor;
+use std::time::Instant;
 
 /// Default rows of the head converted at a time (32768 × 5120 f32 = 640 MiB for the 27B).
 pub const DEFAULT_HEAD_CHUNK: usize = 32768;
@@ -30,6 +31,15 @@ pub const DEFAULT_HEAD_CHUNK: usize = 32768;
 /// columns it does, for every `T`, and each output element is then independent of the chunk's extent.
 /// Smaller chunks (the last one, or tiny vocabularies in tests) are padded with zero rows up to this.
 const GEMM_SAFE_COLUMNS: usize = 257;
+
+/// Where one layer's time went: reading + converting weights, and everything else.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerTiming {
+    pub load_s: f64,
+    /// The token mixer's forward (attention or DeltaNet) over all sequences.
+    pub mixer_s: f64,
+    pub total_s: f64,
+}
 
 pub struct Streamer<'a> {
     pub cfg: &'a TextConfig,
@@ -114,22 +124,27 @@ impl<'a> Streamer<'a> {
     /// Push every sequence's residual stream `xs[s]` (`[T_s, H]`, positions `caches[s].seen ..`) through
     /// all decoder layers, one layer's weights in memory at a time. With `keep`, `caches[s]` holds the
     /// per-layer caches afterwards (an empty cache grows one layer at a time); without, the per-layer
-    /// caches are dropped with their layer. `on_layer(l)` is called after each layer.
+    /// caches are dropped with their layer. `on_layer(l, timing)` is called after each layer.
     pub fn layers(
         &self,
         xs: &mut [Tensor],
         caches: &mut [Cache],
         keep: bool,
-        on_layer: &mut dyn FnMut(usize),
+        on_layer: &mut dyn FnMut(usize, LayerTiming),
     ) -> Result<()> {
         if xs.len() != caches.len() {
             return Err(Error::Internal("one cache per sequence expected".into()));
         }
         let (cfg, ws, p) = (self.cfg, self.ws, self.prec);
         for l in 0..cfg.layer_types.len() {
+            let start = Instant::now();
+            let mut load_s = 0.0;
             // Token mixer.
+            let t = Instant::now();
             let input_norm = layer_norm(cfg, ws, l, "input_layernorm", p)?;
             let mixer = Mixer::load(cfg, ws, l, p)?;
+            load_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             let mut scratch: Vec<LayerCache> = Vec::new();
             for (x, cache) in xs.iter_mut().zip(caches.iter_mut()) {
                 let lc = if keep && cache.layers.len() > l {
@@ -153,9 +168,12 @@ impl<'a> Streamer<'a> {
             }
             drop(mixer);
             drop(scratch);
+            let mixer_s = t.elapsed().as_secs_f64();
             // Feed-forward.
+            let t = Instant::now();
             let post_norm = layer_norm(cfg, ws, l, "post_attention_layernorm", p)?;
             let ffn = FeedForward::load(cfg, ws, l, p, true)?;
+            load_s += t.elapsed().as_secs_f64();
             let hs = xs
                 .iter()
                 .map(|x| post_norm.forward(x))
@@ -170,7 +188,9 @@ impl<'a> Streamer<'a> {
                     needed.sort_unstable();
                     needed.dedup();
                     for x in needed {
+                        let t = Instant::now();
                         let expert = m.load_expert(ws, x)?;
+                        load_s += t.elapsed().as_secs_f64();
                         for (h, r) in hs.iter().zip(routes.iter_mut()) {
                             m.apply_expert(h, r, x, &expert)?;
                         }
@@ -185,7 +205,14 @@ impl<'a> Streamer<'a> {
             for (x, y) in xs.iter_mut().zip(ys) {
                 *x = p.round(&(&*x + y)?)?;
             }
-            on_layer(l);
+            on_layer(
+                l,
+                LayerTiming {
+                    load_s,
+                    mixer_s,
+                    total_s: start.elapsed().as_secs_f64(),
+                },
+            );
         }
         for (x, cache) in xs.iter().zip(caches.iter_mut()) {
             cache.seen += x.dim(0)?;

@@ -155,6 +155,11 @@ impl WeightStore {
         self.entries.contains_key(full)
     }
 
+    /// Bytes of a tensor on disk.
+    pub fn tensor_bytes(&self, full: &str) -> Option<usize> {
+        self.entries.get(full).map(|e| e.end - e.start)
+    }
+
     pub fn shape(&self, full: &str) -> Option<&[usize]> {
         self.entries.get(full).map(|e| e.shape.as_slice())
     }
@@ -230,8 +235,14 @@ impl WeightStore {
         if let Some(s0) = out_shape.first_mut() {
             *s0 = n;
         }
-        let t = Tensor::from_raw_buffer(&bytes, dtype, &out_shape, &Device::Cpu)?
-            .to_dtype(DType::F32)?;
+        let t = if self.streaming {
+            // Widen straight from the read buffer, in parallel: one f32 allocation, no staging copy.
+            // bf16/f16 → f32 is exact, so the values are those of `to_dtype`.
+            Tensor::from_vec(widen(&bytes, e.dtype), out_shape, &Device::Cpu)?
+        } else {
+            Tensor::from_raw_buffer(&bytes, dtype, &out_shape, &Device::Cpu)?
+                .to_dtype(DType::F32)?
+        };
         Ok(prec.round(&t)?)
     }
 
@@ -265,6 +276,34 @@ impl WeightStore {
         }
         Ok(out)
     }
+}
+
+/// Little-endian F32/BF16/F16 bytes to f32 (exact), in parallel chunks.
+fn widen(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    use rayon::prelude::*;
+    let size = if dtype == Dtype::F32 { 4 } else { 2 };
+    let mut out = vec![0f32; bytes.len() / size];
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * size))
+        .for_each(|(o, b)| match dtype {
+            Dtype::BF16 => {
+                for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
+                    *x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            Dtype::F16 => {
+                for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
+                    *x = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            _ => {
+                for (x, c) in o.iter_mut().zip(b.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        });
+    out
 }
 
 /// Resolve `--model`: a directory as is; otherwise `Org/Name` looked up in the local Hugging Face hub
