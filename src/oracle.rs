@@ -2,9 +2,12 @@
 //! greedy rollout with the recurrent single-step path, written as a `qgate-capture/1` file.
 use crate::capture::{CaptureMeta, CaptureWriter, FloatKind, TensorSpec};
 use crate::error::{io_err, Error, Result};
+use crate::model::config::TextConfig;
 use crate::model::precision::Precision;
+use crate::model::streaming::{self, Streamer};
 use crate::model::weights::WeightStore;
-use crate::model::{argmax, Model};
+use crate::model::{argmax, Cache, Model};
+use candle_core::Tensor;
 use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -35,9 +38,26 @@ pub fn logits_kind(prec: Precision) -> FloatKind {
 
 pub struct SequenceResult {
     pub logits: Vec<f32>,
-    pub rollout: Vec<i64>,
-    /// Per rollout step: (probability margin, logit margin) of the row that chose the token.
-    pub rollout_margin: Vec<(f32, f32)>,
+    pub rollout: Rollout,
+}
+
+/// A greedy continuation and, per step, the (softmax-probability, logit) top1−top2 margin of the row that
+/// chose the token, written as `seq.{i}.rollout_margin` so the gate can tell a tie from a confident
+/// divergence at any step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rollout {
+    pub tokens: Vec<i64>,
+    pub margins: Vec<(f32, f32)>,
+}
+
+impl Rollout {
+    /// Take the greedy token of `row` (first index on ties, as torch.argmax) and record its margins.
+    pub fn push_argmax(&mut self, row: &[f32]) -> u32 {
+        let next = argmax(row);
+        self.tokens.push(next as i64);
+        self.margins.push(row_margins(row));
+        next as u32
+    }
 }
 
 /// top1 − top2 of one logits row, as softmax probabilities (f64 sums) and as logits.
@@ -60,21 +80,13 @@ pub fn row_margins(row: &[f32]) -> (f32, f32) {
 /// token, which is kept: the stop is a token too).
 pub fn run_sequence(model: &Model, tokens: &[i64], rollout: usize) -> Result<SequenceResult> {
     let v = model.cfg.vocab_size;
-    let ids: Vec<u32> = tokens
-        .iter()
-        .map(|&t| {
-            u32::try_from(t).map_err(|_| Error::usage(format!("token id {t} is not a valid id")))
-        })
-        .collect::<Result<_>>()?;
+    let ids = token_ids(tokens)?;
     let mut cache = model.new_cache();
     let logits: Vec<f32> = model.forward(&ids, &mut cache)?.flatten_all()?.to_vec1()?;
-    let mut out = Vec::new();
-    let mut margins = Vec::new();
+    let mut out = Rollout::default();
     let mut last: Vec<f32> = logits[logits.len() - v..].to_vec();
     for step in 0..rollout {
-        let next = argmax(&last) as u32;
-        out.push(next as i64);
-        margins.push(row_margins(&last));
+        let next = out.push_argmax(&last);
         if model.cfg.eos_token_ids.contains(&(next as i64)) || step + 1 == rollout {
             break;
         }
@@ -86,8 +98,78 @@ pub fn run_sequence(model: &Model, tokens: &[i64], rollout: usize) -> Result<Seq
     Ok(SequenceResult {
         logits,
         rollout: out,
-        rollout_margin: margins,
     })
+}
+
+/// In memory (every layer loaded once) or layer-streamed (see `model::streaming`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Execution {
+    /// Stream when the in-memory footprint exceeds the memory budget.
+    Auto,
+    Stream,
+    InMemory,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ExecOptions {
+    pub mode: Execution,
+    /// Memory budget in bytes (decides `Auto`, and whether streamed runs do rollouts in memory).
+    pub max_memory: u64,
+    /// Head rows converted at a time when streaming.
+    pub head_chunk: usize,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            mode: Execution::Auto,
+            max_memory: default_memory_budget(),
+            head_chunk: streaming::DEFAULT_HEAD_CHUNK,
+        }
+    }
+}
+
+/// Three quarters of physical memory (`MemTotal` in /proc/meminfo), else 8 GiB.
+pub fn default_memory_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024 / 4 * 3)
+        .unwrap_or(8 << 30)
+}
+
+/// `8GiB`, `512MiB`, `6G`, `1.5GB`, `1000000`: a byte count (K/M/G/T and their `iB` forms are powers of
+/// 1024, `KB`/`MB`/`GB`/`TB` powers of 1000).
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => return None,
+    };
+    let bytes = num * mult;
+    (bytes.is_finite() && bytes >= 1.0).then_some(bytes as u64)
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 pub struct OracleRequest<'a> {
@@ -97,41 +179,79 @@ pub struct OracleRequest<'a> {
     pub rollout: usize,
     pub out: &'a Path,
     pub progress: bool,
+    pub exec: ExecOptions,
 }
 
-/// Load the model, run every sequence, and write the capture (temp file + rename). Logits are spilled to
-/// an anonymous temp file as they are produced so that memory holds one sequence at a time.
+fn token_ids(tokens: &[i64]) -> Result<Vec<u32>> {
+    tokens
+        .iter()
+        .map(|&t| {
+            u32::try_from(t).map_err(|_| Error::usage(format!("token id {t} is not a valid id")))
+        })
+        .collect()
+}
+
+/// Append logits rows to the spill in the capture's dtype.
+fn encode_into(bytes: &mut Vec<u8>, kind: FloatKind, values: &[f32]) {
+    for x in values {
+        match kind {
+            FloatKind::F32 => bytes.extend_from_slice(&x.to_le_bytes()),
+            FloatKind::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(*x).to_le_bytes()),
+            FloatKind::F16 => bytes.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes()),
+        }
+    }
+}
+
+/// Load the model (or stream it), run every sequence, and write the capture (temp file + rename). Logits
+/// are spilled to an anonymous temp file as they are produced so that memory holds one sequence (one
+/// head chunk when streaming) at a time.
 pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
-    let model = Model::load(req.model_dir, req.precision)?;
-    let ws = WeightStore::open(req.model_dir)?;
-    let v = model.cfg.vocab_size;
+    let cfg = TextConfig::from_dir(req.model_dir)?;
+    let mut ws = WeightStore::open(req.model_dir)?;
+    let v = cfg.vocab_size;
     if req.plan.is_empty() {
         return Err(Error::usage("the plan has no sequences"));
     }
-    let kind = logits_kind(req.precision);
-    let total: u64 = req.plan.iter().map(|s| s.len() as u64).sum();
-    let bar = progress_bar(req.progress, total);
-    let mut spill = tempfile::tempfile().map_err(|e| io_err(std::env::temp_dir(), e))?;
-    let mut rollouts = Vec::with_capacity(req.plan.len());
-    let mut margins = Vec::with_capacity(req.plan.len());
-    for seq in req.plan {
-        let r = run_sequence(&model, seq, req.rollout)?;
-        let mut bytes = Vec::with_capacity(r.logits.len() * kind.size());
-        for x in &r.logits {
-            match kind {
-                FloatKind::F32 => bytes.extend_from_slice(&x.to_le_bytes()),
-                FloatKind::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(*x).to_le_bytes()),
-                FloatKind::F16 => bytes.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes()),
-            }
-        }
-        spill
-            .write_all(&bytes)
-            .map_err(|e| io_err("spill file", e))?;
-        rollouts.push(r.rollout);
-        margins.push(r.rollout_margin);
-        bar.inc(seq.len() as u64);
+    if req.plan.iter().any(Vec::is_empty) {
+        return Err(Error::usage("the plan has an empty sequence"));
     }
-    bar.finish_and_clear();
+    let kind = logits_kind(req.precision);
+    let max_len = req.plan.iter().map(Vec::len).max().unwrap_or(0) + req.rollout;
+    let footprint = streaming::in_memory_footprint(&cfg, &ws, max_len);
+    let stream = match req.exec.mode {
+        Execution::Stream => true,
+        Execution::InMemory => false,
+        Execution::Auto => footprint > req.exec.max_memory,
+    };
+    let mut spill = tempfile::tempfile().map_err(|e| io_err(std::env::temp_dir(), e))?;
+    let rollouts = if stream {
+        if req.exec.mode == Execution::Auto {
+            eprintln!(
+                "qgate: the in-memory oracle would need ~{:.1} GiB (budget {:.1} GiB): streaming layers",
+                gib(footprint),
+                gib(req.exec.max_memory)
+            );
+        }
+        ws.set_streaming(true);
+        run_streamed(&cfg, &ws, req, &mut spill)?
+    } else {
+        let model = Model::from_store(cfg.clone(), &ws, req.precision)?;
+        let total: u64 = req.plan.iter().map(|s| s.len() as u64).sum();
+        let bar = progress_bar(req.progress, total);
+        let mut rollouts = Vec::with_capacity(req.plan.len());
+        for seq in req.plan {
+            let r = run_sequence(&model, seq, req.rollout)?;
+            let mut bytes = Vec::with_capacity(r.logits.len() * kind.size());
+            encode_into(&mut bytes, kind, &r.logits);
+            spill
+                .write_all(&bytes)
+                .map_err(|e| io_err("spill file", e))?;
+            rollouts.push(r.rollout);
+            bar.inc(seq.len() as u64);
+        }
+        bar.finish_and_clear();
+        rollouts
+    };
 
     let mut meta = CaptureMeta::new(
         &format!("oracle-{}", req.precision.name()),
@@ -150,14 +270,15 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         "model_dir".into(),
         req.model_dir.display().to_string().into(),
     );
-    extra.insert("model_type".into(), model.cfg.model_type.clone().into());
+    extra.insert("model_type".into(), cfg.model_type.clone().into());
+    extra.insert(
+        "execution".into(),
+        if stream { "streamed" } else { "in-memory" }.into(),
+    );
     extra.insert("weights_sha256".into(), weights.into());
     extra.insert("plan_sha256".into(), plan_sha256(req.plan).into());
     extra.insert("rollout_max".into(), req.rollout.into());
-    extra.insert(
-        "eos_token_ids".into(),
-        model.cfg.eos_token_ids.clone().into(),
-    );
+    extra.insert("eos_token_ids".into(), cfg.eos_token_ids.clone().into());
     extra.insert(
         "reference".into(),
         "HF transformers 5.23.0 eager forward; torch fallbacks for causal conv and delta rule"
@@ -179,12 +300,12 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         specs.push(TensorSpec::new(
             format!("seq.{i}.rollout"),
             Dtype::I64,
-            &[ro.len()],
+            &[ro.tokens.len()],
         ));
         specs.push(TensorSpec::new(
             format!("seq.{i}.rollout_margin"),
             Dtype::F32,
-            &[ro.len(), 2],
+            &[ro.tokens.len(), 2],
         ));
     }
     let mut w = CaptureWriter::create(req.out, &meta, &specs)?;
@@ -192,7 +313,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         .seek(SeekFrom::Start(0))
         .map_err(|e| io_err("spill file", e))?;
     let mut buf = vec![0u8; 1 << 20];
-    for ((seq, ro), m) in req.plan.iter().zip(&rollouts).zip(&margins) {
+    for (seq, ro) in req.plan.iter().zip(&rollouts) {
         w.write_i64(seq)?;
         let mut left = seq.len() * v * kind.size();
         while left > 0 {
@@ -203,10 +324,181 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
             w.write_bytes(&buf[..n])?;
             left -= n;
         }
-        w.write_i64(ro)?;
-        w.write_f32(&m.iter().flat_map(|&(p, l)| [p, l]).collect::<Vec<f32>>())?;
+        w.write_i64(&ro.tokens)?;
+        w.write_f32(
+            &ro.margins
+                .iter()
+                .flat_map(|&(p, l)| [p, l])
+                .collect::<Vec<f32>>(),
+        )?;
     }
     w.finish()
+}
+
+/// The teacher-forced pass layer by layer over all sequences, the head in chunks written into the spill
+/// at each row's place, then the rollouts: in memory from the kept caches when the whole model fits the
+/// budget, else streaming every layer once per generated token (all sequences in lockstep).
+fn run_streamed(
+    cfg: &TextConfig,
+    ws: &WeightStore,
+    req: &OracleRequest,
+    spill: &mut std::fs::File,
+) -> Result<Vec<Rollout>> {
+    let v = cfg.vocab_size;
+    let kind = logits_kind(req.precision);
+    let st = Streamer::new(cfg, ws, req.precision, req.exec.head_chunk)?;
+    let ids = req
+        .plan
+        .iter()
+        .map(|s| token_ids(s))
+        .collect::<Result<Vec<_>>>()?;
+    // Where each sequence's `[T, V]` block starts in the spill.
+    let mut offsets = Vec::with_capacity(ids.len());
+    let mut total = 0u64;
+    for s in &ids {
+        offsets.push(total);
+        total += (s.len() * v * kind.size()) as u64;
+    }
+    spill.set_len(total).map_err(|e| io_err("spill file", e))?;
+
+    let n_layers = cfg.layer_types.len();
+    let bar = layer_bar(
+        req.progress,
+        (n_layers + st.head_chunks()) as u64,
+        "oracle (streamed)",
+    );
+    let keep = req.rollout > 0;
+    let mut xs = ids
+        .iter()
+        .map(|s| st.embed(s))
+        .collect::<Result<Vec<_>>>()?;
+    let mut caches: Vec<Cache> = ids.iter().map(|_| Cache::default()).collect();
+    st.layers(&mut xs, &mut caches, keep, &mut |l, _| {
+        bar.set_message(format!("layer {}/{n_layers}", l + 1));
+        bar.inc(1);
+    })?;
+    let hidden = st.final_norm(&xs)?;
+    drop(xs);
+    let mut last: Vec<Vec<f32>> = ids.iter().map(|_| vec![0f32; v]).collect();
+    let mut bytes = Vec::new();
+    st.head(
+        &hidden,
+        &mut |s, first, logits| {
+            let (t, n) = logits.dims2()?;
+            let vals: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            for r in 0..t {
+                let row = &vals[r * n..(r + 1) * n];
+                bytes.clear();
+                encode_into(&mut bytes, kind, row);
+                let at = offsets[s] + ((r * v + first) * kind.size()) as u64;
+                spill
+                    .seek(SeekFrom::Start(at))
+                    .and_then(|_| spill.write_all(&bytes))
+                    .map_err(|e| io_err("spill file", e))?;
+            }
+            last[s][first..first + n].copy_from_slice(&vals[(t - 1) * n..t * n]);
+            Ok(())
+        },
+        &mut |_| {
+            bar.set_message("head");
+            bar.inc(1);
+        },
+    )?;
+    bar.finish_and_clear();
+    drop(hidden);
+    if req.rollout == 0 {
+        return Ok(ids.iter().map(|_| Rollout::default()).collect());
+    }
+
+    let eos = &cfg.eos_token_ids;
+    let weights = streaming::weights_f32_bytes(ws);
+    if weights + streaming::activation_bytes(cfg, 1) <= req.exec.max_memory {
+        // The whole model fits: single steps in memory from the streamed caches.
+        let model = Model::from_store(cfg.clone(), ws, req.precision)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (s, mut cache) in caches.into_iter().enumerate() {
+            let mut ro = Rollout::default();
+            let mut row = std::mem::take(&mut last[s]);
+            for step in 0..req.rollout {
+                let next = ro.push_argmax(&row);
+                if eos.contains(&(next as i64)) || step + 1 == req.rollout {
+                    break;
+                }
+                row = model
+                    .forward(&[next], &mut cache)?
+                    .flatten_all()?
+                    .to_vec1()?;
+            }
+            out.push(ro);
+        }
+        return Ok(out);
+    }
+
+    // Stream every layer once per generated token, all unfinished sequences together.
+    let bar = layer_bar(
+        req.progress,
+        (req.rollout.saturating_sub(1) * (n_layers + st.head_chunks())) as u64,
+        "rollout (streamed)",
+    );
+    let mut out: Vec<Rollout> = ids.iter().map(|_| Rollout::default()).collect();
+    let mut active: Vec<usize> = (0..ids.len()).collect();
+    for step in 0..req.rollout {
+        let mut next_active = Vec::new();
+        let mut next_tokens = Vec::new();
+        for &s in &active {
+            let next = out[s].push_argmax(&last[s]);
+            if !(eos.contains(&(next as i64)) || step + 1 == req.rollout) {
+                next_active.push(s);
+                next_tokens.push(next);
+            }
+        }
+        active = next_active;
+        if active.is_empty() {
+            break;
+        }
+        let mut xs: Vec<Tensor> = next_tokens
+            .iter()
+            .map(|&t| st.embed(&[t]))
+            .collect::<Result<_>>()?;
+        let mut sub: Vec<Cache> = active
+            .iter()
+            .map(|&s| std::mem::take(&mut caches[s]))
+            .collect();
+        st.layers(&mut xs, &mut sub, true, &mut |l, _| {
+            bar.set_message(format!("step {}, layer {}/{n_layers}", step + 1, l + 1));
+            bar.inc(1);
+        })?;
+        for (&s, c) in active.iter().zip(sub) {
+            caches[s] = c;
+        }
+        let hidden = st.final_norm(&xs)?;
+        st.head(
+            &hidden,
+            &mut |i, first, logits| {
+                let vals: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                last[active[i]][first..first + vals.len()].copy_from_slice(&vals);
+                Ok(())
+            },
+            &mut |_| bar.inc(1),
+        )?;
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+fn layer_bar(enabled: bool, total: u64, msg: &'static str) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {prefix} {msg} [{bar:30}] {pos}/{len} layers+head chunks, {elapsed} elapsed, ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(msg);
+    bar
 }
 
 pub fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
@@ -222,4 +514,21 @@ pub fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     );
     bar.set_message("oracle");
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!(parse_bytes("8GiB"), Some(8 << 30));
+        assert_eq!(parse_bytes("8G"), Some(8 << 30));
+        assert_eq!(parse_bytes("1.5 GB"), Some(1_500_000_000));
+        assert_eq!(parse_bytes("512mib"), Some(512 << 20));
+        assert_eq!(parse_bytes("1000"), Some(1000));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("8 parsecs"), None);
+        assert_eq!(parse_bytes("0"), None);
+    }
 }

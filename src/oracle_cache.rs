@@ -4,7 +4,7 @@ use crate::capture::Capture;
 use crate::error::{Error, Result};
 use crate::model::precision::Precision;
 use crate::model::weights::{resolve_model_dir, WeightStore};
-use crate::oracle::{plan_sha256, run_oracle, OracleRequest};
+use crate::oracle::{plan_sha256, run_oracle, ExecOptions, OracleRequest};
 use sha2::{Digest, Sha256};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -104,5 +104,6 @@ pub fn oracle_capture_for(
         rollout,
         out: &path,
         progress: std::io::stderr().is_terminal(),
+        exec: ExecOptions::default(),
     })
 }

@@ -74,7 +74,7 @@ fn compare(model_name: &str, prec: Precision) -> Option<Comparison> {
             }
             c.rows += 1;
         }
-        c.rollouts_equal += usize::from(ours.rollout == hf_rollout);
+        c.rollouts_equal += usize::from(ours.rollout.tokens == hf_rollout);
     }
     eprintln!(
         "{model_name} {}: {} rows, max|Δ| {:.3e}, bit-identical rows {}/{} ({:.0}%), argmax mismatches {} (confident {}), rollouts equal {}/{}",

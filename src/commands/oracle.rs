@@ -3,7 +3,7 @@ use crate::capture::Capture;
 use crate::error::{Error, Result};
 use crate::model::precision::Precision;
 use crate::model::weights::resolve_model_dir;
-use crate::oracle::{run_oracle, OracleRequest};
+use crate::oracle::{parse_bytes, run_oracle, ExecOptions, Execution, OracleRequest};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -24,6 +24,16 @@ pub struct Args {
     /// Greedy continuation length per sequence (stops early after an EOS token).
     #[arg(long, default_value_t = 16)]
     pub rollout: usize,
+    /// Memory budget (`8GiB`, `24G`, `6000MB`): above it the oracle streams layers from disk instead of
+    /// loading the whole model. Default: three quarters of physical memory.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+    /// Always stream layers (one layer's weights in memory at a time; same numbers).
+    #[arg(long, conflicts_with = "no_stream")]
+    pub stream: bool,
+    /// Never stream: load the whole model even above the memory budget.
+    #[arg(long)]
+    pub no_stream: bool,
 }
 
 pub fn execute(args: Args) -> Result<i32> {
@@ -33,6 +43,19 @@ pub fn execute(args: Args) -> Result<i32> {
             args.dtype
         ))
     })?;
+    let mut exec = ExecOptions::default();
+    if let Some(m) = &args.max_memory {
+        exec.max_memory = parse_bytes(m).ok_or_else(|| {
+            Error::usage(format!(
+                "--max-memory `{m}`: expected a size such as 8GiB, 24G or 6000MB"
+            ))
+        })?;
+    }
+    exec.mode = match (args.stream, args.no_stream) {
+        (true, _) => Execution::Stream,
+        (_, true) => Execution::InMemory,
+        _ => Execution::Auto,
+    };
     let model_dir = resolve_model_dir(&args.model)?;
     let plan = Capture::open(&args.plan)?.plan();
     let out = run_oracle(&OracleRequest {
@@ -42,6 +65,7 @@ pub fn execute(args: Args) -> Result<i32> {
         rollout: args.rollout,
         out: &args.out,
         progress: std::io::stderr().is_terminal(),
+        exec,
     })?;
     let positions: usize = plan.iter().map(Vec::len).sum();
     eprintln!(

@@ -9,6 +9,7 @@ pub mod moe;
 pub mod norms;
 pub mod precision;
 pub mod rope;
+pub mod streaming;
 pub mod torch_topk;
 pub mod weights;
 
@@ -35,6 +36,98 @@ enum FeedForward {
     Moe(SparseMoe),
 }
 
+impl Mixer {
+    /// Layer `l`'s token mixer (gated attention or gated DeltaNet).
+    fn load(cfg: &TextConfig, ws: &WeightStore, l: usize, prec: Precision) -> Result<Mixer> {
+        let pre = ws.decoder_name(&format!("layers.{l}."));
+        let kind = cfg
+            .layer_types
+            .get(l)
+            .ok_or_else(|| Error::Internal(format!("layer {l} is beyond layer_types")))?;
+        Ok(match kind {
+            LayerKind::FullAttention => Mixer::Attention(GatedAttention::new(
+                cfg,
+                ws,
+                &format!("{pre}self_attn."),
+                prec,
+            )?),
+            LayerKind::LinearAttention => Mixer::DeltaNet(GatedDeltaNet::new(
+                cfg,
+                ws,
+                &format!("{pre}linear_attn."),
+                prec,
+            )?),
+        })
+    }
+
+    fn empty_cache(&self) -> LayerCache {
+        match self {
+            Mixer::Attention(_) => LayerCache::Attention(KvCache::default()),
+            Mixer::DeltaNet(g) => LayerCache::DeltaNet(g.empty_cache()),
+        }
+    }
+
+    fn forward(&self, h: &Tensor, rope: &Rope, lc: &mut LayerCache) -> Result<Tensor> {
+        match (self, lc) {
+            (Mixer::Attention(a), LayerCache::Attention(kv)) => a.forward(h, rope, kv),
+            (Mixer::DeltaNet(g), LayerCache::DeltaNet(gc)) => g.forward(h, gc),
+            _ => Err(Error::Internal(
+                "cache does not match the layer kinds".into(),
+            )),
+        }
+    }
+}
+
+impl FeedForward {
+    /// Layer `l`'s feed-forward block; `lazy_experts`: a MoE block without its experts (streaming).
+    fn load(
+        cfg: &TextConfig,
+        ws: &WeightStore,
+        l: usize,
+        prec: Precision,
+        lazy_experts: bool,
+    ) -> Result<FeedForward> {
+        let pre = ws.decoder_name(&format!("layers.{l}.mlp."));
+        let h = cfg.hidden_size;
+        Ok(match (&cfg.moe, cfg.intermediate_size) {
+            (Some(m), _) if lazy_experts => {
+                FeedForward::Moe(SparseMoe::new_lazy(ws, &pre, h, m, prec)?)
+            }
+            (Some(m), _) => FeedForward::Moe(SparseMoe::new(ws, &pre, h, m, prec)?),
+            (None, Some(i)) => FeedForward::Dense(Mlp::new(ws, &pre, h, i, prec)?),
+            (None, None) => {
+                return Err(Error::Internal(
+                    "dense config without intermediate_size".into(),
+                ))
+            }
+        })
+    }
+
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(m) => m.forward(h),
+            FeedForward::Moe(m) => m.forward(h),
+        }
+    }
+}
+
+/// Layer `l`'s `input_layernorm` or `post_attention_layernorm`.
+fn layer_norm(
+    cfg: &TextConfig,
+    ws: &WeightStore,
+    l: usize,
+    which: &str,
+    prec: Precision,
+) -> Result<RmsNormZeroCentred> {
+    RmsNormZeroCentred::new(
+        ws,
+        &ws.decoder_name(&format!("layers.{l}.{which}.weight")),
+        cfg.hidden_size,
+        cfg.rms_norm_eps,
+        prec,
+    )
+}
+
 struct DecoderLayer {
     input_norm: RmsNormZeroCentred,
     mixer: Mixer,
@@ -48,6 +141,7 @@ pub enum LayerCache {
     DeltaNet(GdnCache),
 }
 
+#[derive(Default)]
 pub struct Cache {
     layers: Vec<LayerCache>,
     pub seen: usize,
@@ -76,52 +170,12 @@ impl Model {
         let eps = cfg.rms_norm_eps;
         let embed = ws.load_decoder("embed_tokens.weight", &[v, h], prec)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for (l, kind) in cfg.layer_types.iter().enumerate() {
-            let pre = ws.decoder_name(&format!("layers.{l}."));
-            let mixer = match kind {
-                LayerKind::FullAttention => Mixer::Attention(GatedAttention::new(
-                    &cfg,
-                    ws,
-                    &format!("{pre}self_attn."),
-                    prec,
-                )?),
-                LayerKind::LinearAttention => Mixer::DeltaNet(GatedDeltaNet::new(
-                    &cfg,
-                    ws,
-                    &format!("{pre}linear_attn."),
-                    prec,
-                )?),
-            };
-            let ffn = match (&cfg.moe, cfg.intermediate_size) {
-                (Some(m), _) => {
-                    FeedForward::Moe(SparseMoe::new(ws, &format!("{pre}mlp."), h, m, prec)?)
-                }
-                (None, Some(i)) => {
-                    FeedForward::Dense(Mlp::new(ws, &format!("{pre}mlp."), h, i, prec)?)
-                }
-                (None, None) => {
-                    return Err(Error::Internal(
-                        "dense config without intermediate_size".into(),
-                    ))
-                }
-            };
+        for l in 0..cfg.layer_types.len() {
             layers.push(DecoderLayer {
-                input_norm: RmsNormZeroCentred::new(
-                    ws,
-                    &format!("{pre}input_layernorm.weight"),
-                    h,
-                    eps,
-                    prec,
-                )?,
-                mixer,
-                post_norm: RmsNormZeroCentred::new(
-                    ws,
-                    &format!("{pre}post_attention_layernorm.weight"),
-                    h,
-                    eps,
-                    prec,
-                )?,
-                ffn,
+                input_norm: layer_norm(&cfg, ws, l, "input_layernorm", prec)?,
+                mixer: Mixer::load(&cfg, ws, l, prec)?,
+                post_norm: layer_norm(&cfg, ws, l, "post_attention_layernorm", prec)?,
+                ffn: FeedForward::load(&cfg, ws, l, prec, false)?,
             });
         }
         let norm = RmsNormZeroCentred::new(ws, &ws.decoder_name("norm.weight"), h, eps, prec)?;
@@ -161,14 +215,7 @@ impl Model {
     }
 
     pub fn new_cache(&self) -> Cache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match &l.mixer {
-                Mixer::Attention(_) => LayerCache::Attention(KvCache::default()),
-                Mixer::DeltaNet(g) => LayerCache::DeltaNet(g.empty_cache()),
-            })
-            .collect();
+        let layers = self.layers.iter().map(|l| l.mixer.empty_cache()).collect();
         Cache { layers, seen: 0 }
     }
 
@@ -220,21 +267,10 @@ impl Model {
             .get(l)
             .ok_or_else(|| Error::Internal(format!("no layer {l}")))?;
         let h = layer.input_norm.forward(x)?;
-        let y = match (&layer.mixer, lc) {
-            (Mixer::Attention(a), LayerCache::Attention(kv)) => a.forward(&h, &self.rope, kv)?,
-            (Mixer::DeltaNet(g), LayerCache::DeltaNet(gc)) => g.forward(&h, gc)?,
-            _ => {
-                return Err(Error::Internal(
-                    "cache does not match the layer kinds".into(),
-                ))
-            }
-        };
+        let y = layer.mixer.forward(&h, &self.rope, lc)?;
         let x = p.round(&(x + y)?)?;
         let h = layer.post_norm.forward(&x)?;
-        let y = match &layer.ffn {
-            FeedForward::Dense(m) => m.forward(&h)?,
-            FeedForward::Moe(m) => m.forward(&h)?,
-        };
+        let y = layer.ffn.forward(&h)?;
         Ok(p.round(&(x + y)?)?)
     }
 

@@ -11,23 +11,59 @@ use super::weights::WeightStore;
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
 
-struct Expert {
+pub struct Expert {
     gate: Tensor,
     up: Tensor,
     down: Tensor,
 }
 
+/// Where the experts live on disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `experts.gate_up_proj [E, 2I, H]` + `experts.down_proj [E, H, I]`.
+    Fused,
+    /// `experts.{x}.{gate,up,down}_proj.weight`.
+    PerExpert,
+}
+
+/// The routing of one call: per token, the top-k `(expert, rounded weight)` in slot order.
+pub struct Routes {
+    per_token: Vec<Vec<(usize, f32)>>,
+    /// Weighted contribution of every (token, slot), filled expert by expert: `[T, k, H]`.
+    contrib: Vec<f32>,
+}
+
+impl Routes {
+    /// Experts at least one token routes to, ascending.
+    pub fn experts(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .per_token
+            .iter()
+            .flat_map(|r| r.iter().map(|(x, _)| *x))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
 pub struct SparseMoe {
     router: Tensor,
+    /// All experts (in-memory model), or none when they are loaded one at a time (`load_expert`).
     experts: Vec<Expert>,
     shared: Mlp,
     shared_gate: Tensor,
     top_k: usize,
+    num_experts: usize,
+    layout: Layout,
+    prefix: String,
+    hidden: usize,
+    inter: usize,
     prec: Precision,
 }
 
 impl SparseMoe {
-    /// `prefix`: full name prefix ending in `mlp.`.
+    /// `prefix`: full name prefix ending in `mlp.`. Loads every expert.
     pub fn new(
         ws: &WeightStore,
         prefix: &str,
@@ -35,10 +71,15 @@ impl SparseMoe {
         m: &MoeConfig,
         prec: Precision,
     ) -> Result<Self> {
-        let (e, i) = (m.num_experts, m.moe_intermediate_size);
-        let fused = format!("{prefix}experts.gate_up_proj");
-        let experts = if ws.contains(&fused) {
-            let gate_up = ws.load(&fused, &[e, 2 * i, hidden], prec)?;
+        let mut moe = SparseMoe::new_lazy(ws, prefix, hidden, m, prec)?;
+        let e = m.num_experts;
+        let i = m.moe_intermediate_size;
+        moe.experts = if moe.layout == Layout::Fused {
+            let gate_up = ws.load(
+                &format!("{prefix}experts.gate_up_proj"),
+                &[e, 2 * i, hidden],
+                prec,
+            )?;
             let down = ws.load(&format!("{prefix}experts.down_proj"), &[e, hidden, i], prec)?;
             (0..e)
                 .map(|x| {
@@ -51,6 +92,27 @@ impl SparseMoe {
                 })
                 .collect::<Result<Vec<_>>>()?
         } else {
+            (0..e)
+                .map(|x| moe.load_expert(ws, x))
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(moe)
+    }
+
+    /// Router, shared expert and gate only; experts come one at a time from `load_expert` (streaming:
+    /// only the experts some token routes to are ever converted).
+    pub fn new_lazy(
+        ws: &WeightStore,
+        prefix: &str,
+        hidden: usize,
+        m: &MoeConfig,
+        prec: Precision,
+    ) -> Result<Self> {
+        let (e, i) = (m.num_experts, m.moe_intermediate_size);
+        let fused = format!("{prefix}experts.gate_up_proj");
+        let layout = if ws.contains(&fused) {
+            Layout::Fused
+        } else {
             let first = format!("{prefix}experts.0.gate_proj.weight");
             if !ws.contains(&first) {
                 return Err(Error::input(
@@ -60,20 +122,11 @@ impl SparseMoe {
                     ),
                 ));
             }
-            (0..e)
-                .map(|x| {
-                    let p = format!("{prefix}experts.{x}.");
-                    Ok(Expert {
-                        gate: ws.load(&format!("{p}gate_proj.weight"), &[i, hidden], prec)?,
-                        up: ws.load(&format!("{p}up_proj.weight"), &[i, hidden], prec)?,
-                        down: ws.load(&format!("{p}down_proj.weight"), &[hidden, i], prec)?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?
+            Layout::PerExpert
         };
         Ok(SparseMoe {
             router: ws.load(&format!("{prefix}gate.weight"), &[e, hidden], prec)?,
-            experts,
+            experts: Vec::new(),
             shared: Mlp::new(
                 ws,
                 &format!("{prefix}shared_expert."),
@@ -87,18 +140,76 @@ impl SparseMoe {
                 prec,
             )?,
             top_k: m.num_experts_per_tok,
+            num_experts: e,
+            layout,
+            prefix: prefix.to_string(),
+            hidden,
+            inter: i,
             prec,
         })
     }
 
+    /// Expert `x` alone, with the same values as the in-memory bank.
+    pub fn load_expert(&self, ws: &WeightStore, x: usize) -> Result<Expert> {
+        let (e, i, h, prec) = (self.num_experts, self.inter, self.hidden, self.prec);
+        let prefix = &self.prefix;
+        match self.layout {
+            Layout::Fused => {
+                let gu = ws
+                    .load_rows(
+                        &format!("{prefix}experts.gate_up_proj"),
+                        &[e, 2 * i, h],
+                        x,
+                        1,
+                        prec,
+                    )?
+                    .get(0)?;
+                let down = ws
+                    .load_rows(
+                        &format!("{prefix}experts.down_proj"),
+                        &[e, h, i],
+                        x,
+                        1,
+                        prec,
+                    )?
+                    .get(0)?;
+                Ok(Expert {
+                    gate: gu.narrow(0, 0, i)?,
+                    up: gu.narrow(0, i, i)?,
+                    down,
+                })
+            }
+            Layout::PerExpert => {
+                let p = format!("{prefix}experts.{x}.");
+                Ok(Expert {
+                    gate: ws.load(&format!("{p}gate_proj.weight"), &[i, h], prec)?,
+                    up: ws.load(&format!("{p}up_proj.weight"), &[i, h], prec)?,
+                    down: ws.load(&format!("{p}down_proj.weight"), &[h, i], prec)?,
+                })
+            }
+        }
+    }
+
+    /// The whole block with the in-memory expert bank.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let mut routes = self.route(h)?;
+        for x in routes.experts() {
+            let expert = self.experts.get(x).ok_or_else(|| {
+                Error::Internal(format!("expert {x} is not loaded (lazy MoE block)"))
+            })?;
+            self.apply_expert(h, &mut routes, x, expert)?;
+        }
+        self.finish(h, routes)
+    }
+
+    /// Router logits, per token: softmax over all experts (f32), top-k (torch's own tie-breaking),
+    /// renormalise in f32, round the weights to the model dtype.
+    pub fn route(&self, h: &Tensor) -> Result<Routes> {
         let p = self.prec;
         let (t, hidden) = h.dims2()?;
-        let e = self.experts.len();
+        let e = self.num_experts;
         let logits: Vec<f32> = linear(h, &self.router, p)?.flatten_all()?.to_vec1()?;
-        // Per token: softmax over all experts (f32), top-k (torch's own tie-breaking),
-        // renormalise in f32, round the weights to the model dtype.
-        let mut routes: Vec<Vec<(usize, f32)>> = Vec::with_capacity(t);
+        let mut per_token: Vec<Vec<(usize, f32)>> = Vec::with_capacity(t);
         for row in logits.chunks_exact(e) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let ex: Vec<f32> = row.iter().map(|x| (x - max).exp()).collect();
@@ -106,42 +217,63 @@ impl SparseMoe {
             let probs: Vec<f32> = ex.iter().map(|x| x / sum).collect();
             let idx = topk_largest(&probs, self.top_k);
             let top_sum: f32 = idx.iter().map(|&x| probs[x]).sum();
-            routes.push(
+            per_token.push(
                 idx.iter()
                     .map(|&x| (x, p.round_scalar(probs[x] / top_sum)))
                     .collect(),
             );
         }
-        // Weighted contribution of every (token, slot): R(R(expert(h_t)) · w).
-        let mut contrib = vec![0f32; t * self.top_k * hidden];
-        for (x, expert) in self.experts.iter().enumerate() {
-            let hits: Vec<(usize, usize, f32)> = routes
-                .iter()
-                .enumerate()
-                .flat_map(|(tok, r)| {
-                    r.iter()
-                        .enumerate()
-                        .filter(|(_, (ex, _))| *ex == x)
-                        .map(move |(slot, (_, w))| (tok, slot, *w))
-                })
-                .collect();
-            if hits.is_empty() {
-                continue;
-            }
-            let ids: Vec<u32> = hits.iter().map(|(tok, _, _)| *tok as u32).collect();
-            let xs = h.index_select(&Tensor::new(ids.as_slice(), &Device::Cpu)?, 0)?;
-            let out: Vec<f32> = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p)?
-                .flatten_all()?
-                .to_vec1()?;
-            for (n, (tok, slot, w)) in hits.iter().enumerate() {
-                let dst = &mut contrib
-                    [(tok * self.top_k + slot) * hidden..(tok * self.top_k + slot + 1) * hidden];
-                for (d, v) in dst.iter_mut().zip(&out[n * hidden..(n + 1) * hidden]) {
-                    *d = p.round_scalar(v * w);
-                }
+        Ok(Routes {
+            per_token,
+            contrib: vec![0f32; t * self.top_k * hidden],
+        })
+    }
+
+    /// Weighted contribution of every (token, slot) routed to expert `x`: R(R(expert(h_t)) · w).
+    /// Experts may be applied in any order: each (token, slot) is written once.
+    pub fn apply_expert(
+        &self,
+        h: &Tensor,
+        routes: &mut Routes,
+        x: usize,
+        expert: &Expert,
+    ) -> Result<()> {
+        let p = self.prec;
+        let hidden = self.hidden;
+        let hits: Vec<(usize, usize, f32)> = routes
+            .per_token
+            .iter()
+            .enumerate()
+            .flat_map(|(tok, r)| {
+                r.iter()
+                    .enumerate()
+                    .filter(|(_, (ex, _))| *ex == x)
+                    .map(move |(slot, (_, w))| (tok, slot, *w))
+            })
+            .collect();
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u32> = hits.iter().map(|(tok, _, _)| *tok as u32).collect();
+        let xs = h.index_select(&Tensor::new(ids.as_slice(), &Device::Cpu)?, 0)?;
+        let out: Vec<f32> = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p)?
+            .flatten_all()?
+            .to_vec1()?;
+        for (n, (tok, slot, w)) in hits.iter().enumerate() {
+            let at = (tok * self.top_k + slot) * hidden;
+            let dst = &mut routes.contrib[at..at + hidden];
+            for (d, v) in dst.iter_mut().zip(&out[n * hidden..(n + 1) * hidden]) {
+                *d = p.round_scalar(v * w);
             }
         }
-        // Sum over the k slots in f32, one rounding.
+        Ok(())
+    }
+
+    /// Sum over the k slots in f32 with one rounding, plus the gated shared expert.
+    pub fn finish(&self, h: &Tensor, routes: Routes) -> Result<Tensor> {
+        let p = self.prec;
+        let (t, hidden) = h.dims2()?;
+        let contrib = routes.contrib;
         let mut routed = vec![0f32; t * hidden];
         for tok in 0..t {
             for slot in 0..self.top_k {

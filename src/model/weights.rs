@@ -6,6 +6,7 @@ use crate::error::{io_err, Error, Result};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::Dtype;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,12 @@ pub struct WeightStore {
     /// `model.safetensors`, or the index of a sharded checkpoint: where a missing tensor is reported.
     pub primary: PathBuf,
     files: Vec<(PathBuf, Mmap)>,
+    /// The same files opened for positioned reads (`pread`), used in streaming mode.
+    handles: Vec<File>,
     entries: HashMap<String, Entry>,
+    /// Streaming mode: read tensor bytes with positioned reads into private buffers instead of touching
+    /// the memory maps, so that a checkpoint read once from end to end never shows up in the resident set.
+    streaming: bool,
     /// `model.language_model.` (VL checkpoints) or `model.` (ForCausalLM checkpoints).
     pub decoder_prefix: String,
 }
@@ -56,6 +62,7 @@ impl WeightStore {
             ));
         };
         let mut files = Vec::new();
+        let mut handles = Vec::new();
         let mut entries = HashMap::new();
         for (fi, name) in shard_names.iter().enumerate() {
             if name.contains('/') || name.contains("..") {
@@ -87,7 +94,9 @@ impl WeightStore {
                     },
                 );
             }
+            let handle = file.try_clone().map_err(|e| io_err(&path, e))?;
             files.push((path, mmap));
+            handles.push(handle);
         }
         let decoder_prefix = if entries.contains_key("model.language_model.embed_tokens.weight") {
             "model.language_model."
@@ -100,9 +109,41 @@ impl WeightStore {
             dir: dir.to_path_buf(),
             primary,
             files,
+            handles,
             entries,
             decoder_prefix,
+            streaming: false,
         })
+    }
+
+    /// Read tensors with positioned reads (see `streaming`); the values are the same either way.
+    pub fn set_streaming(&mut self, on: bool) {
+        self.streaming = on;
+    }
+
+    /// Names of all tensors, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Bytes `start..end` of shard `file`: borrowed from the map, or read into a buffer in streaming mode.
+    fn raw(&self, full: &str, file: usize, start: usize, end: usize) -> Result<Cow<'_, [u8]>> {
+        #[cfg(unix)]
+        if self.streaming {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; end - start];
+            self.handles[file]
+                .read_exact_at(&mut buf, start as u64)
+                .map_err(|e| {
+                    Error::input(
+                        &self.files[file].0,
+                        format!("cannot read tensor `{full}` ({e})"),
+                    )
+                })?;
+            return Ok(Cow::Owned(buf));
+        }
+        let _ = full;
+        Ok(Cow::Borrowed(&self.files[file].1[start..end]))
     }
 
     /// Full tensor name for a decoder-relative name (`layers.0.mlp.gate_proj.weight`).
@@ -112,6 +153,11 @@ impl WeightStore {
 
     pub fn contains(&self, full: &str) -> bool {
         self.entries.contains_key(full)
+    }
+
+    /// Bytes of a tensor on disk.
+    pub fn tensor_bytes(&self, full: &str) -> Option<usize> {
+        self.entries.get(full).map(|e| e.end - e.start)
     }
 
     pub fn shape(&self, full: &str) -> Option<&[usize]> {
@@ -129,6 +175,21 @@ impl WeightStore {
     /// Load a tensor by full name, check its shape, widen to f32 and round to `prec`
     /// (HF casts every parameter to the model dtype, F32-stored ones included).
     pub fn load(&self, full: &str, shape: &[usize], prec: Precision) -> Result<Tensor> {
+        let n0 = shape.first().copied().unwrap_or(1);
+        self.load_rows(full, shape, 0, n0, prec)
+    }
+
+    /// Rows `first .. first+n` along the first axis of a tensor whose full shape must be `shape`, as
+    /// `load` would give them (widening is exact and rounding elementwise, so slicing first changes
+    /// nothing): one vocabulary chunk of the head, one embedding row, one expert of a fused bank.
+    pub fn load_rows(
+        &self,
+        full: &str,
+        shape: &[usize],
+        first: usize,
+        n: usize,
+        prec: Precision,
+    ) -> Result<Tensor> {
         let e = self
             .entries
             .get(full)
@@ -142,10 +203,10 @@ impl WeightStore {
                 ),
             ));
         }
-        let dtype = match e.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F16 => DType::F16,
+        let (dtype, size) = match e.dtype {
+            Dtype::F32 => (DType::F32, 4),
+            Dtype::BF16 => (DType::BF16, 2),
+            Dtype::F16 => (DType::F16, 2),
             other => {
                 return Err(Error::input(
                     self.file_of(full),
@@ -153,8 +214,35 @@ impl WeightStore {
                 ))
             }
         };
-        let bytes = &self.files[e.file].1[e.start..e.end];
-        let t = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let rows = shape.first().copied().unwrap_or(1);
+        if first + n > rows {
+            return Err(Error::Internal(format!(
+                "rows {first}..{} of `{full}` requested; it has {rows}",
+                first + n
+            )));
+        }
+        let row_elems: usize = shape.iter().skip(1).product();
+        let row_bytes = row_elems * size;
+        if e.end - e.start != rows * row_bytes {
+            return Err(Error::input(
+                self.file_of(full),
+                format!("tensor `{full}` has a byte range that does not match its shape and dtype"),
+            ));
+        }
+        let start = e.start + first * row_bytes;
+        let bytes = self.raw(full, e.file, start, start + n * row_bytes)?;
+        let mut out_shape = shape.to_vec();
+        if let Some(s0) = out_shape.first_mut() {
+            *s0 = n;
+        }
+        let t = if self.streaming {
+            // Widen straight from the read buffer, in parallel: one f32 allocation, no staging copy.
+            // bf16/f16 → f32 is exact, so the values are those of `to_dtype`.
+            Tensor::from_vec(widen(&bytes, e.dtype), out_shape, &Device::Cpu)?
+        } else {
+            Tensor::from_raw_buffer(&bytes, dtype, &out_shape, &Device::Cpu)?
+                .to_dtype(DType::F32)?
+        };
         Ok(prec.round(&t)?)
     }
 
@@ -167,10 +255,18 @@ impl WeightStore {
     pub fn weights_sha256(&self) -> Result<Vec<(String, String)>> {
         use sha2::{Digest, Sha256};
         let mut out = Vec::new();
-        for (path, mmap) in &self.files {
+        for (path, _) in &self.files {
+            // Plain reads, not the map: hashing a 50 GB checkpoint must not grow the resident set.
             let mut h = Sha256::new();
-            for chunk in mmap.chunks(1 << 24) {
-                h.update(chunk);
+            let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+            let mut buf = vec![0u8; 1 << 22];
+            loop {
+                match std::io::Read::read(&mut f, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => h.update(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err(path, e)),
+                }
             }
             let name = path
                 .file_name()
@@ -180,6 +276,34 @@ impl WeightStore {
         }
         Ok(out)
     }
+}
+
+/// Little-endian F32/BF16/F16 bytes to f32 (exact), in parallel chunks.
+fn widen(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    use rayon::prelude::*;
+    let size = if dtype == Dtype::F32 { 4 } else { 2 };
+    let mut out = vec![0f32; bytes.len() / size];
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * size))
+        .for_each(|(o, b)| match dtype {
+            Dtype::BF16 => {
+                for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
+                    *x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            Dtype::F16 => {
+                for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
+                    *x = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            _ => {
+                for (x, c) in o.iter_mut().zip(b.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        });
+    out
 }
 
 /// Resolve `--model`: a directory as is; otherwise `Org/Name` looked up in the local Hugging Face hub

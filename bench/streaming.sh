@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Layer-streamed oracle benchmark (BENCHMARKS.md, "Big models"). Usage:
+#   /work/pyenv/bin/python bench/make_synthetic_checkpoint.py 27b DIR        # ≈ 8.1 GB, not committed
+#   bench/streaming.sh DIR FULL_DEPTH [DTYPE] [ROLLOUT]                      # FULL_DEPTH: 64 (27B), 40 (35B-A3B)
+# 1. the disk's read rate with O_DIRECT (dd, page cache bypassed), 2. the f32 GEMM rate, per-layer times and
+# the ratio to max(read bound, GEMM bound) (examples/bench_streaming.rs), 3. the real CLI under
+# /usr/bin/time: end-to-end seconds and peak RSS of `qgate oracle --stream`, writing the full capture.
+set -euo pipefail
+DIR=$1; DEPTH=$2; DT=${3:-f32}; ROLLOUT=${4:-0}
+cd "$(dirname "$0")/.."
+cargo build --release --example bench_streaming --bin qgate >/dev/null 2>&1
+PLAN=$(ls "$DIR"/plan-*.safetensors | head -n 1)
+BYTES=$(stat -c %s "$DIR/model.safetensors")
+T0=$(date +%s.%N)
+dd if="$DIR/model.safetensors" of=/dev/null bs=64M iflag=direct status=none
+T1=$(date +%s.%N)
+GBPS=$(python3 -c "print(f'{$BYTES / ($T1 - $T0) / 1e9:.3f}')")
+echo "disk read (dd, O_DIRECT): $BYTES bytes in $(python3 -c "print(f'{$T1 - $T0:.1f}')") s = $GBPS GB/s"
+./target/release/examples/bench_streaming "$DIR" "$PLAN" "$GBPS" "$DEPTH" "$DT"
+OUT=$(mktemp -d)
+/usr/bin/time -v ./target/release/qgate oracle --model "$DIR" --dtype "$DT" --plan "$PLAN" \
+  --out "$OUT/o.capture.safetensors" --rollout "$ROLLOUT" --stream --max-memory 6GiB 2> "$OUT/time.txt"
+grep -E "Elapsed|Maximum resident" "$OUT/time.txt" | sed 's/^\s*/qgate oracle --stream (CLI): /'
+ls -la "$OUT/o.capture.safetensors" | awk '{print "capture bytes: " $5}'
+rm -rf "$OUT"

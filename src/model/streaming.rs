@@ -1,0 +1,311 @@
+//! Layer-streamed execution for models that do not fit in memory (27B dense, 35B-A3B MoE in f32).
+//!
+//! Teacher forcing knows every token up front, so the decoder runs layer by layer over all sequences:
+//! build one layer's blocks from the checkpoint (converted to f32 and rounded exactly as `Model::load`
+//! does), push every sequence's hidden states through them (each sequence keeps its own per-layer cache
+//! for rollouts), drop the weights, next layer. The head runs in vocabulary chunks and hands each
+//! `[T, chunk]` block to a sink. Every block is called with the same inputs and shapes as in the
+//! in-memory `Model`, so the results are bit-identical to it.
+//!
+//! Memory: the largest single block (mixer or feed-forward of one layer, one expert at a time for MoE),
+//! one head chunk, the hidden states `[T, H]` of every sequence and their caches.
+use super::config::TextConfig;
+use super::norms::RmsNormZeroCentred;
+use super::precision::Precision;
+use super::rope::Rope;
+use super::weights::WeightStore;
+use super::{layer_norm, Cache, FeedForward, LayerCache, Mixer};
+use crate::error::{Error, Result};
+use crate::model::mlp::linear;
+use candle_core::Tensor;
+use std::time::Instant;
+
+/// Default rows of the head converted at a time (32768 × 5120 f32 = 640 MiB for the 27B).
+pub const DEFAULT_HEAD_CHUNK: usize = 32768;
+
+/// The smallest head chunk that gemm (candle's CPU matmul) computes with the same kernel as the whole
+/// head. gemm 0.19 picks its kernel from the output shape: `m·n ≤ 256` takes a horizontal dot-product
+/// kernel, a single row (`m = 1`, after its transpose) the row-major gemv, anything else the packed
+/// micro-kernel whose depth blocking depends on `k` alone (unless `m, n ≤ 64`). Each kernel sums in its
+/// own order, so a chunk must stay in the kernel the full `[T, V]` product uses: with more than 256
+/// columns it does, for every `T`, and each output element is then independent of the chunk's extent.
+/// Smaller chunks (the last one, or tiny vocabularies in tests) are padded with zero rows up to this.
+const GEMM_SAFE_COLUMNS: usize = 257;
+
+/// Where one layer's time went: reading + converting weights, and everything else.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerTiming {
+    pub load_s: f64,
+    /// The token mixer's forward (attention or DeltaNet) over all sequences.
+    pub mixer_s: f64,
+    pub total_s: f64,
+}
+
+pub struct Streamer<'a> {
+    pub cfg: &'a TextConfig,
+    ws: &'a WeightStore,
+    prec: Precision,
+    rope: Rope,
+    norm: RmsNormZeroCentred,
+    head_name: String,
+    embed_name: String,
+    head_rows: usize,
+}
+
+impl<'a> Streamer<'a> {
+    /// `head_rows`: vocabulary rows of the head per chunk (≥ 1).
+    pub fn new(
+        cfg: &'a TextConfig,
+        ws: &'a WeightStore,
+        prec: Precision,
+        head_rows: usize,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let embed_name = ws.decoder_name("embed_tokens.weight");
+        // As `Model::from_store`: a stored head is used whenever present (a tied config with an identical
+        // head gives the same values either way), the embedding when tied without one.
+        let head_name = if ws.contains("lm_head.weight") {
+            "lm_head.weight".to_string()
+        } else if cfg.tie_word_embeddings {
+            embed_name.clone()
+        } else {
+            return Err(Error::input(
+                &ws.primary,
+                "missing tensor `lm_head.weight` (config says tie_word_embeddings = false)",
+            ));
+        };
+        let norm = RmsNormZeroCentred::new(
+            ws,
+            &ws.decoder_name("norm.weight"),
+            h,
+            cfg.rms_norm_eps,
+            prec,
+        )?;
+        Ok(Streamer {
+            cfg,
+            ws,
+            prec,
+            rope: Rope::new(cfg.rope_theta, cfg.rotary_dim(), prec),
+            norm,
+            head_name,
+            embed_name,
+            // A vocabulary of at most 256 runs as one chunk (see GEMM_SAFE_COLUMNS).
+            head_rows: if cfg.vocab_size < GEMM_SAFE_COLUMNS {
+                cfg.vocab_size.max(1)
+            } else {
+                head_rows.max(1)
+            },
+        })
+    }
+
+    /// Number of head chunks over the vocabulary.
+    pub fn head_chunks(&self) -> usize {
+        self.cfg.vocab_size.div_ceil(self.head_rows)
+    }
+
+    /// Embedding rows of `tokens` `[T, H]`, converting only those rows.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::usage(format!(
+                "token id {bad} is outside the model's vocabulary of {v}"
+            )));
+        }
+        let rows = tokens
+            .iter()
+            .map(|&t| {
+                self.ws
+                    .load_rows(&self.embed_name, &[v, h], t as usize, 1, self.prec)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Push every sequence's residual stream `xs[s]` (`[T_s, H]`, positions `caches[s].seen ..`) through
+    /// all decoder layers, one layer's weights in memory at a time. With `keep`, `caches[s]` holds the
+    /// per-layer caches afterwards (an empty cache grows one layer at a time); without, the per-layer
+    /// caches are dropped with their layer. `on_layer(l, timing)` is called after each layer.
+    pub fn layers(
+        &self,
+        xs: &mut [Tensor],
+        caches: &mut [Cache],
+        keep: bool,
+        on_layer: &mut dyn FnMut(usize, LayerTiming),
+    ) -> Result<()> {
+        if xs.len() != caches.len() {
+            return Err(Error::Internal("one cache per sequence expected".into()));
+        }
+        let (cfg, ws, p) = (self.cfg, self.ws, self.prec);
+        for l in 0..cfg.layer_types.len() {
+            let start = Instant::now();
+            let mut load_s = 0.0;
+            // Token mixer.
+            let t = Instant::now();
+            let input_norm = layer_norm(cfg, ws, l, "input_layernorm", p)?;
+            let mixer = Mixer::load(cfg, ws, l, p)?;
+            load_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut scratch: Vec<LayerCache> = Vec::new();
+            for (x, cache) in xs.iter_mut().zip(caches.iter_mut()) {
+                let lc = if keep && cache.layers.len() > l {
+                    &mut cache.layers[l]
+                } else if keep && cache.layers.len() == l {
+                    cache.layers.push(mixer.empty_cache());
+                    &mut cache.layers[l]
+                } else if keep {
+                    return Err(Error::Internal(format!(
+                        "cache has {} layers at layer {l}",
+                        cache.layers.len()
+                    )));
+                } else {
+                    scratch.push(mixer.empty_cache());
+                    let n = scratch.len() - 1;
+                    &mut scratch[n]
+                };
+                let h = input_norm.forward(x)?;
+                let y = mixer.forward(&h, &self.rope, lc)?;
+                *x = p.round(&(&*x + y)?)?;
+            }
+            drop(mixer);
+            drop(scratch);
+            let mixer_s = t.elapsed().as_secs_f64();
+            // Feed-forward.
+            let t = Instant::now();
+            let post_norm = layer_norm(cfg, ws, l, "post_attention_layernorm", p)?;
+            let ffn = FeedForward::load(cfg, ws, l, p, true)?;
+            load_s += t.elapsed().as_secs_f64();
+            let hs = xs
+                .iter()
+                .map(|x| post_norm.forward(x))
+                .collect::<Result<Vec<_>>>()?;
+            let ys = match &ffn {
+                FeedForward::Dense(m) => hs.iter().map(|h| m.forward(h)).collect::<Result<_>>()?,
+                FeedForward::Moe(m) => {
+                    // Route every sequence, then convert each routed expert once and apply it to every
+                    // sequence that uses it; unrouted experts are never read.
+                    let mut routes = hs.iter().map(|h| m.route(h)).collect::<Result<Vec<_>>>()?;
+                    let mut needed: Vec<usize> = routes.iter().flat_map(|r| r.experts()).collect();
+                    needed.sort_unstable();
+                    needed.dedup();
+                    for x in needed {
+                        let t = Instant::now();
+                        let expert = m.load_expert(ws, x)?;
+                        load_s += t.elapsed().as_secs_f64();
+                        for (h, r) in hs.iter().zip(routes.iter_mut()) {
+                            m.apply_expert(h, r, x, &expert)?;
+                        }
+                    }
+                    hs.iter()
+                        .zip(routes)
+                        .map(|(h, r)| m.finish(h, r))
+                        .collect::<Result<Vec<_>>>()?
+                }
+            };
+            drop(ffn);
+            for (x, y) in xs.iter_mut().zip(ys) {
+                *x = p.round(&(&*x + y)?)?;
+            }
+            on_layer(
+                l,
+                LayerTiming {
+                    load_s,
+                    mixer_s,
+                    total_s: start.elapsed().as_secs_f64(),
+                },
+            );
+        }
+        for (x, cache) in xs.iter().zip(caches.iter_mut()) {
+            cache.seen += x.dim(0)?;
+        }
+        Ok(())
+    }
+
+    /// The final norm of each residual stream.
+    pub fn final_norm(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        xs.iter().map(|x| self.norm.forward(x)).collect()
+    }
+
+    /// The head over the vocabulary in chunks: for each chunk (ascending) and each sequence,
+    /// `sink(s, first_column, logits [T_s, chunk])` with `R(hidden · W_chunkᵀ)`.
+    pub fn head(
+        &self,
+        hidden: &[Tensor],
+        sink: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
+        on_chunk: &mut dyn FnMut(usize),
+    ) -> Result<()> {
+        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        for c in 0..self.head_chunks() {
+            let first = c * self.head_rows;
+            let n = self.head_rows.min(v - first);
+            let mut w = self
+                .ws
+                .load_rows(&self.head_name, &[v, h], first, n, self.prec)?;
+            // Keep the kernel of the whole-vocabulary product (see GEMM_SAFE_COLUMNS); a vocabulary
+            // this small runs as one chunk anyway.
+            let pad = if v >= GEMM_SAFE_COLUMNS && n < GEMM_SAFE_COLUMNS {
+                GEMM_SAFE_COLUMNS - n
+            } else {
+                0
+            };
+            if pad > 0 {
+                w = Tensor::cat(&[&w, &Tensor::zeros((pad, h), w.dtype(), w.device())?], 0)?;
+            }
+            for (s, x) in hidden.iter().enumerate() {
+                let logits = linear(x, &w, self.prec)?;
+                let logits = if pad > 0 {
+                    logits.narrow(1, 0, n)?.contiguous()?
+                } else {
+                    logits
+                };
+                sink(s, first, &logits)?;
+            }
+            on_chunk(c);
+        }
+        Ok(())
+    }
+}
+
+/// Bytes the in-memory oracle needs for this checkpoint and plan: every decoder tensor in f32, one
+/// sequence's logits (`[T, V]` f32 twice: the tensor and its copy), its caches and the largest transient
+/// activations.
+pub fn in_memory_footprint(cfg: &TextConfig, ws: &WeightStore, max_len: usize) -> u64 {
+    weights_f32_bytes(ws) + activation_bytes(cfg, max_len)
+}
+
+/// The decoder's tensors (embedding, layers, norm, head) as f32.
+pub fn weights_f32_bytes(ws: &WeightStore) -> u64 {
+    ws.names()
+        .filter(|n| n.starts_with(&ws.decoder_prefix) || *n == "lm_head.weight")
+        .filter_map(|n| ws.shape(n))
+        .map(|s| s.iter().product::<usize>() as u64 * 4)
+        .sum()
+}
+
+/// Activations of one sequence of `t` positions in the in-memory path (an estimate on the safe side).
+pub fn activation_bytes(cfg: &TextConfig, t: usize) -> u64 {
+    let t = t as u64;
+    let v = cfg.vocab_size as u64;
+    let h = cfg.hidden_size as u64;
+    let full = cfg
+        .layer_types
+        .iter()
+        .filter(|k| **k == super::config::LayerKind::FullAttention)
+        .count() as u64;
+    let linear_layers = cfg.layer_types.len() as u64 - full;
+    let kv = full * t * 2 * (cfg.num_key_value_heads * cfg.head_dim) as u64 * 4;
+    let state = linear_layers
+        * (cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim) as u64
+        * 4;
+    let ffn = cfg.intermediate_size.unwrap_or(0).max(
+        cfg.moe
+            .as_ref()
+            .map(|m| {
+                m.moe_intermediate_size
+                    .max(m.shared_expert_intermediate_size)
+            })
+            .unwrap_or(0),
+    ) as u64;
+    let scores = cfg.num_attention_heads as u64 * t * t * 4 * 3;
+    let wide = t * (ffn.max(2 * cfg.num_attention_heads as u64 * cfg.head_dim as u64) + h) * 4 * 4;
+    2 * t * v * 4 + kv + state + scores + wide
+}
