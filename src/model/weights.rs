@@ -9,6 +9,19 @@ use safetensors::Dtype;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A change applied to every weight after it is widened to f32 and before it is rounded to the compute
+/// precision (the quantization simulator's fake-quantization). The oracle itself never sets one.
+pub trait WeightTransform: Send + Sync {
+    /// `name`: decoder-relative (`layers.0.mlp.gate_proj.weight`, `embed_tokens.weight`) or
+    /// `lm_head.weight`; `w`: the f32 tensor as stored in the checkpoint.
+    fn apply(&self, name: &str, w: Tensor) -> Result<Tensor>;
+    /// Give a tied model its own head (a copy of the embedding, transformed as `lm_head.weight`).
+    fn untie_head(&self) -> bool {
+        false
+    }
+}
 
 struct Entry {
     file: usize,
@@ -26,6 +39,7 @@ pub struct WeightStore {
     entries: HashMap<String, Entry>,
     /// `model.language_model.` (VL checkpoints) or `model.` (ForCausalLM checkpoints).
     pub decoder_prefix: String,
+    transform: Option<Arc<dyn WeightTransform>>,
 }
 
 impl WeightStore {
@@ -102,7 +116,18 @@ impl WeightStore {
             files,
             entries,
             decoder_prefix,
+            transform: None,
         })
+    }
+
+    /// Apply `t` to every tensor loaded from now on.
+    pub fn set_transform(&mut self, t: Arc<dyn WeightTransform>) {
+        self.transform = Some(t);
+    }
+
+    /// Whether a tied head is to be loaded as a separate tensor (see `WeightTransform::untie_head`).
+    pub fn untie_head(&self) -> bool {
+        self.transform.as_ref().is_some_and(|t| t.untie_head())
     }
 
     /// Full tensor name for a decoder-relative name (`layers.0.mlp.gate_proj.weight`).
@@ -129,6 +154,19 @@ impl WeightStore {
     /// Load a tensor by full name, check its shape, widen to f32 and round to `prec`
     /// (HF casts every parameter to the model dtype, F32-stored ones included).
     pub fn load(&self, full: &str, shape: &[usize], prec: Precision) -> Result<Tensor> {
+        let logical = full.strip_prefix(&self.decoder_prefix).unwrap_or(full);
+        self.load_as(full, logical, shape, prec)
+    }
+
+    /// As `load`, with the transform seeing the tensor under `logical` (a tied head is the embedding
+    /// loaded as `lm_head.weight`).
+    pub fn load_as(
+        &self,
+        full: &str,
+        logical: &str,
+        shape: &[usize],
+        prec: Precision,
+    ) -> Result<Tensor> {
         let e = self
             .entries
             .get(full)
@@ -155,6 +193,10 @@ impl WeightStore {
         };
         let bytes = &self.files[e.file].1[e.start..e.end];
         let t = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let t = match &self.transform {
+            Some(tr) => tr.apply(logical, t)?,
+            None => t,
+        };
         Ok(prec.round(&t)?)
     }
 
