@@ -83,6 +83,20 @@ pub struct OracleRequest<'a> {
 pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     let model = Model::load(req.model_dir, req.precision)?;
     let ws = WeightStore::open(req.model_dir)?;
+    let label = format!("oracle-{}", req.precision.name());
+    run_model(req, &model, &ws, &label, "qgate-oracle", Default::default())
+}
+
+/// Run an already loaded model over the plan and write the capture: the oracle, or the quantization
+/// simulator's fake-quantized model (`label`, `runtime` and `extra` metadata set by the caller).
+pub fn run_model(
+    req: &OracleRequest,
+    model: &Model,
+    ws: &WeightStore,
+    label: &str,
+    runtime: &str,
+    more: serde_json::Map<String, serde_json::Value>,
+) -> Result<PathBuf> {
     let v = model.cfg.vocab_size;
     if req.plan.is_empty() {
         return Err(Error::usage("the plan has no sequences"));
@@ -93,7 +107,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     let mut spill = tempfile::tempfile().map_err(|e| io_err(std::env::temp_dir(), e))?;
     let mut rollouts = Vec::with_capacity(req.plan.len());
     for seq in req.plan {
-        let r = run_sequence(&model, seq, req.rollout)?;
+        let r = run_sequence(model, seq, req.rollout)?;
         let mut bytes = Vec::with_capacity(r.logits.len() * kind.size());
         for x in &r.logits {
             match kind {
@@ -110,12 +124,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     }
     bar.finish_and_clear();
 
-    let mut meta = CaptureMeta::new(
-        &format!("oracle-{}", req.precision.name()),
-        "qgate-oracle",
-        req.precision.name(),
-        v,
-    );
+    let mut meta = CaptureMeta::new(label, runtime, req.precision.name(), v);
     let weights: Vec<serde_json::Value> = ws
         .weights_sha256()?
         .into_iter()
@@ -140,6 +149,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         "HF transformers 5.23.0 eager forward; torch fallbacks for causal conv and delta rule"
             .into(),
     );
+    extra.extend(more);
 
     let mut specs = Vec::new();
     for (i, (seq, ro)) in req.plan.iter().zip(&rollouts).enumerate() {

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 /// Where cached oracle runs live: `$QGATE_ORACLE_CACHE`, else `oracles/` in the working directory.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("QGATE_ORACLE_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("oracles"))
+    std::env::var_os("QGATE_ORACLE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("oracles"))
 }
 
 /// The model directory for the oracle: `--model`, else the bundle's `metadata.json` `source.hf_model_id`
@@ -43,22 +45,40 @@ pub fn oracle_capture_for(
     dtype: &str,
     plan: &Capture,
 ) -> Result<PathBuf> {
-    let precision = Precision::parse(dtype)
-        .ok_or_else(|| Error::usage(format!("--oracle `{dtype}`: expected f32, bf16, f16 or a capture file")))?;
+    let precision = Precision::parse(dtype).ok_or_else(|| {
+        Error::usage(format!(
+            "--oracle `{dtype}`: expected f32, bf16, f16 or a capture file"
+        ))
+    })?;
     let dir = model_dir_for(model, bundle_dir)?;
     let tokens = plan.plan();
     // Rollouts as long as the longest candidate rollout (at least the default 16).
-    let rollout = (0..plan.len()).filter_map(|i| plan.seq(i).rollout.map(|r| r.len())).max().unwrap_or(0).max(16);
+    let rollout = (0..plan.len())
+        .filter_map(|i| plan.seq(i).rollout.map(|r| r.len()))
+        .max()
+        .unwrap_or(0)
+        .max(16);
     let weights = WeightStore::open(&dir)?.weights_sha256()?;
     let plan_hash = plan_sha256(&tokens);
     let mut h = Sha256::new();
     for (f, s) in &weights {
         h.update(format!("{f}={s};"));
     }
-    h.update(format!("plan={plan_hash};dtype={};rollout={rollout};qgate={}", precision.name(), env!("CARGO_PKG_VERSION")));
+    h.update(format!(
+        "plan={plan_hash};dtype={};rollout={rollout};qgate={}",
+        precision.name(),
+        env!("CARGO_PKG_VERSION")
+    ));
     let key = hex::encode(h.finalize());
-    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-    let path = cache_dir().join(format!("{name}.{}.{}.capture.safetensors", precision.name(), &key[..16]));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let path = cache_dir().join(format!(
+        "{name}.{}.{}.capture.safetensors",
+        precision.name(),
+        &key[..16]
+    ));
     if path.is_file() {
         if let Ok(c) = Capture::open(&path) {
             if c.plan() == tokens && c.meta.dtype == precision.name() {
@@ -66,9 +86,17 @@ pub fn oracle_capture_for(
                 return Ok(path);
             }
         }
-        eprintln!("qgate: cached oracle {} is unreadable or stale; recomputing", path.display());
+        eprintln!(
+            "qgate: cached oracle {} is unreadable or stale; recomputing",
+            path.display()
+        );
     }
-    eprintln!("qgate: running the {} oracle on {} ({} sequences)…", precision.name(), dir.display(), tokens.len());
+    eprintln!(
+        "qgate: running the {} oracle on {} ({} sequences)…",
+        precision.name(),
+        dir.display(),
+        tokens.len()
+    );
     run_oracle(&OracleRequest {
         model_dir: &dir,
         precision,
