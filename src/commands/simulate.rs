@@ -58,6 +58,8 @@ pub struct SimRequest<'a> {
 
 pub struct SimOutcome {
     pub capture: PathBuf,
+    /// Seconds spent fake-quantizing at load.
+    pub quantize_seconds: f64,
     pub report: QuantReport,
     pub scheme: Scheme,
 }
@@ -127,6 +129,7 @@ pub fn simulate(req: SimRequest) -> Result<SimOutcome> {
     )?;
     Ok(SimOutcome {
         capture,
+        quantize_seconds: t.seconds(),
         report,
         scheme: req.scheme,
     })
@@ -168,11 +171,12 @@ pub fn execute(args: Args) -> Result<i32> {
     })?;
     print_skipped(&o.scheme.label(), &o.report);
     eprintln!(
-        "qgate: simulated {} ({}) in {} compute: {} weights quantized, {} skipped, bundle ≈ {} → {}",
+        "qgate: simulated {} ({}) in {} compute: {} weights quantized in {:.1} s, {} skipped, bundle ≈ {} → {}",
         o.scheme.label(),
         o.scheme.spec(),
         compute.name(),
         o.report.quantized(),
+        o.quantize_seconds,
         o.report.skipped.len(),
         crate::report::markdown::human_size(o.report.size_bytes()),
         o.capture.display()

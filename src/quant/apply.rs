@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::model::weights::WeightTransform;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The component a weight belongs to, or `None` for weights that are never quantized.
@@ -102,6 +103,7 @@ pub struct QuantTransform {
     pub scheme: Scheme,
     pub scale_dtype: ScaleDtype,
     report: Mutex<QuantReport>,
+    nanos: AtomicU64,
 }
 
 fn round_float(v: &mut [f32], d: FloatDtype) {
@@ -121,7 +123,13 @@ impl QuantTransform {
             scheme,
             scale_dtype,
             report: Mutex::new(QuantReport::default()),
+            nanos: AtomicU64::new(0),
         }
+    }
+
+    /// Seconds spent quantizing so far (the load's overhead over the oracle's).
+    pub fn seconds(&self) -> f64 {
+        self.nanos.load(Ordering::Relaxed) as f64 / 1e9
     }
 
     /// What was loaded so far, in load order.
@@ -206,6 +214,7 @@ impl QuantTransform {
 
 impl WeightTransform for QuantTransform {
     fn apply(&self, name: &str, w: Tensor) -> Result<Tensor> {
+        let t0 = std::time::Instant::now();
         let shape = w.dims().to_vec();
         let mut data: Vec<f32> = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let (method, bytes, skipped) = self.quantize(name, &shape, &mut data);
@@ -220,7 +229,10 @@ impl WeightTransform for QuantTransform {
                 r.skipped.push(s);
             }
         }
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+        let out = Tensor::from_vec(data, shape, &Device::Cpu)?;
+        self.nanos
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(out)
     }
 
     fn untie_head(&self) -> bool {

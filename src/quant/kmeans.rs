@@ -17,8 +17,21 @@ pub const MAX_ITER: usize = 32;
 /// Values are rounded to this many decimals before clustering (coreai-opt `rounding_precision`).
 const SCALE: f64 = 1e4;
 
+/// `w` rounded to f16. Fast path: a value whose mantissa fits f16's 10 bits in f16's normal exponent range
+/// (every bf16 checkpoint value there) is already exact.
+#[inline(always)]
+fn f16_round(w: f32) -> f32 {
+    let b = w.to_bits();
+    let exp = ((b >> 23) & 0xff) as i32 - 127;
+    if b & 0x1fff == 0 && (-14..=15).contains(&exp) {
+        w
+    } else {
+        half::f16::from_f32(w).to_f32()
+    }
+}
+
 fn key(w: f32) -> i32 {
-    let v = half::f16::from_f32(w).to_f32() as f64;
+    let v = f16_round(w) as f64;
     if !v.is_finite() {
         return 0;
     }
@@ -27,8 +40,9 @@ fn key(w: f32) -> i32 {
         .clamp(i32::MIN as f64, i32::MAX as f64) as i32
 }
 
-/// Distinct keys (ascending) and their counts.
-fn histogram(keys: &mut [i32]) -> (Vec<i32>, Vec<u32>) {
+/// Distinct keys (ascending) and their counts; with a dense key range also the offset of its first key
+/// (the counting path), which `palettize_group` reuses as a lookup table.
+fn histogram(keys: &[i32]) -> (Vec<i32>, Vec<u32>, Option<i32>) {
     let (mut lo, mut hi) = (i32::MAX, i32::MIN);
     for &k in keys.iter() {
         lo = lo.min(k);
@@ -36,10 +50,11 @@ fn histogram(keys: &mut [i32]) -> (Vec<i32>, Vec<u32>) {
     }
     let (mut vals, mut counts) = (Vec::new(), Vec::new());
     if keys.is_empty() {
-        return (vals, counts);
+        return (vals, counts, None);
     }
     let range = (hi as i64 - lo as i64 + 1) as usize;
-    if range <= 4 * keys.len() + 1024 {
+    let dense = range <= 4 * keys.len() + 1024;
+    if dense {
         let mut bins = vec![0u32; range];
         for &k in keys.iter() {
             bins[(k as i64 - lo as i64) as usize] += 1;
@@ -51,6 +66,7 @@ fn histogram(keys: &mut [i32]) -> (Vec<i32>, Vec<u32>) {
             }
         }
     } else {
+        let mut keys = keys.to_vec();
         keys.sort_unstable();
         for &k in keys.iter() {
             if vals.last() == Some(&k) {
@@ -63,13 +79,18 @@ fn histogram(keys: &mut [i32]) -> (Vec<i32>, Vec<u32>) {
             }
         }
     }
-    (vals, counts)
+    (vals, counts, dense.then_some(lo))
 }
 
 /// Cluster one group's values into at most `k` centroids (ascending, f64, before the LUT rounding).
 pub fn cluster(values: &[f32], k: usize) -> Vec<f64> {
-    let mut keys: Vec<i32> = values.iter().map(|&w| key(w)).collect();
-    let (uk, counts) = histogram(&mut keys);
+    let keys: Vec<i32> = values.iter().map(|&w| key(w)).collect();
+    let (uk, counts, _) = histogram(&keys);
+    cluster_distinct(&uk, &counts, k)
+}
+
+/// Cluster distinct keys (ascending) weighted by their counts.
+fn cluster_distinct(uk: &[i32], counts: &[u32], k: usize) -> Vec<f64> {
     let u: Vec<f64> = uk.iter().map(|&k| k as f64 / SCALE).collect();
     if u.is_empty() {
         return vec![0.0; k];
@@ -133,11 +154,33 @@ fn nearest(c: &[f64], v: f64) -> usize {
 /// Palettize one group in place; returns its LUT (rounded to the scale dtype).
 pub fn palettize_group(values: &mut [f32], bits: u8, sd: ScaleDtype) -> Vec<f32> {
     let k = 1usize << bits;
-    let c = cluster(values, k);
+    let keys: Vec<i32> = values.iter().map(|&w| key(w)).collect();
+    let (uk, counts, dense_from) = histogram(&keys);
+    let c = cluster_distinct(&uk, &counts, k);
     let lut: Vec<f32> = c.iter().map(|&x| sd.round(x as f32)).collect();
-    for w in values.iter_mut() {
-        let v = key(*w) as f64 / SCALE;
-        *w = lut[nearest(&c, v)];
+    // each distinct key's LUT entry, then every weight through its key
+    let per_key: Vec<f32> = uk
+        .iter()
+        .map(|&q| lut[nearest(&c, q as f64 / SCALE)])
+        .collect();
+    match dense_from {
+        Some(lo) => {
+            let span = uk
+                .last()
+                .map_or(0, |&h| (h as i64 - lo as i64 + 1) as usize);
+            let mut table = vec![0f32; span];
+            for (&q, &v) in uk.iter().zip(&per_key) {
+                table[(q as i64 - lo as i64) as usize] = v;
+            }
+            for (w, &q) in values.iter_mut().zip(&keys) {
+                *w = table[(q as i64 - lo as i64) as usize];
+            }
+        }
+        None => {
+            for (w, &q) in values.iter_mut().zip(&keys) {
+                *w = per_key[uk.partition_point(|&x| x < q)];
+            }
+        }
     }
     lut
 }
@@ -175,6 +218,22 @@ mod tests {
                 acc * 0.035
             })
             .collect()
+    }
+
+    #[test]
+    fn f16_fast_path_is_exact() {
+        let mut x = 1e-9f32;
+        while x < 1e6 {
+            for v in [x, -x, half::bf16::from_f32(x).to_f32(), x * 1.000_123] {
+                assert_eq!(
+                    f16_round(v).to_bits(),
+                    half::f16::from_f32(v).to_f32().to_bits(),
+                    "{v}"
+                );
+            }
+            x *= 1.37;
+        }
+        assert_eq!(f16_round(0.0), 0.0);
     }
 
     #[test]

@@ -54,14 +54,26 @@ pub fn block_scale(block: &[f32], bits: u8, clip: bool, sd: ScaleDtype) -> f32 {
     sd.round(scale)
 }
 
+/// 1.5 · 2^23: adding and subtracting it rounds an f32 of magnitude below 2^22 to an integer, half to
+/// even (IEEE round-to-nearest-even), in two vectorizable additions (`round_ties_even` is a libm call on
+/// baseline x86-64).
+const MAGIC: f32 = 12_582_912.0;
+
+/// `clamp(round_half_even(x), qmin, qmax)` for integer bounds: clamping first gives the same result (the
+/// bounds are integers) and keeps the magic-number rounding in range.
+#[inline(always)]
+fn round_clamp(x: f32, qmin: f32, qmax: f32) -> f32 {
+    let y = x.clamp(qmin, qmax);
+    (y + MAGIC) - MAGIC
+}
+
 /// Fake-quantize one block in place; returns its scale.
 pub fn fake_quant_block(block: &mut [f32], bits: u8, clip: bool, sd: ScaleDtype) -> f32 {
     let (qmin, qmax) = qrange(bits, clip);
     let scale = block_scale(block, bits, clip, sd);
     let (qmin, qmax) = (qmin as f32, qmax as f32);
     for x in block.iter_mut() {
-        let q = (*x / scale).round_ties_even().clamp(qmin, qmax);
-        *x = q * scale;
+        *x = round_clamp(*x / scale, qmin, qmax) * scale;
     }
     scale
 }
@@ -72,11 +84,7 @@ pub fn codes(block: &[f32], bits: u8, clip: bool, sd: ScaleDtype) -> (Vec<i32>, 
     let scale = block_scale(block, bits, clip, sd);
     let q = block
         .iter()
-        .map(|x| {
-            (x / scale)
-                .round_ties_even()
-                .clamp(qmin as f32, qmax as f32) as i32
-        })
+        .map(|x| round_clamp(x / scale, qmin as f32, qmax as f32) as i32)
         .collect();
     (q, scale)
 }
@@ -110,6 +118,23 @@ mod tests {
 
     fn f16r(x: f32) -> f32 {
         half::f16::from_f32(x).to_f32()
+    }
+
+    #[test]
+    fn magic_rounding_is_round_half_even_then_clamp() {
+        let mut x = -300.0f32;
+        while x < 300.0 {
+            for v in [x, x + 0.5, x + 0.25, x - 1e-3] {
+                for (lo, hi) in [(-128.0, 127.0), (-7.0, 7.0)] {
+                    assert_eq!(
+                        round_clamp(v, lo, hi),
+                        v.round_ties_even().clamp(lo, hi),
+                        "{v}"
+                    );
+                }
+            }
+            x += 0.5;
+        }
     }
 
     #[test]
