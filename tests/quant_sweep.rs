@@ -18,10 +18,11 @@ fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// The ordering plan: 6 sequences × 96 random tokens (576 positions; LCG, fixed seed). The tiny plan's
-/// 168 positions order the ladder too, but f16 and int8 then differ by 0–1 flips; over 576 positions the
-/// mean cosine and mean KL separate f16 from int8 clearly (dense: cosine 0.99967 vs 0.99908, KL 0.0024 vs
-/// 0.0067; MoE: 0.9949 vs 0.9918, KL 0.031 vs 0.053) and int4 is far below (≥ 136 flips on both).
+/// The ordering plan: 6 sequences × 96 random tokens (576 positions; LCG, fixed seed). On the tiny plan's
+/// 168 positions f16 and int8 differ by 0–1 flips; over 576 positions the mean cosine and mean KL separate
+/// them clearly (dense: flips 0/0/57, mean cosine 0.99993 / 0.99981 / 0.961, KL 0.00045 / 0.0012 / 0.24;
+/// MoE: flips 2/6/89, mean cosine 0.9985 / 0.9975 / 0.931, KL 0.010 / 0.019 / 0.41 for f16 / int8lin /
+/// int4lin against the bf16 oracle).
 fn long_plan(dir: &Path, vocab: usize) -> PathBuf {
     let mut s: u64 = 20260515;
     let seqs: Vec<SeqData> = (0..6)
@@ -106,9 +107,8 @@ fn ladder_is_ordered(model: &str) {
         cos_mean[0] >= cos_mean[1] && cos_mean[1] >= cos_mean[2],
         "{cos_mean:?}"
     );
-    // The minimum cosine is one worst position out of 576 and not ordered between f16 and int8 on the
-    // dense fixture (0.956 vs 0.973: a position where the f16-compute control and the bf16 oracle part);
-    // only int4's minimum is asserted below the others.
+    // The minimum cosine is one worst position out of 576: only int4's is asserted below the others (f16
+    // and int8 are ordered on today's fixtures, 0.9997 / 0.9992, but a single position can swap them).
     assert!(cos_min[2] < cos_min[0].min(cos_min[1]), "{cos_min:?}");
     assert!(kl[0] <= kl[1] && kl[1] <= kl[2], "{kl:?}");
 }
@@ -127,6 +127,20 @@ fn ladder_is_ordered_on_the_moe_fixture() {
 fn sweep_ladder_report_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("sweep");
+    // The release policy with rollouts off: on this fixture every simulation (the f16 control included)
+    // leaves the oracle's greedy rollout at step 6 of seq 0, past the plan, where the oracle's margin is
+    // unknown, so the release policy rejects every rung there; the ladder is judged on the plan's positions.
+    let release = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("gates/release.toml"),
+    )
+    .unwrap();
+    assert!(release.contains("rollout_prefix = \"full\""));
+    let gate = tmp.path().join("gate.toml");
+    std::fs::write(
+        &gate,
+        release.replace("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
+    )
+    .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_qgate"))
         .env("QGATE_ORACLE_CACHE", tmp.path().join("oracles"))
         .args(["sweep", "--model"])
@@ -140,8 +154,10 @@ fn sweep_ladder_report_snapshot() {
             "f16,int8lin,int8hu-headsym,int4lin",
             "--ablate",
             "int4",
-            "--out",
+            "--gate",
         ])
+        .arg(&gate)
+        .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
