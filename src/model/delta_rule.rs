@@ -43,18 +43,7 @@ pub fn chunked(x: &DeltaInputs, state: &mut [f32]) -> Vec<f32> {
             while c0 < t {
                 let l = CHUNK.min(t - c0);
                 let o = &mut o[c0 * dv..];
-                chunk_step_dispatch(
-                    &q[c0 * dk..],
-                    &k[c0 * dk..],
-                    &v[c0 * dv..],
-                    &beta[c0..],
-                    &g[c0..],
-                    l,
-                    dk,
-                    dv,
-                    s,
-                    o,
-                );
+                chunk_step_dispatch(&q[c0 * dk..], &k[c0 * dk..], &v[c0 * dv..], &beta[c0..], &g[c0..], l, dk, dv, s, o);
                 c0 += l;
             }
         });

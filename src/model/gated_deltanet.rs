@@ -62,9 +62,7 @@ impl GatedDeltaNet {
             in_proj_a: ws.load(&format!("{prefix}in_proj_a.weight"), &[hv, h], prec)?,
             conv_weight_t: {
                 let w = vec("conv1d.weight", &[c, 1, kernel])?;
-                (0..kernel * c)
-                    .map(|i| w[(i % c) * kernel + i / c])
-                    .collect()
+                (0..kernel * c).map(|i| w[(i % c) * kernel + i / c]).collect()
             },
             a_log: vec("A_log", &[hv])?,
             dt_bias: vec("dt_bias", &[hv])?,
@@ -114,11 +112,7 @@ impl GatedDeltaNet {
             let out = &mut conv[ti * c..(ti + 1) * c];
             for j in 0..kk {
                 let src = &rows[(ti + j) * c..(ti + j + 1) * c];
-                for ((o, x), w) in out
-                    .iter_mut()
-                    .zip(src)
-                    .zip(self.conv_weight_t[j * c..(j + 1) * c].iter())
-                {
+                for ((o, x), w) in out.iter_mut().zip(src).zip(self.conv_weight_t[j * c..(j + 1) * c].iter()) {
                     *o += w * x;
                 }
             }

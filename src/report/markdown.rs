@@ -472,7 +472,7 @@ fn ladder(o: &mut String, s: &RunSummary, l: &Ladder) {
                 .map(|c| (r, c))
         })
         .collect();
-    rows.sort_by(|a, b| b.0.size_bytes.cmp(&a.0.size_bytes));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0.size_bytes));
     for (r, c) in &rows {
         let (cos, kl) = short_metrics(c);
         let name = match &r.alias {
