@@ -11,4 +11,5 @@ pub mod model;
 pub mod oracle;
 pub mod oracle_cache;
 pub mod plan;
+pub mod quant;
 pub mod report;

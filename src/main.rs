@@ -22,6 +22,10 @@ enum Command {
     Plan(commands::plan::Args),
     /// Compare candidate captures with the oracle, apply the gate policy and write the verdict and reports.
     Run(commands::run::Args),
+    /// The oracle with fake-quantized weights: predict a quantized bundle before exporting it.
+    Simulate(commands::simulate::Args),
+    /// Simulate a ladder of schemes, gate each against the oracle (f16 control) and name the one that ships.
+    Sweep(commands::sweep::Args),
     /// Convert other tools' outputs (npz, llm-runner JSON, transcripts) into a qgate capture.
     Import(commands::import::Args),
 }
@@ -34,6 +38,8 @@ fn main() {
         Command::Plan(a) => commands::plan::execute(a),
         Command::Run(a) => commands::run::execute(a),
         Command::Import(a) => commands::import::execute(a),
+        Command::Simulate(a) => commands::simulate::execute(a),
+        Command::Sweep(a) => commands::sweep::execute(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -208,14 +208,7 @@ fn encode_into(bytes: &mut Vec<u8>, kind: FloatKind, values: &[f32]) {
 pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     let cfg = TextConfig::from_dir(req.model_dir)?;
     let mut ws = WeightStore::open(req.model_dir)?;
-    let v = cfg.vocab_size;
-    if req.plan.is_empty() {
-        return Err(Error::usage("the plan has no sequences"));
-    }
-    if req.plan.iter().any(Vec::is_empty) {
-        return Err(Error::usage("the plan has an empty sequence"));
-    }
-    let kind = logits_kind(req.precision);
+    check_plan(req.plan)?;
     let max_len = req.plan.iter().map(Vec::len).max().unwrap_or(0) + req.rollout;
     let footprint = streaming::in_memory_footprint(&cfg, &ws, max_len);
     let stream = match req.exec.mode {
@@ -236,29 +229,99 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         run_streamed(&cfg, &ws, req, &mut spill)?
     } else {
         let model = Model::from_store(cfg.clone(), &ws, req.precision)?;
-        let total: u64 = req.plan.iter().map(|s| s.len() as u64).sum();
-        let bar = progress_bar(req.progress, total);
-        let mut rollouts = Vec::with_capacity(req.plan.len());
-        for seq in req.plan {
-            let r = run_sequence(&model, seq, req.rollout)?;
-            let mut bytes = Vec::with_capacity(r.logits.len() * kind.size());
-            encode_into(&mut bytes, kind, &r.logits);
-            spill
-                .write_all(&bytes)
-                .map_err(|e| io_err("spill file", e))?;
-            rollouts.push(r.rollout);
-            bar.inc(seq.len() as u64);
-        }
-        bar.finish_and_clear();
-        rollouts
+        run_in_memory(req, &model, &mut spill)?
     };
-
-    let mut meta = CaptureMeta::new(
-        &format!("oracle-{}", req.precision.name()),
+    let label = format!("oracle-{}", req.precision.name());
+    let execution = if stream { "streamed" } else { "in-memory" };
+    write_capture_from_spill(
+        req,
+        &cfg,
+        &ws,
+        spill,
+        &rollouts,
+        &label,
         "qgate-oracle",
-        req.precision.name(),
-        v,
-    );
+        execution,
+        Default::default(),
+    )
+}
+
+/// Run an already loaded model over the plan and write the capture: the quantization simulator's
+/// fake-quantized model (`label`, `runtime` and `more` metadata set by the caller), in memory.
+pub fn run_model(
+    req: &OracleRequest,
+    model: &Model,
+    ws: &WeightStore,
+    label: &str,
+    runtime: &str,
+    more: serde_json::Map<String, serde_json::Value>,
+) -> Result<PathBuf> {
+    check_plan(req.plan)?;
+    let mut spill = tempfile::tempfile().map_err(|e| io_err(std::env::temp_dir(), e))?;
+    let rollouts = run_in_memory(req, model, &mut spill)?;
+    write_capture_from_spill(
+        req,
+        &model.cfg,
+        ws,
+        spill,
+        &rollouts,
+        label,
+        runtime,
+        "in-memory",
+        more,
+    )
+}
+
+fn check_plan(plan: &[Vec<i64>]) -> Result<()> {
+    if plan.is_empty() {
+        return Err(Error::usage("the plan has no sequences"));
+    }
+    if plan.iter().any(Vec::is_empty) {
+        return Err(Error::usage("the plan has an empty sequence"));
+    }
+    Ok(())
+}
+
+/// Every sequence through the in-memory model, logits spilled in order.
+fn run_in_memory(
+    req: &OracleRequest,
+    model: &Model,
+    spill: &mut std::fs::File,
+) -> Result<Vec<Rollout>> {
+    let kind = logits_kind(req.precision);
+    let total: u64 = req.plan.iter().map(|s| s.len() as u64).sum();
+    let bar = progress_bar(req.progress, total);
+    let mut rollouts = Vec::with_capacity(req.plan.len());
+    for seq in req.plan {
+        let r = run_sequence(model, seq, req.rollout)?;
+        let mut bytes = Vec::with_capacity(r.logits.len() * kind.size());
+        encode_into(&mut bytes, kind, &r.logits);
+        spill
+            .write_all(&bytes)
+            .map_err(|e| io_err("spill file", e))?;
+        rollouts.push(r.rollout);
+        bar.inc(seq.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(rollouts)
+}
+
+/// Header first, then each sequence's tokens, logits (copied from the spill), rollout and its margins.
+#[allow(clippy::too_many_arguments)]
+fn write_capture_from_spill(
+    req: &OracleRequest,
+    cfg: &TextConfig,
+    ws: &WeightStore,
+    mut spill: std::fs::File,
+    rollouts: &[Rollout],
+    label: &str,
+    runtime: &str,
+    execution: &str,
+    more: serde_json::Map<String, serde_json::Value>,
+) -> Result<PathBuf> {
+    let v = cfg.vocab_size;
+    let kind = logits_kind(req.precision);
+    let mut meta = CaptureMeta::new(label, runtime, req.precision.name(), v);
     let weights: Vec<serde_json::Value> = ws
         .weights_sha256()?
         .into_iter()
@@ -271,10 +334,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         req.model_dir.display().to_string().into(),
     );
     extra.insert("model_type".into(), cfg.model_type.clone().into());
-    extra.insert(
-        "execution".into(),
-        if stream { "streamed" } else { "in-memory" }.into(),
-    );
+    extra.insert("execution".into(), execution.into());
     extra.insert("weights_sha256".into(), weights.into());
     extra.insert("plan_sha256".into(), plan_sha256(req.plan).into());
     extra.insert("rollout_max".into(), req.rollout.into());
@@ -284,9 +344,10 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         "HF transformers 5.23.0 eager forward; torch fallbacks for causal conv and delta rule"
             .into(),
     );
+    extra.extend(more);
 
     let mut specs = Vec::new();
-    for (i, (seq, ro)) in req.plan.iter().zip(&rollouts).enumerate() {
+    for (i, (seq, ro)) in req.plan.iter().zip(rollouts).enumerate() {
         specs.push(TensorSpec::new(
             format!("seq.{i}.tokens"),
             Dtype::I64,
@@ -313,7 +374,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         .seek(SeekFrom::Start(0))
         .map_err(|e| io_err("spill file", e))?;
     let mut buf = vec![0u8; 1 << 20];
-    for (seq, ro) in req.plan.iter().zip(&rollouts) {
+    for (seq, ro) in req.plan.iter().zip(rollouts) {
         w.write_i64(seq)?;
         let mut left = seq.len() * v * kind.size();
         while left > 0 {

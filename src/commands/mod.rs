@@ -3,3 +3,5 @@ pub mod import;
 pub mod oracle;
 pub mod plan;
 pub mod run;
+pub mod simulate;
+pub mod sweep;

@@ -145,13 +145,6 @@ pub fn execute(args: Args) -> Result<i32> {
     if let Some(c) = &control {
         all.push(c);
     }
-    let (views, compared) = compare::compare(&oracle, &all, policy.margin_space)?;
-    let view_at: HashMap<(usize, usize), OracleView> =
-        views.iter().map(|v| ((v.0, v.1), v.2)).collect();
-    let control_top1 = control
-        .as_ref()
-        .map(|_| margin_rule::control_top1(&compared[caps.len()].positions));
-
     // identities (labels unique)
     let mut ids: Vec<Identity> = Vec::new();
     for (i, c) in all.iter().enumerate() {
@@ -192,9 +185,48 @@ pub fn execute(args: Args) -> Result<i32> {
         });
     }
 
+    let ev = evaluate(&oracle, &all, ids, caps.len(), &policy)?;
+    let tt = tokenizer_for(&args, &inputs)?;
+    let out = args.out.clone().unwrap_or_else(|| default_out(&inputs[0]));
+    write_reports(&out, &ev, &oracle.plan(), &tt)?;
+    let run = ev.run;
+    let json = report::json::render(&run)?;
+    let code = run.exit_code;
+    if args.json {
+        print!("{json}");
+    } else {
+        print!("{}", report::terminal::render(&run));
+        println!("reports: {}", out.display());
+    }
+    eprintln!("qgate: {}", run.verdict);
+    Ok(code)
+}
+
+/// A gated run: the summary every report renders, and the per-position data behind it.
+pub struct Evaluation {
+    pub run: RunSummary,
+    pub compared: Vec<compare::Compared>,
+    pub masks: Vec<Vec<bool>>,
+    pub views: Vec<(usize, usize, OracleView)>,
+}
+
+/// Compare `all` (the first `n_candidates` gated, then the control if any) with the oracle, judge each
+/// against the policy and decide what ships. `ids` names each capture.
+pub fn evaluate(
+    oracle: &Capture,
+    all: &[&Capture],
+    ids: Vec<Identity>,
+    n_candidates: usize,
+    policy: &Policy,
+) -> Result<Evaluation> {
+    let (views, compared) = compare::compare(oracle, all, policy.margin_space)?;
+    let view_at: HashMap<(usize, usize), OracleView> =
+        views.iter().map(|v| ((v.0, v.1), v.2)).collect();
+    let control_top1 = (all.len() > n_candidates)
+        .then(|| margin_rule::control_top1(&compared[n_candidates].positions));
     let mut sums = Vec::new();
     for (i, c) in all.iter().enumerate() {
-        let role = if i < caps.len() {
+        let role = if i < n_candidates {
             Role::Candidate
         } else {
             Role::Control
@@ -247,12 +279,12 @@ pub fn execute(args: Args) -> Result<i32> {
             role,
             &compared[i].positions,
             compared[i].not_compared,
-            &policy,
+            policy,
             ctl,
             rs,
         );
         s.symptoms.extend(reps);
-        s.verdict = verdict::judge(&s, &policy);
+        s.verdict = verdict::judge(&s, policy);
         sums.push(s);
     }
 
@@ -260,7 +292,7 @@ pub fn execute(args: Args) -> Result<i32> {
     let mut paired = Vec::new();
     let masks: Vec<Vec<bool>> = compared
         .iter()
-        .map(|c| summary::counted_mask(&c.positions, &policy))
+        .map(|c| summary::counted_mask(&c.positions, policy))
         .collect();
     let matched: Vec<HashMap<(usize, usize), bool>> = compared
         .iter()
@@ -295,8 +327,8 @@ pub fn execute(args: Args) -> Result<i32> {
         }
     }
 
-    let prompt = verdict::check_prompt(&views, &policy);
-    let (code, line) = verdict::overall(&sums, &prompt, &policy);
+    let prompt = verdict::check_prompt(&views, policy);
+    let (code, line) = verdict::overall(&sums, &prompt, policy);
     let plan = oracle.plan();
     let run = RunSummary {
         schema: summary::REPORT_SCHEMA,
@@ -321,42 +353,49 @@ pub fn execute(args: Args) -> Result<i32> {
         ship_basis: verdict::ship_decision(&sums)
             .map(|s| s.1.to_string())
             .unwrap_or_default(),
+        ladder: None,
         candidates: sums,
         paired,
         exit_code: code,
         verdict: line,
     };
 
-    let tt = tokenizer_for(&args, &inputs)?;
-    let md = report::markdown::render(&run, &plan, &tt);
-    let labels: Vec<String> = ids.iter().map(|i| i.label.clone()).collect();
+    Ok(Evaluation {
+        run,
+        compared,
+        masks,
+        views,
+    })
+}
+
+/// Write report.md, positions.csv, summary.json and positions.svg into `out`.
+pub fn write_reports(
+    out: &Path,
+    ev: &Evaluation,
+    plan: &[Vec<i64>],
+    tt: &report::tokens::TokenText,
+) -> Result<()> {
+    let (run, compared, masks, views) = (&ev.run, &ev.compared, &ev.masks, &ev.views);
+    let policy = &run.policy;
+    let md = report::markdown::render(run, plan, tt);
+    let labels: Vec<String> = run.candidates.iter().map(|c| c.id.label.clone()).collect();
     let csv_in: Vec<(&str, &[PositionMetrics], Vec<bool>)> = compared
         .iter()
-        .zip(&masks)
+        .zip(masks)
         .enumerate()
         .map(|(i, (c, m))| (labels[i].as_str(), c.positions.as_slice(), m.clone()))
         .collect();
     let csv = report::csv::render(&csv_in, policy.margin_floor);
     let plot_in: Vec<(&str, &[PositionMetrics])> = csv_in.iter().map(|c| (c.0, c.1)).collect();
-    let svg = report::plot::render(&views, &plot_in, policy.margin_floor)?;
-    let json = report::json::render(&run)?;
-    let out = args.out.clone().unwrap_or_else(|| default_out(&inputs[0]));
+    let svg = report::plot::render(views, &plot_in, policy.margin_floor)?;
+    let json = report::json::render(run)?;
     report::write::write_dir(
-        &out,
+        out,
         &[
             ("report.md", md.into_bytes()),
             ("positions.csv", csv.into_bytes()),
-            ("summary.json", json.clone().into_bytes()),
+            ("summary.json", json.into_bytes()),
             ("positions.svg", svg.into_bytes()),
         ],
-    )?;
-
-    if args.json {
-        print!("{json}");
-    } else {
-        print!("{}", report::terminal::render(&run));
-        println!("reports: {}", out.display());
-    }
-    eprintln!("qgate: {}", run.verdict);
-    Ok(code)
+    )
 }

@@ -379,4 +379,50 @@ pub struct RunSummary {
     pub ship_basis: String,
     pub exit_code: i32,
     pub verdict: String,
+    /// `qgate sweep` only: the quantization ladder behind the ship decision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ladder: Option<Ladder>,
+}
+
+/// One simulated scheme of a sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rung {
+    pub label: String,
+    pub alias: Option<String>,
+    /// The exact spec (`attn=…,gdn=…,mlp=…,head=…`).
+    pub spec: String,
+    pub size_bytes: u64,
+    /// Weights the scheme would quantize but leaves as they are (non-divisible dimensions).
+    pub skipped: Vec<String>,
+}
+
+/// Why a scheme smaller than the one that ships was not chosen.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    pub label: String,
+    pub size_bytes: Option<u64>,
+    pub failed_rule: Option<&'static str>,
+    pub reason: String,
+}
+
+/// `--ablate`: one component group at a time at the ablation method, the rest at the base scheme.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ablation {
+    pub base: String,
+    pub method: String,
+    /// (component, the variant's summary).
+    pub variants: Vec<(String, CandidateSummary)>,
+    /// Components whose variant fails the policy.
+    pub sensitive: Vec<String>,
+}
+
+/// The ladder a sweep reports: every scheme's spec, size and skipped weights, the compute dtype of the
+/// simulation, and the reasons the smaller schemes were rejected.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ladder {
+    pub compute: String,
+    pub scale_dtype: String,
+    pub rungs: Vec<Rung>,
+    pub rejected_smaller: Vec<Rejection>,
+    pub ablation: Option<Ablation>,
 }

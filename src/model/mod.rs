@@ -181,7 +181,17 @@ impl Model {
         let norm = RmsNormZeroCentred::new(ws, &ws.decoder_name("norm.weight"), h, eps, prec)?;
         let has_head = ws.contains("lm_head.weight");
         let lm_head = if cfg.tie_word_embeddings && !has_head {
-            None
+            if ws.untie_head() {
+                // the simulator's head scheme: the shipped recipe clones the tied embedding first
+                Some(ws.load_as(
+                    &ws.decoder_name("embed_tokens.weight"),
+                    "lm_head.weight",
+                    &[v, h],
+                    prec,
+                )?)
+            } else {
+                None
+            }
         } else if !cfg.tie_word_embeddings && !has_head {
             return Err(Error::input(
                 &ws.primary,
@@ -189,7 +199,7 @@ impl Model {
             ));
         } else {
             let head = ws.load("lm_head.weight", &[v, h], prec)?;
-            if cfg.tie_word_embeddings {
+            if cfg.tie_word_embeddings && !ws.untie_head() {
                 // HF: a tied config with a differing stored head is not tied (it warns).
                 let same = (&head - &embed)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
                 if same {

@@ -10,6 +10,19 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A change applied to every weight after it is widened to f32 and before it is rounded to the compute
+/// precision (the quantization simulator's fake-quantization). The oracle itself never sets one.
+pub trait WeightTransform: Send + Sync {
+    /// `name`: decoder-relative (`layers.0.mlp.gate_proj.weight`, `embed_tokens.weight`) or
+    /// `lm_head.weight`; `w`: the whole f32 tensor as stored in the checkpoint.
+    fn apply(&self, name: &str, w: Tensor) -> Result<Tensor>;
+    /// Give a tied model its own head (a copy of the embedding, transformed as `lm_head.weight`).
+    fn untie_head(&self) -> bool {
+        false
+    }
+}
 
 struct Entry {
     file: usize,
@@ -32,6 +45,7 @@ pub struct WeightStore {
     streaming: bool,
     /// `model.language_model.` (VL checkpoints) or `model.` (ForCausalLM checkpoints).
     pub decoder_prefix: String,
+    transform: Option<Arc<dyn WeightTransform>>,
 }
 
 impl WeightStore {
@@ -113,7 +127,18 @@ impl WeightStore {
             entries,
             decoder_prefix,
             streaming: false,
+            transform: None,
         })
+    }
+
+    /// Apply `t` to every tensor loaded from now on.
+    pub fn set_transform(&mut self, t: Arc<dyn WeightTransform>) {
+        self.transform = Some(t);
+    }
+
+    /// Whether a tied head is to be loaded as a separate tensor (see `WeightTransform::untie_head`).
+    pub fn untie_head(&self) -> bool {
+        self.transform.as_ref().is_some_and(|t| t.untie_head())
     }
 
     /// Read tensors with positioned reads (see `streaming`); the values are the same either way.
@@ -175,8 +200,21 @@ impl WeightStore {
     /// Load a tensor by full name, check its shape, widen to f32 and round to `prec`
     /// (HF casts every parameter to the model dtype, F32-stored ones included).
     pub fn load(&self, full: &str, shape: &[usize], prec: Precision) -> Result<Tensor> {
+        let logical = full.strip_prefix(&self.decoder_prefix).unwrap_or(full);
+        self.load_as(full, logical, shape, prec)
+    }
+
+    /// As `load`, with the transform seeing the tensor under `logical` (a tied head is the embedding
+    /// loaded as `lm_head.weight`).
+    pub fn load_as(
+        &self,
+        full: &str,
+        logical: &str,
+        shape: &[usize],
+        prec: Precision,
+    ) -> Result<Tensor> {
         let n0 = shape.first().copied().unwrap_or(1);
-        self.load_rows(full, shape, 0, n0, prec)
+        self.load_rows_as(full, logical, shape, 0, n0, prec)
     }
 
     /// Rows `first .. first+n` along the first axis of a tensor whose full shape must be `shape`, as
@@ -190,6 +228,26 @@ impl WeightStore {
         n: usize,
         prec: Precision,
     ) -> Result<Tensor> {
+        let logical = full.strip_prefix(&self.decoder_prefix).unwrap_or(full);
+        self.load_rows_as(full, logical, shape, first, n, prec)
+    }
+
+    fn load_rows_as(
+        &self,
+        full: &str,
+        logical: &str,
+        shape: &[usize],
+        first: usize,
+        n: usize,
+        prec: Precision,
+    ) -> Result<Tensor> {
+        let rows_total = shape.first().copied().unwrap_or(1);
+        if self.transform.is_some() && (first != 0 || n != rows_total) {
+            // A transform (fake quantization) sees whole tensors, as exporters do (k-means groups span
+            // rows): transform the whole tensor, then take the rows.
+            let whole = self.load_rows_as(full, logical, shape, 0, rows_total, Precision::F32)?;
+            return Ok(prec.round(&whole.narrow(0, first, n)?)?);
+        }
         let e = self
             .entries
             .get(full)
@@ -242,6 +300,10 @@ impl WeightStore {
         } else {
             Tensor::from_raw_buffer(&bytes, dtype, &out_shape, &Device::Cpu)?
                 .to_dtype(DType::F32)?
+        };
+        let t = match &self.transform {
+            Some(tr) => tr.apply(logical, t)?,
+            None => t,
         };
         Ok(prec.round(&t)?)
     }

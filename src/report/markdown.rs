@@ -3,7 +3,7 @@
 use super::tokens::TokenText;
 use crate::gate::margin_rule::FlipKind;
 use crate::gate::metrics::MarginSpace;
-use crate::gate::summary::{CandidateSummary, Distribution, Role, RunSummary};
+use crate::gate::summary::{CandidateSummary, Distribution, Ladder, Role, RunSummary};
 use std::fmt::Write;
 
 pub const NOT_COMPUTABLE: &str = "n/a";
@@ -142,6 +142,10 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
             "Ship decision: **none** — no candidate passes the policy.\n"
         ),
     };
+
+    if let Some(l) = &s.ladder {
+        ladder(&mut o, s, l);
+    }
 
     let _ = writeln!(o, "## Model card\n");
     let _ = writeln!(
@@ -431,4 +435,131 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
         }
     }
     o
+}
+
+fn short_metrics(c: &CandidateSummary) -> (String, String) {
+    (
+        c.cosine
+            .as_ref()
+            .map(|x| format!("{:.4}", x.min))
+            .unwrap_or_else(|| NOT_COMPUTABLE.into()),
+        c.kl.as_ref()
+            .map(|k| format!("{:.6}", k.mean))
+            .unwrap_or_else(|| NOT_COMPUTABLE.into()),
+    )
+}
+
+/// `qgate sweep`: the ladder (largest first), why each smaller scheme was rejected, skipped weights and
+/// the component ablation.
+fn ladder(o: &mut String, s: &RunSummary, l: &Ladder) {
+    let _ = writeln!(
+        o,
+        "## Quantization ladder (simulated: weights fake-quantized at load, {} compute, {} scales)\n",
+        l.compute, l.scale_dtype
+    );
+    let _ = writeln!(
+        o,
+        "| scheme | spec | size | confident flips | introduced (vs control) | cosine min | mean KL | verdict |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    let mut rows: Vec<(&crate::gate::summary::Rung, &CandidateSummary)> = l
+        .rungs
+        .iter()
+        .filter_map(|r| {
+            s.candidates
+                .iter()
+                .find(|c| c.id.label == r.label)
+                .map(|c| (r, c))
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0.size_bytes));
+    for (r, c) in &rows {
+        let (cos, kl) = short_metrics(c);
+        let name = match &r.alias {
+            Some(a) if a != &r.label => format!("{} ({a})", r.label),
+            _ => r.label.clone(),
+        };
+        let introduced = match c.role {
+            Role::Control => "—".to_string(),
+            _ => c.introduced_confident_flips.to_string(),
+        };
+        let _ = writeln!(
+            o,
+            "| {name} | `{}` | {} | {} | {introduced} | {cos} | {kl} | {} |",
+            r.spec,
+            human_size(r.size_bytes),
+            c.confident_flips,
+            verdict_cell(c)
+        );
+    }
+    let _ = writeln!(o);
+    match &s.ship {
+        Some(ship) if l.rejected_smaller.is_empty() => {
+            let _ = writeln!(o, "No scheme smaller than **{ship}** was tried.\n");
+        }
+        _ => {
+            let _ = writeln!(
+                o,
+                "{}\n",
+                match &s.ship {
+                    Some(ship) => format!("Rejected, smaller than **{ship}**:"),
+                    None => "Rejected (nothing passes):".to_string(),
+                }
+            );
+            for r in &l.rejected_smaller {
+                let _ = writeln!(
+                    o,
+                    "- `{}` ({}): {} [{}]",
+                    r.label,
+                    r.size_bytes.map(human_size).unwrap_or("unknown".into()),
+                    r.reason,
+                    r.failed_rule.unwrap_or("?")
+                );
+            }
+            let _ = writeln!(o);
+        }
+    }
+    let skipped: Vec<&crate::gate::summary::Rung> =
+        l.rungs.iter().filter(|r| !r.skipped.is_empty()).collect();
+    if !skipped.is_empty() {
+        let _ = writeln!(
+            o,
+            "Left unquantized (dimension not divisible; exporters skip these silently):\n"
+        );
+        for r in skipped {
+            let _ = writeln!(o, "- `{}`: {}", r.label, r.skipped.join("; "));
+        }
+        let _ = writeln!(o);
+    }
+    if let Some(a) = &l.ablation {
+        let _ = writeln!(
+            o,
+            "### Ablation: one component at `{}`, the rest at `{}`\n",
+            a.method, a.base
+        );
+        let _ = writeln!(
+            o,
+            "| component | confident flips | introduced | cosine min | mean KL | verdict |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|");
+        for (comp, c) in &a.variants {
+            let (cos, kl) = short_metrics(c);
+            let _ = writeln!(
+                o,
+                "| {comp} | {} | {} | {cos} | {kl} | {} |",
+                c.confident_flips,
+                c.introduced_confident_flips,
+                verdict_cell(c)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\nSensitive: {}\n",
+            if a.sensitive.is_empty() {
+                "none — every component survives alone".to_string()
+            } else {
+                a.sensitive.join(", ")
+            }
+        );
+    }
 }

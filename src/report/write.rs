@@ -4,7 +4,8 @@
 use crate::error::{io_err, Error, Result};
 use std::path::Path;
 
-fn is_replaceable(dir: &Path) -> bool {
+/// Whether `write_dir` may replace `dir` (empty, or a qgate report directory).
+pub fn is_replaceable(dir: &Path) -> bool {
     let Ok(mut rd) = std::fs::read_dir(dir) else {
         return false;
     };

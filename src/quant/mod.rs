@@ -1,0 +1,6 @@
+//! The quantization simulator: fake-quantize a checkpoint's weights once at load (weight-only, as the
+//! Core AI exporters do) so the oracle can predict a quantized bundle before it is exported.
+pub mod apply;
+pub mod kmeans;
+pub mod linear;
+pub mod scheme;
