@@ -228,6 +228,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
         ws.set_streaming(true);
         run_streamed(&cfg, &ws, req, &mut spill)?
     } else {
+        ws.set_streaming(true); // positioned reads: the checkpoint stays out of the resident set
         let model = Model::from_store(cfg.clone(), &ws, req.precision)?;
         run_in_memory(req, &model, &mut spill)?
     };

@@ -1,7 +1,7 @@
 //! Gated full attention: per-head [query | gate] split of `q_proj`, q/k zero-centred norms, partial RoPE,
 //! GQA, eager softmax attention with HF's bf16 rounding points, sigmoid output gate.
 use super::config::TextConfig;
-use super::mlp::linear;
+use super::mlp::{linear, LinearWeight};
 use super::norms::RmsNormZeroCentred;
 use super::precision::Precision;
 use super::rope::Rope;
@@ -26,10 +26,10 @@ impl KvCache {
 }
 
 pub struct GatedAttention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
+    q_proj: LinearWeight,
+    k_proj: LinearWeight,
+    v_proj: LinearWeight,
+    o_proj: LinearWeight,
     q_norm: RmsNormZeroCentred,
     k_norm: RmsNormZeroCentred,
     nh: usize,
@@ -49,10 +49,10 @@ impl GatedAttention {
         );
         let eps = cfg.rms_norm_eps;
         Ok(GatedAttention {
-            q_proj: ws.load(&format!("{prefix}q_proj.weight"), &[nh * 2 * hd, h], prec)?,
-            k_proj: ws.load(&format!("{prefix}k_proj.weight"), &[nkv * hd, h], prec)?,
-            v_proj: ws.load(&format!("{prefix}v_proj.weight"), &[nkv * hd, h], prec)?,
-            o_proj: ws.load(&format!("{prefix}o_proj.weight"), &[h, nh * hd], prec)?,
+            q_proj: ws.load_linear(&format!("{prefix}q_proj.weight"), &[nh * 2 * hd, h], prec)?,
+            k_proj: ws.load_linear(&format!("{prefix}k_proj.weight"), &[nkv * hd, h], prec)?,
+            v_proj: ws.load_linear(&format!("{prefix}v_proj.weight"), &[nkv * hd, h], prec)?,
+            o_proj: ws.load_linear(&format!("{prefix}o_proj.weight"), &[h, nh * hd], prec)?,
             q_norm: RmsNormZeroCentred::new(ws, &format!("{prefix}q_norm.weight"), hd, eps, prec)?,
             k_norm: RmsNormZeroCentred::new(ws, &format!("{prefix}k_norm.weight"), hd, eps, prec)?,
             nh,

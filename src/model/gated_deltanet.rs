@@ -3,7 +3,7 @@
 //! gated RMSNorm and out_proj.
 use super::config::TextConfig;
 use super::delta_rule::{self, DeltaInputs};
-use super::mlp::linear;
+use super::mlp::{linear, LinearWeight};
 use super::norms::GatedRmsNorm;
 use super::precision::Precision;
 use super::weights::WeightStore;
@@ -20,15 +20,15 @@ pub struct GdnCache {
 }
 
 pub struct GatedDeltaNet {
-    in_proj_qkv: Tensor,
-    in_proj_z: Tensor,
-    in_proj_b: Tensor,
-    in_proj_a: Tensor,
+    in_proj_qkv: LinearWeight,
+    in_proj_z: LinearWeight,
+    in_proj_b: LinearWeight,
+    in_proj_a: LinearWeight,
     conv_weight_t: Vec<f32>, // [K, C]: tap-major, so the conv loop runs along channels
     a_log: Vec<f32>,
     dt_bias: Vec<f32>,
     norm: GatedRmsNorm,
-    out_proj: Tensor,
+    out_proj: LinearWeight,
     hk: usize,
     hv: usize,
     dk: usize,
@@ -56,10 +56,10 @@ impl GatedDeltaNet {
                 .to_vec1()?)
         };
         Ok(GatedDeltaNet {
-            in_proj_qkv: ws.load(&format!("{prefix}in_proj_qkv.weight"), &[c, h], prec)?,
-            in_proj_z: ws.load(&format!("{prefix}in_proj_z.weight"), &[hv * dv, h], prec)?,
-            in_proj_b: ws.load(&format!("{prefix}in_proj_b.weight"), &[hv, h], prec)?,
-            in_proj_a: ws.load(&format!("{prefix}in_proj_a.weight"), &[hv, h], prec)?,
+            in_proj_qkv: ws.load_linear(&format!("{prefix}in_proj_qkv.weight"), &[c, h], prec)?,
+            in_proj_z: ws.load_linear(&format!("{prefix}in_proj_z.weight"), &[hv * dv, h], prec)?,
+            in_proj_b: ws.load_linear(&format!("{prefix}in_proj_b.weight"), &[hv, h], prec)?,
+            in_proj_a: ws.load_linear(&format!("{prefix}in_proj_a.weight"), &[hv, h], prec)?,
             conv_weight_t: {
                 let w = vec("conv1d.weight", &[c, 1, kernel])?;
                 (0..kernel * c)
@@ -75,7 +75,7 @@ impl GatedDeltaNet {
                 cfg.rms_norm_eps,
                 prec,
             )?,
-            out_proj: ws.load(&format!("{prefix}out_proj.weight"), &[h, hv * dv], prec)?,
+            out_proj: ws.load_linear(&format!("{prefix}out_proj.weight"), &[h, hv * dv], prec)?,
             hk,
             hv,
             dk,

@@ -1,18 +1,14 @@
 //! SwiGLU MLP: `R(R(R(silu(R(h·Wgᵀ))) · R(h·Wuᵀ)) · Wdᵀ)`; also the shape of every routed and shared expert.
+pub use super::linear::{linear, LinearWeight};
 use super::precision::Precision;
 use super::weights::WeightStore;
 use crate::error::Result;
 use candle_core::Tensor;
 
-/// `R(x · wᵀ)`: a bias-free Linear with f32 accumulation and one rounding, as HF's bf16 GEMM.
-pub fn linear(x: &Tensor, w: &Tensor, prec: Precision) -> Result<Tensor> {
-    Ok(prec.round(&x.matmul(&w.t()?)?)?)
-}
-
 pub struct Mlp {
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: LinearWeight,
+    up: LinearWeight,
+    down: LinearWeight,
     prec: Precision,
 }
 
@@ -26,9 +22,9 @@ impl Mlp {
         prec: Precision,
     ) -> Result<Mlp> {
         Ok(Mlp {
-            gate: ws.load(&format!("{prefix}gate_proj.weight"), &[inter, hidden], prec)?,
-            up: ws.load(&format!("{prefix}up_proj.weight"), &[inter, hidden], prec)?,
-            down: ws.load(&format!("{prefix}down_proj.weight"), &[hidden, inter], prec)?,
+            gate: ws.load_linear(&format!("{prefix}gate_proj.weight"), &[inter, hidden], prec)?,
+            up: ws.load_linear(&format!("{prefix}up_proj.weight"), &[inter, hidden], prec)?,
+            down: ws.load_linear(&format!("{prefix}down_proj.weight"), &[hidden, inter], prec)?,
             prec,
         })
     }
@@ -41,9 +37,9 @@ impl Mlp {
 /// The SwiGLU body shared by dense MLPs and experts.
 pub fn swiglu(
     h: &Tensor,
-    gate: &Tensor,
-    up: &Tensor,
-    down: &Tensor,
+    gate: &LinearWeight,
+    up: &LinearWeight,
+    down: &LinearWeight,
     p: Precision,
 ) -> Result<Tensor> {
     let g = p.round(&linear(h, gate, p)?.silu()?)?;

@@ -1,9 +1,11 @@
 //! The Qwen3.5 / Qwen3.5-MoE text decoder, exact to HF transformers 5.23.0 (eager attention, torch
 //! fallbacks for the causal conv and the delta rule), in f32, bf16 or f16 rounding.
 pub mod attention;
+pub mod bf16_gemm;
 pub mod config;
 pub mod delta_rule;
 pub mod gated_deltanet;
+pub mod linear;
 pub mod mlp;
 pub mod moe;
 pub mod norms;
@@ -18,7 +20,7 @@ use attention::{GatedAttention, KvCache};
 use candle_core::{Device, Tensor};
 use config::{LayerKind, TextConfig};
 use gated_deltanet::{GatedDeltaNet, GdnCache};
-use mlp::{linear, Mlp};
+use mlp::{linear, LinearWeight, Mlp};
 use moe::SparseMoe;
 use norms::RmsNormZeroCentred;
 use precision::Precision;
@@ -153,15 +155,17 @@ pub struct Model {
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNormZeroCentred,
-    /// `None` when tied to the embedding.
-    lm_head: Option<Tensor>,
+    /// The head (the embedding itself when tied).
+    head: LinearWeight,
     rope: Rope,
 }
 
 impl Model {
     pub fn load(dir: &Path, prec: Precision) -> Result<Model> {
         let cfg = TextConfig::from_dir(dir)?;
-        let ws = WeightStore::open(dir)?;
+        let mut ws = WeightStore::open(dir)?;
+        // Positioned reads: the checkpoint passes through the page cache, not our resident set.
+        ws.set_streaming(true);
         Model::from_store(cfg, &ws, prec)
     }
 
@@ -213,13 +217,21 @@ impl Model {
             }
         };
         let rope = Rope::new(cfg.rope_theta, cfg.rotary_dim(), prec);
+        // The head in the form its matmul uses; a tied head is the embedding (shared, in f32 mode).
+        let head = LinearWeight::new(lm_head.unwrap_or_else(|| embed.clone()), prec)?;
+        // The embedding only serves lookups: keep it in the model dtype (exact; half the memory).
+        let embed = match prec {
+            Precision::F32 => embed,
+            Precision::BF16 => embed.to_dtype(candle_core::DType::BF16)?,
+            Precision::F16 => embed.to_dtype(candle_core::DType::F16)?,
+        };
         Ok(Model {
             cfg,
             prec,
             embed,
             layers,
             norm,
-            lm_head,
+            head,
             rope,
         })
     }
@@ -257,7 +269,10 @@ impl Model {
             )));
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .to_dtype(candle_core::DType::F32)?;
         for (l, lc) in cache.layers.iter_mut().enumerate() {
             x = self.layer_forward(l, &x, lc)?;
             if let Some(t) = trace.as_deref_mut() {
@@ -291,11 +306,7 @@ impl Model {
 
     /// The head: `R(x · Wᵀ)` over the whole vocabulary.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(
-            hidden,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-            self.prec,
-        )
+        linear(hidden, &self.head, self.prec)
     }
 }
 

@@ -4,7 +4,7 @@
 //! by a per-token sigmoid gate.
 use super::attention::sigmoid;
 use super::config::MoeConfig;
-use super::mlp::{linear, swiglu, Mlp};
+use super::mlp::{linear, swiglu, LinearWeight, Mlp};
 use super::precision::Precision;
 use super::torch_topk::topk_largest;
 use super::weights::WeightStore;
@@ -12,9 +12,19 @@ use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
 
 pub struct Expert {
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: LinearWeight,
+    up: LinearWeight,
+    down: LinearWeight,
+}
+
+impl Expert {
+    fn from_tensors(gate: Tensor, up: Tensor, down: Tensor, prec: Precision) -> Result<Expert> {
+        Ok(Expert {
+            gate: LinearWeight::new(gate.contiguous()?, prec)?,
+            up: LinearWeight::new(up.contiguous()?, prec)?,
+            down: LinearWeight::new(down.contiguous()?, prec)?,
+        })
+    }
 }
 
 /// Where the experts live on disk.
@@ -48,11 +58,11 @@ impl Routes {
 }
 
 pub struct SparseMoe {
-    router: Tensor,
+    router: LinearWeight,
     /// All experts (in-memory model), or none when they are loaded one at a time (`load_expert`).
     experts: Vec<Expert>,
     shared: Mlp,
-    shared_gate: Tensor,
+    shared_gate: LinearWeight,
     top_k: usize,
     num_experts: usize,
     layout: Layout,
@@ -84,11 +94,12 @@ impl SparseMoe {
             (0..e)
                 .map(|x| {
                     let gu = gate_up.get(x)?;
-                    Ok(Expert {
-                        gate: gu.narrow(0, 0, i)?,
-                        up: gu.narrow(0, i, i)?,
-                        down: down.get(x)?,
-                    })
+                    Expert::from_tensors(
+                        gu.narrow(0, 0, i)?,
+                        gu.narrow(0, i, i)?,
+                        down.get(x)?,
+                        prec,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?
         } else {
@@ -125,7 +136,7 @@ impl SparseMoe {
             Layout::PerExpert
         };
         Ok(SparseMoe {
-            router: ws.load(&format!("{prefix}gate.weight"), &[e, hidden], prec)?,
+            router: ws.load_linear(&format!("{prefix}gate.weight"), &[e, hidden], prec)?,
             experts: Vec::new(),
             shared: Mlp::new(
                 ws,
@@ -134,7 +145,7 @@ impl SparseMoe {
                 m.shared_expert_intermediate_size,
                 prec,
             )?,
-            shared_gate: ws.load(
+            shared_gate: ws.load_linear(
                 &format!("{prefix}shared_expert_gate.weight"),
                 &[1, hidden],
                 prec,
@@ -173,18 +184,14 @@ impl SparseMoe {
                         prec,
                     )?
                     .get(0)?;
-                Ok(Expert {
-                    gate: gu.narrow(0, 0, i)?,
-                    up: gu.narrow(0, i, i)?,
-                    down,
-                })
+                Expert::from_tensors(gu.narrow(0, 0, i)?, gu.narrow(0, i, i)?, down, prec)
             }
             Layout::PerExpert => {
                 let p = format!("{prefix}experts.{x}.");
                 Ok(Expert {
-                    gate: ws.load(&format!("{p}gate_proj.weight"), &[i, h], prec)?,
-                    up: ws.load(&format!("{p}up_proj.weight"), &[i, h], prec)?,
-                    down: ws.load(&format!("{p}down_proj.weight"), &[h, i], prec)?,
+                    gate: ws.load_linear(&format!("{p}gate_proj.weight"), &[i, h], prec)?,
+                    up: ws.load_linear(&format!("{p}up_proj.weight"), &[i, h], prec)?,
+                    down: ws.load_linear(&format!("{p}down_proj.weight"), &[h, i], prec)?,
                 })
             }
         }

@@ -250,6 +250,7 @@ impl<'a> Streamer<'a> {
             if pad > 0 {
                 w = Tensor::cat(&[&w, &Tensor::zeros((pad, h), w.dtype(), w.device())?], 0)?;
             }
+            let w = super::linear::LinearWeight::new(w, self.prec)?;
             for (s, x) in hidden.iter().enumerate() {
                 let logits = linear(x, &w, self.prec)?;
                 let logits = if pad > 0 {

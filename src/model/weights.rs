@@ -309,6 +309,16 @@ impl WeightStore {
     }
 
     /// Load a decoder-relative tensor (prefix resolved).
+    /// Load a Linear weight `[out, in]` in the form its matmul uses (see `linear::LinearWeight`).
+    pub fn load_linear(
+        &self,
+        full: &str,
+        shape: &[usize],
+        prec: Precision,
+    ) -> Result<super::linear::LinearWeight> {
+        super::linear::LinearWeight::new(self.load(full, shape, prec)?, prec)
+    }
+
     pub fn load_decoder(&self, rel: &str, shape: &[usize], prec: Precision) -> Result<Tensor> {
         self.load(&self.decoder_name(rel), shape, prec)
     }
