@@ -35,6 +35,11 @@ fn to_bf16_bits(x: f32) -> u16 {
 impl PackedBf16 {
     /// Pack `w` (`[n, k]` row-major f32 holding bf16 values).
     pub fn pack(w: &[f32], n: usize, k: usize) -> PackedBf16 {
+        Self::pack_with(n, k, |j, i| to_bf16_bits(w[j * k + i]))
+    }
+
+    /// Pack from any source of `[n, k]` bf16 bit patterns (`at(row, col)`).
+    pub fn pack_with(n: usize, k: usize, at: impl Fn(usize, usize) -> u16 + Sync) -> PackedBf16 {
         let k2 = k.div_ceil(2);
         let nb = n.div_ceil(16);
         let mut data = vec![0u32; nb * k2 * 16];
@@ -46,11 +51,10 @@ impl PackedBf16 {
                     if j >= n {
                         break;
                     }
-                    let row = &w[j * k..(j + 1) * k];
                     for p in 0..k2 {
-                        let lo = to_bf16_bits(row[2 * p]) as u32;
+                        let lo = at(j, 2 * p) as u32;
                         let hi = if 2 * p + 1 < k {
-                            to_bf16_bits(row[2 * p + 1]) as u32
+                            at(j, 2 * p + 1) as u32
                         } else {
                             0
                         };

@@ -12,26 +12,35 @@ pub enum LinearWeight {
 }
 
 impl LinearWeight {
-    /// `w`: `[out, in]` f32 (already rounded to `prec`).
+    /// `w`: `[out, in]`, F32 (already rounded to `prec`) or, for bf16 packing, BF16.
     pub fn new(w: Tensor, prec: Precision) -> Result<LinearWeight> {
         if prec == Precision::BF16 && bf16_gemm::available() {
             let (n, k) = w.dims2()?;
             let w = w.contiguous()?;
             let (storage, layout) = w.storage_and_layout();
+            let start = layout.start_offset();
             // Pack straight from the tensor's memory (a [vocab, hidden] head is a GiB in f32).
-            if let Storage::Cpu(CpuStorage::F32(values)) = &*storage {
-                let start = layout.start_offset();
-                return Ok(LinearWeight::Bf16(PackedBf16::pack(
-                    &values[start..start + n * k],
-                    n,
-                    k,
-                )));
-            }
+            let packed = match &*storage {
+                Storage::Cpu(CpuStorage::F32(v)) => {
+                    Some(PackedBf16::pack(&v[start..start + n * k], n, k))
+                }
+                Storage::Cpu(CpuStorage::BF16(v)) => {
+                    let v = &v[start..start + n * k];
+                    Some(PackedBf16::pack_with(n, k, |j, i| v[j * k + i].to_bits()))
+                }
+                _ => None,
+            };
             drop(storage);
-            let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+            if let Some(p) = packed {
+                return Ok(LinearWeight::Bf16(p));
+            }
+            let values: Vec<f32> = w
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
             return Ok(LinearWeight::Bf16(PackedBf16::pack(&values, n, k)));
         }
-        Ok(LinearWeight::F32(w))
+        Ok(LinearWeight::F32(w.to_dtype(candle_core::DType::F32)?))
     }
 }
 

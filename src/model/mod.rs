@@ -172,7 +172,14 @@ impl Model {
     pub fn from_store(cfg: TextConfig, ws: &WeightStore, prec: Precision) -> Result<Model> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let eps = cfg.rms_norm_eps;
+        // The embedding serves lookups (and a tied head): kept in the model dtype, which is exact and
+        // half the memory of f32 in bf16/f16 mode.
         let embed = ws.load_decoder("embed_tokens.weight", &[v, h], prec)?;
+        let embed = match prec {
+            Precision::F32 => embed,
+            Precision::BF16 => embed.to_dtype(candle_core::DType::BF16)?,
+            Precision::F16 => embed.to_dtype(candle_core::DType::F16)?,
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.layer_types.len() {
             layers.push(DecoderLayer {
@@ -205,7 +212,8 @@ impl Model {
             let head = ws.load("lm_head.weight", &[v, h], prec)?;
             if cfg.tie_word_embeddings && !ws.untie_head() {
                 // HF: a tied config with a differing stored head is not tied (it warns).
-                let same = (&head - &embed)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+                let embed32 = embed.to_dtype(candle_core::DType::F32)?;
+                let same = (&head - &embed32)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
                 if same {
                     None
                 } else {
@@ -218,12 +226,12 @@ impl Model {
         };
         let rope = Rope::new(cfg.rope_theta, cfg.rotary_dim(), prec);
         // The head in the form its matmul uses; a tied head is the embedding (shared, in f32 mode).
-        let head = LinearWeight::new(lm_head.unwrap_or_else(|| embed.clone()), prec)?;
-        // The embedding only serves lookups: keep it in the model dtype (exact; half the memory).
-        let embed = match prec {
-            Precision::F32 => embed,
-            Precision::BF16 => embed.to_dtype(candle_core::DType::BF16)?,
-            Precision::F16 => embed.to_dtype(candle_core::DType::F16)?,
+        let head = match lm_head {
+            Some(w) => LinearWeight::new(w, prec)?,
+            None if prec == Precision::F16 => {
+                LinearWeight::new(embed.to_dtype(candle_core::DType::F32)?, prec)?
+            }
+            None => LinearWeight::new(embed.clone(), prec)?,
         };
         Ok(Model {
             cfg,
