@@ -5,13 +5,8 @@ use qgate::model::{precision::Precision, Model};
 use std::time::Instant;
 
 fn peak_rss_gb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb * 1024.0 / 1e9)
+    qgate::alloc_tuning::peak_rss_bytes()
+        .map(|b| b as f64 / 1e9)
         .unwrap_or(f64::NAN)
 }
 

@@ -15,13 +15,8 @@ use qgate::model::Cache;
 use std::time::Instant;
 
 fn peak_rss_gib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / (1024.0 * 1024.0))
+    qgate::alloc_tuning::peak_rss_bytes()
+        .map(|b| b as f64 / (1024.0 * 1024.0 * 1024.0))
         .unwrap_or(f64::NAN)
 }
 

@@ -1,3 +1,5 @@
+//! Process memory: allocator tuning and the peak resident set benchmarks report.
+//!
 //! The forward pass allocates and frees many large activation buffers. glibc serves each from a fresh
 //! `mmap` and returns it on free, so every op pays page faults and page clearing (measured: ~10% of an
 //! oracle run). Keeping freed memory in the heap for reuse removes that cost.
@@ -10,4 +12,17 @@ pub fn keep_freed_memory_for_reuse() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+}
+
+/// Peak resident set of this process in bytes (`VmHWM`), for benchmarks; `None` off Linux.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
