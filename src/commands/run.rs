@@ -185,7 +185,9 @@ pub fn execute(args: Args) -> Result<i32> {
         });
     }
 
-    let ev = evaluate(&oracle, &all, ids, caps.len(), &policy)?;
+    let mut ev = evaluate(&oracle, &all, ids, caps.len(), &policy)?;
+    ev.run.sim_vs_bundle =
+        crate::gate::sim_vs_bundle::pair_up(&all, &ev.compared, &ev.run.candidates);
     let tt = tokenizer_for(&args, &inputs)?;
     let out = args.out.clone().unwrap_or_else(|| default_out(&inputs[0]));
     write_reports(&out, &ev, &oracle.plan(), &tt)?;
@@ -354,6 +356,7 @@ pub fn evaluate(
             .map(|s| s.1.to_string())
             .unwrap_or_default(),
         ladder: None,
+        sim_vs_bundle: Vec::new(),
         candidates: sums,
         paired,
         exit_code: code,

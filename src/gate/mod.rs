@@ -17,6 +17,7 @@ pub mod margin_rule;
 pub mod metrics;
 pub mod policy;
 pub mod rollout;
+pub mod sim_vs_bundle;
 pub mod stats;
 pub mod summary;
 pub mod verdict;

@@ -382,6 +382,9 @@ pub struct RunSummary {
     /// `qgate sweep` only: the quantization ladder behind the ship decision.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ladder: Option<Ladder>,
+    /// Simulated and real captures of the same scheme in this run, and what their verdicts mean.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sim_vs_bundle: Vec<super::sim_vs_bundle::SimBundlePair>,
 }
 
 /// One simulated scheme of a sweep.

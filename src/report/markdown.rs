@@ -146,6 +146,33 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
     if let Some(l) = &s.ladder {
         ladder(&mut o, s, l);
     }
+    if !s.sim_vs_bundle.is_empty() {
+        let _ = writeln!(
+            o,
+            "## Simulation vs bundle
+"
+        );
+        let _ = writeln!(
+            o,
+            "| simulated | bundle | scheme | top-1 agreement | verdicts | finding |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|");
+        for p in &s.sim_vs_bundle {
+            let _ = writeln!(
+                o,
+                "| {} | {} | `{}` | {}/{} | {} / {} | {} |",
+                p.simulated,
+                p.bundle,
+                p.spec,
+                p.top1_agree,
+                p.positions,
+                p.simulated_verdict,
+                p.bundle_verdict,
+                p.finding
+            );
+        }
+        let _ = writeln!(o);
+    }
 
     let _ = writeln!(o, "## Model card\n");
     let _ = writeln!(

@@ -44,6 +44,13 @@ pub fn render(s: &RunSummary) -> String {
         s.margin_space.name(),
         s.margin_floor
     );
+    for p in &s.sim_vs_bundle {
+        let _ = writeln!(
+            o,
+            "simulation vs bundle: {} vs {}: {}",
+            p.simulated, p.bundle, p.finding
+        );
+    }
     let _ = writeln!(o, "{}", s.verdict);
     o
 }
