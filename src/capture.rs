@@ -642,6 +642,13 @@ impl CaptureWriter {
             .sync_all()
             .map_err(|e| io_err(&self.dest, e))?;
         let dest = self.dest.clone();
+        // Temporary files are created 0600; a finished capture is an ordinary, shareable file.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(self.tmp.path(), std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| io_err(&dest, e))?;
+        }
         self.tmp
             .persist(&dest)
             .map_err(|e| io_err(&dest, e.error))?;
