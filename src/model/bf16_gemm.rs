@@ -121,20 +121,20 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-const MR: usize = 4;
+const MR: usize = 6;
 const PANEL: usize = 64; // 4 blocks of 16 columns
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// 4 rows × 64 columns, all in registers.
+/// MR rows × 64 columns, all in registers (24 accumulators + 4 B vectors + 1 broadcast of 32 zmm).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile_full(a: *const u32, lda: usize, b: *const u32, out: *mut f32, ldo: usize) {
     let k2 = lda;
     let bh = |v: __m512i| -> __m512bh { std::mem::transmute(v) };
     let z = _mm512_setzero_ps();
-    let mut c = [[z; 4]; 4];
+    let mut c = [[z; 4]; MR];
     for p in 0..k2 {
         let b0 = bh(_mm512_loadu_si512(b.add(p * 16) as *const _));
         let b1 = bh(_mm512_loadu_si512(b.add((k2 + p) * 16) as *const _));
