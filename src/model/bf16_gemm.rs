@@ -65,6 +65,20 @@ impl PackedBf16 {
         PackedBf16 { n, k, k2, data }
     }
 
+    /// Row `j` of W as f32 (exact): a tied head doubles as the embedding table.
+    pub fn row(&self, j: usize) -> Vec<f32> {
+        let (b, lane) = (j / 16, j % 16);
+        let mut out = Vec::with_capacity(self.k);
+        for p in 0..self.k2 {
+            let pair = self.data[(b * self.k2 + p) * 16 + lane];
+            out.push(half::bf16::from_bits(pair as u16).to_f32());
+            if out.len() < self.k {
+                out.push(half::bf16::from_bits((pair >> 16) as u16).to_f32());
+            }
+        }
+        out
+    }
+
     /// `x · Wᵀ`: `x` is `[m, k]` row-major f32 holding bf16 values; returns `[m, n]` f32 (unrounded sums).
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k, k2) = (self.n, self.k, self.k2);

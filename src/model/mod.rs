@@ -152,7 +152,8 @@ pub struct Cache {
 pub struct Model {
     pub cfg: TextConfig,
     pub prec: Precision,
-    embed: Tensor,
+    /// `None` when tied to a packed bf16 head: lookups then read the head's rows (one copy, not two).
+    embed: Option<Tensor>,
     layers: Vec<DecoderLayer>,
     norm: RmsNormZeroCentred,
     /// The head (the embedding itself when tied).
@@ -174,12 +175,7 @@ impl Model {
         let eps = cfg.rms_norm_eps;
         // The embedding serves lookups (and a tied head): kept in the model dtype, which is exact and
         // half the memory of f32 in bf16/f16 mode.
-        let embed = ws.load_decoder("embed_tokens.weight", &[v, h], prec)?;
-        let embed = match prec {
-            Precision::F32 => embed,
-            Precision::BF16 => embed.to_dtype(candle_core::DType::BF16)?,
-            Precision::F16 => embed.to_dtype(candle_core::DType::F16)?,
-        };
+        let embed = ws.load_decoder_native("embed_tokens.weight", &[v, h], prec)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.layer_types.len() {
             layers.push(DecoderLayer {
@@ -226,12 +222,17 @@ impl Model {
         };
         let rope = Rope::new(cfg.rope_theta, cfg.rotary_dim(), prec);
         // The head in the form its matmul uses; a tied head is the embedding (shared, in f32 mode).
+        let tied = lm_head.is_none();
         let head = match lm_head {
             Some(w) => LinearWeight::new(w, prec)?,
             None if prec == Precision::F16 => {
                 LinearWeight::new(embed.to_dtype(candle_core::DType::F32)?, prec)?
             }
             None => LinearWeight::new(embed.clone(), prec)?,
+        };
+        let embed = match (&head, tied) {
+            (LinearWeight::Bf16(_), true) => None,
+            _ => Some(embed),
         };
         Ok(Model {
             cfg,
@@ -276,11 +277,18 @@ impl Model {
                 "token id {bad} is outside the model's vocabulary of {v}"
             )));
         }
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .to_dtype(candle_core::DType::F32)?;
+        let mut x = match (&self.embed, &self.head) {
+            (Some(e), _) => e
+                .index_select(&Tensor::new(tokens, &Device::Cpu)?, 0)?
+                .to_dtype(candle_core::DType::F32)?,
+            (None, LinearWeight::Bf16(p)) => {
+                let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
+                Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
+            }
+            (None, LinearWeight::F32(_)) => {
+                return Err(Error::Internal("no embedding kept for an f32 head".into()))
+            }
+        };
         for (l, lc) in cache.layers.iter_mut().enumerate() {
             x = self.layer_forward(l, &x, lc)?;
             if let Some(t) = trace.as_deref_mut() {

@@ -319,6 +319,35 @@ impl WeightStore {
         super::linear::LinearWeight::new(self.load(full, shape, prec)?, prec)
     }
 
+    /// A decoder tensor in the model dtype itself (BF16 / F16 for those precisions, F32 for f32): read
+    /// straight from disk when it is stored in that dtype (exact, and without a transient f32 copy of a
+    /// [vocab, hidden] table), else loaded as usual and converted (exact after rounding).
+    pub fn load_decoder_native(
+        &self,
+        rel: &str,
+        shape: &[usize],
+        prec: Precision,
+    ) -> Result<Tensor> {
+        let full = self.decoder_name(rel);
+        let want = match prec {
+            Precision::F32 => None,
+            Precision::BF16 => Some((Dtype::BF16, DType::BF16)),
+            Precision::F16 => Some((Dtype::F16, DType::F16)),
+        };
+        if let (Some((disk, dt)), Some(e), None) = (want, self.entries.get(&full), &self.transform)
+        {
+            if e.dtype == disk && e.shape == shape {
+                let bytes = self.raw(&full, e.file, e.start, e.end)?;
+                return Ok(Tensor::from_raw_buffer(&bytes, dt, shape, &Device::Cpu)?);
+            }
+        }
+        let t = self.load(&full, shape, prec)?;
+        Ok(match want {
+            Some((_, dt)) => t.to_dtype(dt)?,
+            None => t,
+        })
+    }
+
     pub fn load_decoder(&self, rel: &str, shape: &[usize], prec: Precision) -> Result<Tensor> {
         self.load(&self.decoder_name(rel), shape, prec)
     }
