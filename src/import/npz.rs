@@ -87,53 +87,30 @@ fn chunk<const N: usize>(c: &[u8], be: bool) -> [u8; N] {
     a
 }
 
-impl ReadableElement for F16Bits {
-    fn read_to_end_exact_vec<R: Read>(
-        reader: R,
-        type_desc: &PyValue,
-        len: usize,
-    ) -> std::result::Result<Vec<Self>, ReadDataError> {
-        match parse_desc(type_desc) {
-            Some(('f', 2, be)) => Ok(read_exact_bytes(reader, len, 2)?
-                .chunks_exact(2)
-                .map(|c| F16Bits(u16::from_le_bytes(chunk::<2>(c, be))))
-                .collect()),
-            _ => Err(ReadDataError::WrongDescriptor(type_desc.clone())),
+/// `.npy` float elements of one width, read little- or big-endian as the descriptor says.
+macro_rules! float_element {
+    ($ty:ident, $width:literal, $from:expr) => {
+        impl ReadableElement for $ty {
+            fn read_to_end_exact_vec<R: Read>(
+                reader: R,
+                type_desc: &PyValue,
+                len: usize,
+            ) -> std::result::Result<Vec<Self>, ReadDataError> {
+                match parse_desc(type_desc) {
+                    Some(('f', $width, be)) => Ok(read_exact_bytes(reader, len, $width)?
+                        .chunks_exact($width)
+                        .map(|c| $ty($from(chunk::<$width>(c, be))))
+                        .collect()),
+                    _ => Err(ReadDataError::WrongDescriptor(type_desc.clone())),
+                }
+            }
         }
-    }
+    };
 }
 
-impl ReadableElement for F32Val {
-    fn read_to_end_exact_vec<R: Read>(
-        reader: R,
-        type_desc: &PyValue,
-        len: usize,
-    ) -> std::result::Result<Vec<Self>, ReadDataError> {
-        match parse_desc(type_desc) {
-            Some(('f', 4, be)) => Ok(read_exact_bytes(reader, len, 4)?
-                .chunks_exact(4)
-                .map(|c| F32Val(f32::from_le_bytes(chunk::<4>(c, be))))
-                .collect()),
-            _ => Err(ReadDataError::WrongDescriptor(type_desc.clone())),
-        }
-    }
-}
-
-impl ReadableElement for F64Val {
-    fn read_to_end_exact_vec<R: Read>(
-        reader: R,
-        type_desc: &PyValue,
-        len: usize,
-    ) -> std::result::Result<Vec<Self>, ReadDataError> {
-        match parse_desc(type_desc) {
-            Some(('f', 8, be)) => Ok(read_exact_bytes(reader, len, 8)?
-                .chunks_exact(8)
-                .map(|c| F64Val(f64::from_le_bytes(chunk::<8>(c, be))))
-                .collect()),
-            _ => Err(ReadDataError::WrongDescriptor(type_desc.clone())),
-        }
-    }
-}
+float_element!(F16Bits, 2, u16::from_le_bytes);
+float_element!(F32Val, 4, f32::from_le_bytes);
+float_element!(F64Val, 8, f64::from_le_bytes);
 
 impl ReadableElement for IntVal {
     fn read_to_end_exact_vec<R: Read>(
