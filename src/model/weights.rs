@@ -355,8 +355,27 @@ impl WeightStore {
     /// sha256 of every weights file (and the index), in name order: the oracle cache key.
     pub fn weights_sha256(&self) -> Result<Vec<(String, String)>> {
         use sha2::{Digest, Sha256};
+        // One hash per file per process: `qgate run --oracle` keys its cache with it and the oracle run
+        // records it again; a file whose size or modification time changed is hashed anew.
+        static MEMO: std::sync::Mutex<Vec<(PathBuf, u64, std::time::SystemTime, String)>> =
+            std::sync::Mutex::new(Vec::new());
         let mut out = Vec::new();
         for (path, _) in &self.files {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let md = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+            let stamp = (md.len(), md.modified().map_err(|e| io_err(path, e))?);
+            let known = MEMO.lock().ok().and_then(|m| {
+                m.iter()
+                    .find(|(p, l, t, _)| p == path && (*l, *t) == stamp)
+                    .map(|(_, _, _, h)| h.clone())
+            });
+            if let Some(h) = known {
+                out.push((name, h));
+                continue;
+            }
             // Plain reads, not the map: hashing a 50 GB checkpoint must not grow the resident set.
             let mut h = Sha256::new();
             let mut f = File::open(path).map_err(|e| io_err(path, e))?;
@@ -369,11 +388,11 @@ impl WeightStore {
                     Err(e) => return Err(io_err(path, e)),
                 }
             }
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default();
-            out.push((name, hex::encode(h.finalize())));
+            let digest = hex::encode(h.finalize());
+            if let Ok(mut m) = MEMO.lock() {
+                m.push((path.clone(), stamp.0, stamp.1, digest.clone()));
+            }
+            out.push((name, digest));
         }
         Ok(out)
     }
