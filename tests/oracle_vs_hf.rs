@@ -28,7 +28,17 @@ struct Comparison {
     sequences: usize,
 }
 
+fn load(model_name: &str, prec: Precision, portable: bool) -> Model {
+    let dir = fixture(&format!("models/{model_name}"));
+    Model::load_on(&dir, prec, &candle_core::Device::Cpu, portable).expect("model loads")
+}
+
 fn compare(model_name: &str, prec: Precision) -> Option<Comparison> {
+    compare_kernels(model_name, prec, false)
+}
+
+/// `portable`: the tensor-op kernels a GPU runs (`model::device`), here on the CPU.
+fn compare_kernels(model_name: &str, prec: Precision, portable: bool) -> Option<Comparison> {
     let hf_path = fixture(&format!(
         "hf/{model_name}.{}.capture.safetensors",
         prec.name()
@@ -37,7 +47,7 @@ fn compare(model_name: &str, prec: Precision) -> Option<Comparison> {
         return None;
     }
     let hf = Capture::open(&hf_path).expect("HF capture");
-    let model = Model::load(&fixture(&format!("models/{model_name}")), prec).expect("model loads");
+    let model = load(model_name, prec, portable);
     let v = model.cfg.vocab_size;
     let mut c = Comparison {
         rows: 0,
@@ -77,8 +87,9 @@ fn compare(model_name: &str, prec: Precision) -> Option<Comparison> {
         c.rollouts_equal += usize::from(ours.rollout.tokens == hf_rollout);
     }
     eprintln!(
-        "{model_name} {}: {} rows, max|Δ| {:.3e}, bit-identical rows {}/{} ({:.0}%), argmax mismatches {} (confident {}), rollouts equal {}/{}",
+        "{model_name} {}{}: {} rows, max|Δ| {:.3e}, bit-identical rows {}/{} ({:.0}%), argmax mismatches {} (confident {}), rollouts equal {}/{}",
         prec.name(),
+        if portable { " (portable kernels)" } else { "" },
         c.rows,
         c.max_abs,
         c.identical_rows,
@@ -129,13 +140,21 @@ fn bf16_and_f16_agree_with_hf_wherever_hf_is_confident() {
 /// Layer by layer, each layer fed HF's own input (fixtures/gen/make_layer_refs.py): checks every rounding
 /// point without the drift that 1-ulp accumulation-order differences cause over a whole forward pass.
 fn per_layer(model_name: &str, prec: Precision) -> (usize, usize, usize, usize) {
+    per_layer_kernels(model_name, prec, false)
+}
+
+fn per_layer_kernels(
+    model_name: &str,
+    prec: Precision,
+    portable: bool,
+) -> (usize, usize, usize, usize) {
     let path = fixture(&format!(
         "hf-layers/{model_name}.{}.layers.safetensors",
         prec.name()
     ));
     let bytes = std::fs::read(&path).expect("layer references");
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let model = Model::load(&fixture(&format!("models/{model_name}")), prec).unwrap();
+    let model = load(model_name, prec, portable);
     let stream: Vec<Vec<f32>> = (0..st.len())
         .map(|i| {
             let t = st.tensor(&format!("hidden.{i}")).unwrap();
@@ -183,8 +202,9 @@ fn per_layer(model_name: &str, prec: Precision) -> (usize, usize, usize, usize) 
         }
     }
     eprintln!(
-        "{model_name} {} per layer: {rows_same}/{rows} rows and {elems_same}/{elems} elements bit-identical to HF",
-        prec.name()
+        "{model_name} {}{} per layer: {rows_same}/{rows} rows and {elems_same}/{elems} elements bit-identical to HF",
+        prec.name(),
+        if portable { " (portable kernels)" } else { "" }
     );
     (rows_same, rows, elems_same, elems)
 }
@@ -217,5 +237,26 @@ fn f16_layers_match_hf_given_hf_inputs() {
             es * 100 >= e * 85,
             "{m}: only {es}/{e} layer elements identical"
         );
+    }
+}
+
+/// The portable kernels (what `--device cuda` runs) hold the same contract as the host kernels, checked
+/// here on the CPU against HF: f32 within 1e-4 with HF's argmax and rollouts, bf16/f16 agreeing wherever
+/// HF is confident, and bf16 layers fed HF's inputs mostly bit-identical (the rounding points).
+#[test]
+fn portable_kernels_match_hf() {
+    for m in MODELS {
+        let c = compare_kernels(m, Precision::F32, true).expect("HF f32 capture");
+        assert!(c.max_abs <= 1e-4, "{m} portable: max |Δlogit| {} > 1e-4", c.max_abs);
+        assert_eq!(c.argmax_mismatch, 0, "{m} portable: argmax differs from HF f32");
+        assert_eq!(c.rollouts_equal, c.sequences, "{m} portable: rollout differs");
+        for prec in [Precision::BF16, Precision::F16] {
+            if let Some(c) = compare_kernels(m, prec, true) {
+                assert_eq!(c.confident_mismatch, 0, "{m} {} portable: confident argmax differs", prec.name());
+            }
+        }
+        let (rs, r, es, e) = per_layer_kernels(m, Precision::BF16, true);
+        assert!(rs * 100 >= r * 90, "{m} portable: only {rs}/{r} layer rows bit-identical");
+        assert!(es * 1000 >= e * 990, "{m} portable: only {es}/{e} layer elements bit-identical");
     }
 }

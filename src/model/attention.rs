@@ -36,6 +36,7 @@ pub struct GatedAttention {
     nkv: usize,
     hd: usize,
     prec: Precision,
+    portable: bool,
 }
 
 impl GatedAttention {
@@ -59,6 +60,7 @@ impl GatedAttention {
             nkv,
             hd,
             prec,
+            portable: ws.portable_kernels(),
         })
     }
 
@@ -87,7 +89,7 @@ impl GatedAttention {
             .transpose(0, 1)?
             .contiguous()?;
 
-        let (cos, sin) = rope.tables(start, t)?;
+        let (cos, sin) = rope.tables(start, t, h.device())?;
         let q = rope.apply(&q, &cos, &sin)?;
         let k = rope.apply(&k, &cos, &sin)?;
 
@@ -106,7 +108,12 @@ impl GatedAttention {
         let scores = p.round(&q.matmul(&k_all.t()?)?)?; // R(q·kᵀ)
         let scores = p.round(&(scores * scale)?)?; // R(· hd^-0.5)
         let scores = scores.reshape((nkv, groups, t, total))?;
-        let probs = p.round(&masked_softmax(&scores, start)?)?;
+        let probs = if self.portable {
+            masked_softmax_portable(&scores, start)?
+        } else {
+            masked_softmax(&scores, start)?
+        };
+        let probs = p.round(&probs)?;
         let probs = probs.reshape((nkv, groups * t, total))?;
         let o = p.round(&probs.matmul(&v_all)?)?; // [nkv, g*T, hd]
         let o = o
@@ -140,6 +147,22 @@ fn masked_softmax(scores: &Tensor, start: usize) -> Result<Tensor> {
         hidden.iter_mut().for_each(|x| *x = 0.0);
     }
     Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+}
+
+/// `masked_softmax` as tensor ops on the scores' device: masked entries get -inf (exp → 0), so the
+/// maximum and the sum run over the visible keys only, as HF's eager softmax in f32.
+fn masked_softmax_portable(scores: &Tensor, start: usize) -> Result<Tensor> {
+    let dims = scores.dims().to_vec();
+    let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|r| (0..total).map(move |c| if c <= start + r { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, total), scores.device())?;
+    let s = scores.broadcast_add(&mask)?;
+    let max = s.max_keepdim(D::Minus1)?;
+    let e = s.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
 }
 
 /// `1 / (1 + exp(-x))` in f32, as torch.

@@ -3,6 +3,7 @@
 //! gated RMSNorm and out_proj.
 use super::config::TextConfig;
 use super::delta_rule::{self, DeltaInputs};
+use super::delta_rule_portable;
 use super::mlp::{linear, LinearWeight};
 use super::norms::GatedRmsNorm;
 use super::precision::Precision;
@@ -16,6 +17,9 @@ pub struct GdnCache {
     pub conv_history: Vec<f32>,
     /// `[Hv, Dk, Dv]`, f32 (never rounded, as HF).
     pub state: Vec<f32>,
+    /// The same two, as tensors on the device, for the portable kernels (the vectors stay empty).
+    pub conv_history_t: Option<Tensor>,
+    pub state_t: Option<Tensor>,
     pub seen: usize,
 }
 
@@ -35,6 +39,15 @@ pub struct GatedDeltaNet {
     dv: usize,
     kernel: usize,
     prec: Precision,
+    /// Tensor-op kernels on the weights' device (see `device`); `None`: the host kernels.
+    portable: Option<PortableGdn>,
+}
+
+/// The small per-layer tensors the portable kernels need on the device.
+struct PortableGdn {
+    conv_weight_t: Tensor, // [K, C]
+    neg_a: Tensor,         // −exp(A_log), [Hv]
+    dt_bias: Tensor,       // [Hv]
 }
 
 impl GatedDeltaNet {
@@ -55,19 +68,33 @@ impl GatedDeltaNet {
                 .flatten_all()?
                 .to_vec1()?)
         };
+        let conv_weight_t: Vec<f32> = {
+            let w = vec("conv1d.weight", &[c, 1, kernel])?;
+            (0..kernel * c)
+                .map(|i| w[(i % c) * kernel + i / c])
+                .collect()
+        };
+        let a_log = vec("A_log", &[hv])?;
+        let dt_bias = vec("dt_bias", &[hv])?;
+        let portable = if ws.portable_kernels() {
+            let dev = ws.device();
+            let neg_a: Vec<f32> = a_log.iter().map(|a| -a.exp()).collect();
+            Some(PortableGdn {
+                conv_weight_t: Tensor::from_slice(&conv_weight_t, (kernel, c), dev)?,
+                neg_a: Tensor::from_vec(neg_a, hv, dev)?,
+                dt_bias: Tensor::from_slice(&dt_bias, hv, dev)?,
+            })
+        } else {
+            None
+        };
         Ok(GatedDeltaNet {
             in_proj_qkv: ws.load_linear(&format!("{prefix}in_proj_qkv.weight"), &[c, h], prec)?,
             in_proj_z: ws.load_linear(&format!("{prefix}in_proj_z.weight"), &[hv * dv, h], prec)?,
             in_proj_b: ws.load_linear(&format!("{prefix}in_proj_b.weight"), &[hv, h], prec)?,
             in_proj_a: ws.load_linear(&format!("{prefix}in_proj_a.weight"), &[hv, h], prec)?,
-            conv_weight_t: {
-                let w = vec("conv1d.weight", &[c, 1, kernel])?;
-                (0..kernel * c)
-                    .map(|i| w[(i % c) * kernel + i / c])
-                    .collect()
-            },
-            a_log: vec("A_log", &[hv])?,
-            dt_bias: vec("dt_bias", &[hv])?,
+            conv_weight_t,
+            a_log,
+            dt_bias,
             norm: GatedRmsNorm::new(
                 ws,
                 &format!("{prefix}norm.weight"),
@@ -82,19 +109,34 @@ impl GatedDeltaNet {
             dv,
             kernel,
             prec,
+            portable,
         })
     }
 
     pub fn empty_cache(&self) -> GdnCache {
         let c = 2 * self.hk * self.dk + self.hv * self.dv;
+        if self.portable.is_some() {
+            return GdnCache {
+                conv_history: Vec::new(),
+                state: Vec::new(),
+                conv_history_t: None,
+                state_t: None,
+                seen: 0,
+            };
+        }
         GdnCache {
             conv_history: vec![0.0; (self.kernel - 1) * c],
             state: vec![0.0; self.hv * self.dk * self.dv],
+            conv_history_t: None,
+            state_t: None,
             seen: 0,
         }
     }
 
     pub fn forward(&self, h: &Tensor, cache: &mut GdnCache) -> Result<Tensor> {
+        if let Some(pg) = &self.portable {
+            return self.forward_portable(pg, h, cache);
+        }
         let p = self.prec;
         let (t, _) = h.dims2()?;
         let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
@@ -185,6 +227,98 @@ impl GatedDeltaNet {
         let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
         linear(&y, &self.out_proj, p)
     }
+}
+
+impl GatedDeltaNet {
+    /// `forward` as tensor ops on `h`'s device: the same arithmetic as the host path step by step
+    /// (conv taps accumulated in order, the same rounding points), the delta rule from
+    /// `delta_rule_portable`.
+    fn forward_portable(&self, pg: &PortableGdn, h: &Tensor, cache: &mut GdnCache) -> Result<Tensor> {
+        let p = self.prec;
+        let dev = h.device();
+        let (t, _) = h.dims2()?;
+        let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
+        let c = 2 * hk * dk + hv * dv;
+        let qkv = linear(h, &self.in_proj_qkv, p)?;
+        let z = linear(h, &self.in_proj_z, p)?;
+        let b = linear(h, &self.in_proj_b, p)?;
+        let a = linear(h, &self.in_proj_a, p)?;
+
+        // Causal depthwise conv: out_t = Σ_j w_j · rows_{t+j}, taps in order, then R, SiLU, R.
+        let hist = kk - 1;
+        let history = match cache.conv_history_t.take() {
+            Some(x) => x,
+            None => Tensor::zeros((hist, c), candle_core::DType::F32, dev)?,
+        };
+        let rows = Tensor::cat(&[&history, &qkv], 0)?;
+        let mut conv = rows.narrow(0, 0, t)?.broadcast_mul(&pg.conv_weight_t.narrow(0, 0, 1)?)?;
+        for j in 1..kk {
+            let tap = rows
+                .narrow(0, j, t)?
+                .broadcast_mul(&pg.conv_weight_t.narrow(0, j, 1)?)?;
+            conv = (conv + tap)?;
+        }
+        let conv = p.round(&p.round(&conv)?.silu()?)?;
+        cache.conv_history_t = Some(rows.narrow(0, t, hist)?.contiguous()?);
+
+        // q | k | v, key heads expanded to value heads (head j uses key head j / r), L2 norm on q, k.
+        let r = hv / hk;
+        let expand = |x: Tensor| -> Result<Tensor> {
+            if r == 1 {
+                return Ok(x);
+            }
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((t, hk, r, dk))?
+                .reshape((t, hv, dk))?)
+        };
+        let q = expand(conv.narrow(1, 0, hk * dk)?.reshape((t, hk, dk))?)?;
+        let k = expand(conv.narrow(1, hk * dk, hk * dk)?.reshape((t, hk, dk))?)?;
+        let v = conv.narrow(1, 2 * hk * dk, hv * dv)?.reshape((t, hv, dv))?;
+        let heads_first = |x: Tensor| x.transpose(0, 1)?.contiguous();
+        let q = heads_first(l2_normalise(&q)?)?;
+        let k = heads_first(l2_normalise(&k)?)?;
+        let v = heads_first(v)?;
+
+        // β = R(sigmoid(b)); g = −exp(A_log) · softplus(a + dt_bias), f32: [Hv, T].
+        let beta = p.round(&(b.neg()?.exp()? + 1.0)?.recip()?)?;
+        let beta = beta.t()?.contiguous()?;
+        let g = softplus_t(&a.broadcast_add(&pg.dt_bias)?)?.broadcast_mul(&pg.neg_a)?;
+        let g = g.t()?.contiguous()?;
+
+        let state = match cache.state_t.take() {
+            Some(s) => s,
+            None => Tensor::zeros((hv, dk, dv), candle_core::DType::F32, dev)?,
+        };
+        let (o, state) = if t == 1 && cache.seen > 0 {
+            delta_rule_portable::recurrent(&q, &k, &v, &beta, &g, &state)?
+        } else {
+            delta_rule_portable::chunked(&q, &k, &v, &beta, &g, &state)?
+        };
+        cache.state_t = Some(state);
+        cache.seen += t;
+        let o = p.round(&o)?.transpose(0, 1)?.contiguous()?; // [T, Hv, Dv]
+        let z = z.reshape((t, hv, dv))?;
+        let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
+        linear(&y, &self.out_proj, p)
+    }
+}
+
+/// `x · (1 / sqrt(Σx² + 1e-6))` over the last axis, as tensor ops (the host kernel's arithmetic).
+fn l2_normalise(x: &Tensor) -> Result<Tensor> {
+    let inv = (x.sqr()?.sum_keepdim(candle_core::D::Minus1)? + 1e-6)?
+        .sqrt()?
+        .recip()?;
+    Ok(x.broadcast_mul(&inv)?)
+}
+
+/// torch softplus (threshold 20) as tensor ops: `x` above 20, else `log1p(exp(x))`, with log1p
+/// computed accurately as `log(u)·y/(u−1)` for `u = 1 + y` (`y` itself where `u` rounds to 1).
+fn softplus_t(x: &Tensor) -> Result<Tensor> {
+    let y = x.exp()?;
+    let u = (&y + 1.0)?;
+    let log1p = (u.log()? * &y)?.div(&(&u - 1.0)?)?;
+    let log1p = u.eq(1.0)?.where_cond(&y, &log1p)?;
+    Ok(x.gt(20.0)?.where_cond(x, &log1p)?)
 }
 
 /// `x · rsqrt(Σx² + 1e-6)` (sum, not mean; HF's l2norm).

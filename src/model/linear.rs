@@ -9,11 +9,20 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 pub enum LinearWeight {
     F32(Tensor),
     Bf16(PackedBf16),
+    /// On a GPU in bf16/f16 mode: the weight in that dtype, multiplied by cuBLAS with f32 accumulation
+    /// (`CUBLAS_COMPUTE_32F`) and one rounding of each output, as HF's GEMMs.
+    Half(Tensor),
 }
 
 impl LinearWeight {
     /// `w`: `[out, in]`, F32 (already rounded to `prec`) or, for bf16 packing, BF16.
     pub fn new(w: Tensor, prec: Precision) -> Result<LinearWeight> {
+        if !w.device().is_cpu() {
+            return Ok(match prec.half_dtype() {
+                Some(dt) => LinearWeight::Half(w.to_dtype(dt)?.contiguous()?),
+                None => LinearWeight::F32(w.to_dtype(candle_core::DType::F32)?.contiguous()?),
+            });
+        }
         if prec == Precision::BF16 && bf16_gemm::available() {
             let (n, k) = w.dims2()?;
             let w = w.contiguous()?;
@@ -48,6 +57,11 @@ impl LinearWeight {
 pub fn linear(x: &Tensor, w: &LinearWeight, prec: Precision) -> Result<Tensor> {
     match w {
         LinearWeight::F32(w) => Ok(prec.round(&x.matmul(&w.t()?)?)?),
+        LinearWeight::Half(w) => {
+            // x holds model-dtype values (rounded upstream), so the cast is exact.
+            let y = x.to_dtype(w.dtype())?.matmul(&w.t()?)?;
+            Ok(y.to_dtype(candle_core::DType::F32)?)
+        }
         LinearWeight::Bf16(p) => {
             let (m, _) = x.dims2()?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;

@@ -4,6 +4,8 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod config;
 pub mod delta_rule;
+pub mod delta_rule_portable;
+pub mod device;
 pub mod gated_deltanet;
 pub mod linear;
 pub mod mlp;
@@ -163,10 +165,17 @@ pub struct Model {
 
 impl Model {
     pub fn load(dir: &Path, prec: Precision) -> Result<Model> {
+        Model::load_on(dir, prec, &Device::Cpu, false)
+    }
+
+    /// Load onto `dev`; `portable`: the tensor-op kernels even on the CPU (see `device`).
+    pub fn load_on(dir: &Path, prec: Precision, dev: &Device, portable: bool) -> Result<Model> {
         let cfg = TextConfig::from_dir(dir)?;
         let mut ws = WeightStore::open(dir)?;
         // Positioned reads: the checkpoint passes through the page cache, not our resident set.
         ws.set_streaming(true);
+        ws.set_device(dev);
+        ws.set_portable_kernels(portable);
         Model::from_store(cfg, &ws, prec)
     }
 
@@ -225,7 +234,7 @@ impl Model {
         let tied = lm_head.is_none();
         let head = match lm_head {
             Some(w) => LinearWeight::new(w, prec)?,
-            None if prec == Precision::F16 => {
+            None if prec == Precision::F16 && embed.device().is_cpu() => {
                 LinearWeight::new(embed.to_dtype(candle_core::DType::F32)?, prec)?
             }
             None => LinearWeight::new(embed.clone(), prec)?,
@@ -279,13 +288,13 @@ impl Model {
         }
         let mut x = match (&self.embed, &self.head) {
             (Some(e), _) => e
-                .index_select(&Tensor::new(tokens, &Device::Cpu)?, 0)?
+                .index_select(&Tensor::new(tokens, e.device())?, 0)?
                 .to_dtype(candle_core::DType::F32)?,
             (None, LinearWeight::Bf16(p)) => {
                 let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
                 Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
             }
-            (None, LinearWeight::F32(_)) => {
+            (None, LinearWeight::F32(_) | LinearWeight::Half(_)) => {
                 return Err(Error::Internal("no embedding kept for an f32 head".into()))
             }
         };

@@ -41,6 +41,8 @@ pub struct Routes {
     per_token: Vec<Vec<(usize, f32)>>,
     /// Weighted contribution of every (token, slot), filled expert by expert: `[T, k, H]`.
     contrib: Vec<f32>,
+    /// The same on the device, `[T·k, H]` (portable kernels; `contrib` then stays empty).
+    contrib_t: Option<Tensor>,
 }
 
 impl Routes {
@@ -70,6 +72,7 @@ pub struct SparseMoe {
     hidden: usize,
     inter: usize,
     prec: Precision,
+    portable: bool,
 }
 
 impl SparseMoe {
@@ -157,6 +160,7 @@ impl SparseMoe {
             hidden,
             inter: i,
             prec,
+            portable: ws.portable_kernels(),
         })
     }
 
@@ -230,9 +234,18 @@ impl SparseMoe {
                     .collect(),
             );
         }
+        if self.portable {
+            let zeros = Tensor::zeros((t * self.top_k, hidden), candle_core::DType::F32, h.device())?;
+            return Ok(Routes {
+                per_token,
+                contrib: Vec::new(),
+                contrib_t: Some(zeros),
+            });
+        }
         Ok(Routes {
             per_token,
             contrib: vec![0f32; t * self.top_k * hidden],
+            contrib_t: None,
         })
     }
 
@@ -262,7 +275,22 @@ impl SparseMoe {
             return Ok(());
         }
         let ids: Vec<u32> = hits.iter().map(|(tok, _, _)| *tok as u32).collect();
-        let xs = h.index_select(&Tensor::new(ids.as_slice(), &Device::Cpu)?, 0)?;
+        let xs = h.index_select(&Tensor::new(ids.as_slice(), h.device())?, 0)?;
+        if let Some(contrib) = routes.contrib_t.take() {
+            // On the device: R(out · w) for each hit, added into its (token, slot) row (zero before).
+            let dev = h.device();
+            let out = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p)?;
+            let w: Vec<f32> = hits.iter().map(|(_, _, w)| *w).collect();
+            let w = Tensor::from_vec(w, (hits.len(), 1), dev)?;
+            let y = p.round(&out.broadcast_mul(&w)?)?;
+            let rows: Vec<u32> = hits
+                .iter()
+                .map(|(tok, slot, _)| (tok * self.top_k + slot) as u32)
+                .collect();
+            let rows = Tensor::from_vec(rows, hits.len(), dev)?;
+            routes.contrib_t = Some(contrib.index_add(&rows, &y, 0)?);
+            return Ok(());
+        }
         let out: Vec<f32> = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p)?
             .flatten_all()?
             .to_vec1()?;
@@ -280,6 +308,10 @@ impl SparseMoe {
     pub fn finish(&self, h: &Tensor, routes: Routes) -> Result<Tensor> {
         let p = self.prec;
         let (t, hidden) = h.dims2()?;
+        if let Some(contrib) = routes.contrib_t {
+            let routed = p.round(&contrib.reshape((t, self.top_k, hidden))?.sum(1)?)?;
+            return self.add_shared(h, routed);
+        }
         let contrib = routes.contrib;
         let mut routed = vec![0f32; t * hidden];
         for tok in 0..t {
@@ -293,6 +325,12 @@ impl SparseMoe {
         }
         p.round_slice(&mut routed);
         let routed = Tensor::from_vec(routed, (t, hidden), &Device::Cpu)?;
+        self.add_shared(h, routed)
+    }
+
+    /// `R(routed + R(shared(h) · R(sigmoid(h · gateᵀ))))`.
+    fn add_shared(&self, h: &Tensor, routed: Tensor) -> Result<Tensor> {
+        let p = self.prec;
         let shared = self.shared.forward(h)?;
         let sigma = p.round(&sigmoid(&linear(h, &self.shared_gate, p)?)?)?; // [T, 1]
         let shared = p.round(&shared.broadcast_mul(&sigma)?)?;

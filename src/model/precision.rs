@@ -27,6 +27,15 @@ impl Precision {
         }
     }
 
+    /// The model dtype when it is a 16-bit one.
+    pub fn half_dtype(self) -> Option<DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::BF16 => Some(DType::BF16),
+            Precision::F16 => Some(DType::F16),
+        }
+    }
+
     /// `R(x)`: round every element to the model dtype (round-to-nearest-even), keep it in f32.
     pub fn round(self, t: &Tensor) -> candle_core::Result<Tensor> {
         match self {

@@ -24,8 +24,9 @@ impl Rope {
         }
     }
 
-    /// `(cos, sin)` tables `[T, rd]` for positions `start..start+t`, rounded to the model dtype.
-    pub fn tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    /// `(cos, sin)` tables `[T, rd]` for positions `start..start+t`, rounded to the model dtype, on `dev`
+    /// (computed on the host: a few KB per call).
+    pub fn tables(&self, start: usize, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
         let mut cos = Vec::with_capacity(t * self.rotary_dim);
         let mut sin = Vec::with_capacity(t * self.rotary_dim);
         for p in start..start + t {
@@ -39,7 +40,7 @@ impl Rope {
         let mut sin_t = Tensor::from_vec(sin, (t, self.rotary_dim), &Device::Cpu)?;
         cos_t = self.prec.round(&cos_t)?;
         sin_t = self.prec.round(&sin_t)?;
-        Ok((cos_t, sin_t))
+        Ok((cos_t.to_device(dev)?, sin_t.to_device(dev)?))
     }
 
     /// Apply to `x: [heads, T, hd]` with tables `[T, rd]`: `R(R(x·cos) + R(rot(x)·sin))` on the rotary slice.

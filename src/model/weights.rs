@@ -46,6 +46,10 @@ pub struct WeightStore {
     /// `model.language_model.` (VL checkpoints) or `model.` (ForCausalLM checkpoints).
     pub decoder_prefix: String,
     transform: Option<Arc<dyn WeightTransform>>,
+    /// Where loaded tensors go (converted on the host first, then copied once).
+    device: Device,
+    /// Blocks built from this store use the portable (tensor-op) kernels; always on for a GPU.
+    portable: bool,
 }
 
 impl WeightStore {
@@ -128,7 +132,28 @@ impl WeightStore {
             decoder_prefix,
             streaming: false,
             transform: None,
+            device: Device::Cpu,
+            portable: false,
         })
+    }
+
+    /// Put every tensor loaded from now on on `dev`; a non-CPU device implies the portable kernels.
+    pub fn set_device(&mut self, dev: &Device) {
+        self.portable = self.portable || !dev.is_cpu();
+        self.device = dev.clone();
+    }
+
+    /// Use the portable (tensor-op) kernels on the CPU too (how the GPU path is tested without a GPU).
+    pub fn set_portable_kernels(&mut self, on: bool) {
+        self.portable = on || !self.device.is_cpu();
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn portable_kernels(&self) -> bool {
+        self.portable
     }
 
     /// Apply `t` to every tensor loaded from now on.
@@ -305,7 +330,7 @@ impl WeightStore {
             Some(tr) => tr.apply(logical, t)?,
             None => t,
         };
-        Ok(prec.round(&t)?)
+        Ok(prec.round(&t)?.to_device(&self.device)?)
     }
 
     /// Load a decoder-relative tensor (prefix resolved).
@@ -338,7 +363,10 @@ impl WeightStore {
         {
             if e.dtype == disk && e.shape == shape {
                 let bytes = self.raw(&full, e.file, e.start, e.end)?;
-                return Ok(Tensor::from_raw_buffer(&bytes, dt, shape, &Device::Cpu)?);
+                return Ok(
+                    Tensor::from_raw_buffer(&bytes, dt, shape, &Device::Cpu)?
+                        .to_device(&self.device)?,
+                );
             }
         }
         let t = self.load(&full, shape, prec)?;

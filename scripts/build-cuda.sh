@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Build qgate with the `cuda` feature on a machine with no CUDA toolkit and no GPU driver (issue 7).
+#
+#   scripts/build-cuda.sh            # -> target/cuda/release/qgate and target/cuda/qgate.gz
+#
+# The toolkit comes from NVIDIA's PyPI wheels, every piece pinned to one CUDA 13.0 release (newer
+# components emit PTX/cubins the H100's 580-series driver cannot load). libcuda.so is the driver: none is
+# installed here, so we link against a generated stub with the right SONAME; the real one is found at run
+# time on the GPU machine. Kernels are built for CUDA_COMPUTE_CAP=90 (Hopper) unless you set it.
+#
+# Run time on the GPU machine: the binary needs libcudart.so.13, libcublas(.Lt).so.13, libcurand.so.10,
+# libnvrtc.so.13 (all in the `nvidia-*` cu13 wheels that PyTorch installs) and the driver's libcuda.so.1;
+# `scripts/cuda-env.sh` puts the wheel folders on LD_LIBRARY_PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TK=${QGATE_CUDA_TOOLKIT:-$HOME/.cache/qgate/cuda-13.0}
+PY=${PYTHON:-python3}
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+
+WHEELS=(
+  nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
+  nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88
+  nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
+)
+
+if [ ! -x "$TK/bin/nvcc" ]; then
+  echo "[build-cuda] fetching the CUDA 13.0 toolkit wheels into $TK" >&2
+  rm -rf "$TK.tmp"; mkdir -p "$TK.tmp/wheels" "$TK.tmp/unpacked"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_27_x86_64 \
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+      -d "$TK.tmp/wheels" "${WHEELS[@]}"
+  for w in "$TK.tmp"/wheels/*.whl; do "$PY" -m zipfile -e "$w" "$TK.tmp/unpacked"; done
+  # The cu13 wheels put everything under nvidia/cu13/{bin,include,lib,nvvm}: merge into one CUDA_HOME.
+  mkdir -p "$TK.tmp/home"
+  cp -a "$TK.tmp"/unpacked/nvidia/cu13/. "$TK.tmp/home/"
+  chmod +x "$TK.tmp"/home/bin/* "$TK.tmp"/home/nvvm/bin/* 2>/dev/null || true
+  # Unversioned names for the linker (the wheels ship only libX.so.N).
+  ( cd "$TK.tmp/home/lib" && for f in lib*.so.*; do b=${f%%.so.*}.so; [ -e "$b" ] || ln -s "$f" "$b"; done )
+  rm -rf "$TK"; mv "$TK.tmp/home" "$TK"; rm -rf "$TK.tmp"
+fi
+
+# libcuda stub: every cu* entry point cudarc declares, as an empty function, SONAME libcuda.so.1.
+if [ ! -e "$TK/lib/stubs/libcuda.so" ]; then
+  CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -n 1)
+  mkdir -p "$TK/lib/stubs"
+  grep -hoE '^\s+fn cu[A-Za-z0-9_]+\(' "$CUDARC/src/driver/sys/mod.rs" | sed -E 's/^\s+fn //; s/\($//' \
+    | sort -u | awk '{print "void " $1 "(void) {}"}' > "$TK/lib/stubs/libcuda_stub.c"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$TK/lib/stubs/libcuda.so" "$TK/lib/stubs/libcuda_stub.c"
+fi
+
+export CUDA_HOME=$TK CUDA_PATH=$TK CUDA_ROOT=$TK PATH=$TK/bin:$PATH
+export LIBRARY_PATH=$TK/lib:$TK/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
+nvcc --version | tail -n 2 >&2
+# Own target folder: candle built with `cuda` must not evict the CPU build's artefacts.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
+cargo build --release --features cuda --bin qgate "$@"
+gzip -9 -c "$CARGO_TARGET_DIR/release/qgate" > "$CARGO_TARGET_DIR/qgate.gz"
+ls -l "$CARGO_TARGET_DIR/qgate.gz" >&2

@@ -1,0 +1,134 @@
+//! The gated delta rule as tensor ops on any device, op for op HF's `torch_chunk_gated_delta_rule`
+//! (chunk 64, the UT system solved by forward substitution, then the scan over chunks) and
+//! `torch_recurrent_gated_delta_rule`. All f32. The host kernels in `delta_rule` compute the same
+//! quantities; only the order of f32 additions differs (GEMM reductions), at the 1e-7 level.
+//!
+//! Shapes: `q`, `k`: `[H, T, Dk]` (L2-normalised, expanded to value heads, not yet scaled), `v`:
+//! `[H, T, Dv]`, `beta`, `g`: `[H, T]`, `state`: `[H, Dk, Dv]`. Both return `(o [H, T, Dv], new state)`.
+use super::delta_rule::CHUNK;
+use candle_core::{Result, Tensor};
+
+/// Chunked form (HF's prefill path). The host loop runs over chunks (64 positions), never positions.
+pub fn chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    beta: &Tensor,
+    g: &Tensor,
+    state: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (h, t, dk) = q.dims3()?;
+    let dv = v.dim(2)?;
+    let dev = q.device();
+    let q = q.affine((dk as f32).powf(-0.5) as f64, 0.0)?;
+    let pad = (CHUNK - t % CHUNK) % CHUNK;
+    let (q, k, v) = (
+        q.pad_with_zeros(1, 0, pad)?,
+        k.pad_with_zeros(1, 0, pad)?,
+        v.pad_with_zeros(1, 0, pad)?,
+    );
+    let (beta, g) = (beta.pad_with_zeros(1, 0, pad)?, g.pad_with_zeros(1, 0, pad)?);
+    let n = (t + pad) / CHUNK;
+    let v_beta = v.broadcast_mul(&beta.unsqueeze(2)?)?;
+    let k_beta = k.broadcast_mul(&beta.unsqueeze(2)?)?;
+    // [H·N, C, ·]: one batch entry per (head, chunk).
+    let chunks = |x: &Tensor, d: usize| x.reshape((h * n, CHUNK, d));
+    let (q, k, k_beta, v_beta) = (
+        chunks(&q, dk)?,
+        chunks(&k, dk)?,
+        chunks(&k_beta, dk)?,
+        chunks(&v_beta, dv)?,
+    );
+    let cum = g.reshape((h * n, CHUNK))?.cumsum(1)?; // [H·N, C]
+
+    // pairwise[i, j] = exp(cum_i − cum_j) for j ≤ i, 0 above the diagonal (−inf before the exp).
+    let upper: Vec<f32> = (0..CHUNK * CHUNK)
+        .map(|e| if e % CHUNK > e / CHUNK { f32::NEG_INFINITY } else { 0.0 })
+        .collect();
+    let upper = Tensor::from_vec(upper, (CHUNK, CHUNK), dev)?;
+    let pairwise = cum
+        .unsqueeze(2)?
+        .broadcast_sub(&cum.unsqueeze(1)?)?
+        .broadcast_add(&upper)?
+        .exp()?;
+    let kt = k.transpose(1, 2)?;
+    let ut_system = (k_beta.matmul(&kt)? * &pairwise)?;
+    let intra = (q.matmul(&kt)? * &pairwise)?;
+    let cum_exp = cum.exp()?.unsqueeze(2)?;
+    let decayed_k_beta = k_beta.broadcast_mul(&cum_exp)?;
+    // (I + strictly_lower(ut)) · [new_values | k_cumdecay] = [v_beta | decayed_k_beta]
+    let rhs = Tensor::cat(&[&v_beta, &decayed_k_beta], 2)?;
+    let solved = solve_unit_lower(&ut_system, &rhs)?;
+    let new_values = solved.narrow(2, 0, dv)?;
+    let k_cumdecay = solved.narrow(2, dv, dk)?;
+
+    // Decays applied once, outside the scan.
+    let q = q.broadcast_mul(&cum_exp)?;
+    let last = cum.narrow(1, CHUNK - 1, 1)?; // [H·N, 1]
+    let k = k.broadcast_mul(&last.broadcast_sub(&cum)?.exp()?.unsqueeze(2)?)?;
+    let chunk_decay = last.exp()?.reshape((h, n, 1, 1))?;
+
+    // Chunk-major [N, H, C, ·] so that chunk i is a contiguous block.
+    let by_chunk = |x: &Tensor, d: usize| -> Result<Tensor> {
+        x.reshape((h, n, CHUNK, d))?.transpose(0, 1)?.contiguous()
+    };
+    let (new_values, k_cumdecay) = (by_chunk(&new_values, dv)?, by_chunk(&k_cumdecay, dk)?);
+    let (q, k, intra) = (by_chunk(&q, dk)?, by_chunk(&k, dk)?, by_chunk(&intra, CHUNK)?);
+    let chunk_decay = chunk_decay.transpose(0, 1)?.contiguous()?; // [N, H, 1, 1]
+
+    let mut s = state.clone();
+    let mut outs = Vec::with_capacity(n);
+    for i in 0..n {
+        let v_new = (new_values.get(i)? - k_cumdecay.get(i)?.matmul(&s)?)?;
+        let inter = q.get(i)?.matmul(&s)?;
+        outs.push((inter + intra.get(i)?.matmul(&v_new)?)?);
+        let k_i = k.get(i)?.transpose(1, 2)?;
+        s = (s.broadcast_mul(&chunk_decay.get(i)?)? + k_i.matmul(&v_new)?)?;
+    }
+    let o = Tensor::stack(&outs, 1)?.reshape((h, n * CHUNK, dv))?;
+    Ok((o.narrow(1, 0, t)?.contiguous()?, s))
+}
+
+/// Solve `(I + L) X = B` for each batch entry, `L` the strictly lower triangle of `a` (`[B, C, C]`;
+/// its diagonal and upper triangle are ignored, as `solve_triangular(unitriangular=True)`), `B`:
+/// `[B, C, W]`. Forward substitution, one row at a time: `x_i = b_i − L[i, :i] · X[:i]`.
+fn solve_unit_lower(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, c, _) = a.dims3()?;
+    let x = b.contiguous()?.copy()?; // row 0 is b_0; rows 1.. are overwritten in order
+    for i in 1..c {
+        let l_row = a.narrow(1, i, 1)?.narrow(2, 0, i)?.contiguous()?; // [B, 1, i]
+        let done = x.narrow(1, 0, i)?; // [B, i, W], rows already solved
+        let row = (b.narrow(1, i, 1)? - l_row.matmul(&done)?)?.contiguous()?;
+        x.slice_set(&row, 1, i)?;
+    }
+    Ok(x)
+}
+
+/// Recurrent form over the positions given (HF's path for single cached steps).
+pub fn recurrent(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    beta: &Tensor,
+    g: &Tensor,
+    state: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (_, t, dk) = q.dims3()?;
+    let div = Tensor::new((dk as f32).sqrt(), q.device())?;
+    let q = q.broadcast_div(&div)?; // a division, as HF (not a multiplication by the reciprocal)
+    let mut s = state.clone();
+    let mut outs = Vec::with_capacity(t);
+    for i in 0..t {
+        let q_i = q.narrow(1, i, 1)?.transpose(1, 2)?; // [H, Dk, 1]
+        let k_i = k.narrow(1, i, 1)?.transpose(1, 2)?; // [H, Dk, 1]
+        let v_i = v.narrow(1, i, 1)?; // [H, 1, Dv]
+        let decay = g.narrow(1, i, 1)?.exp()?.unsqueeze(2)?; // [H, 1, 1]
+        let beta_i = beta.narrow(1, i, 1)?.unsqueeze(2)?; // [H, 1, 1]
+        s = s.broadcast_mul(&decay)?;
+        let kv_mem = s.broadcast_mul(&k_i)?.sum_keepdim(1)?; // [H, 1, Dv]
+        let delta = (v_i - kv_mem)?.broadcast_mul(&beta_i)?;
+        s = (s + k_i.broadcast_mul(&delta)?)?;
+        outs.push(s.broadcast_mul(&q_i)?.sum_keepdim(1)?); // [H, 1, Dv]
+    }
+    Ok((Tensor::cat(&outs, 1)?, s))
+}

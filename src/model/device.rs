@@ -1,0 +1,71 @@
+//! Where the oracle runs (`--device cpu|cuda[:N]`) and which kernels that implies.
+//!
+//! On the CPU the decoder uses its host kernels (hand-vectorised delta rule, packed bf16 GEMM, row-wise
+//! softmax). Any other device runs the *portable* kernels: the same arithmetic written as tensor ops, so
+//! that the delta-rule chunk scan, the causal conv, attention and MoE all stay on the device; only the
+//! MoE router's `[T, experts]` probabilities cross to the host once per layer, for torch's top-k
+//! tie-breaking. The portable kernels also run on the CPU (`portable_kernels`), which is how CI checks
+//! them against HF's own outputs without a GPU.
+use crate::error::{Error, Result};
+use candle_core::Device;
+
+/// Parse `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                Error::usage(format!("--device {spec}: expected cpu, cuda or cuda:N"))
+            })?,
+        None => {
+            return Err(Error::usage(format!(
+                "--device {spec}: expected cpu, cuda or cuda:N"
+            )))
+        }
+    };
+    cuda_device(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::usage(format!("--device cuda:{ordinal}: cannot open the GPU: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Err(Error::usage(format!(
+        "--device cuda:{ordinal}: this qgate was built without CUDA; build it with scripts/build-cuda.sh \
+         (cargo feature `cuda`)"
+    )))
+}
+
+/// A short name for reports and capture metadata: `cpu` or `cuda:N`.
+pub fn device_name(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Bytes of device memory free now (`None` on the CPU, or when the driver cannot say).
+pub fn free_device_memory(dev: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _total)| free as u64);
+    }
+    let _ = dev;
+    None
+}
