@@ -1,7 +1,11 @@
 //! One teacher-forced oracle forward over T random tokens (after a short warm-up), printing one JSON
-//! line with tokens/s and peak RSS. Driven by `bench/oracle_vs_transformers.sh`, which runs the
-//! transformers peer in the same invocation and prints the ratio.
-use qgate::model::{precision::Precision, Model};
+//! line with tokens/s and peak RSS. Driven by `bench/oracle_vs_transformers.sh` (CPU) and
+//! `bench/gpu/oracle_vs_transformers_gpu.sh` (`DEVICE` = cuda), which run the transformers peer in the
+//! same invocation and print the ratio. On a GPU the time is the median of `REPS` forwards, each ended by
+//! a device synchronisation (the logits `[T, V]` stay on the device, as transformers' do).
+//!
+//! usage: bench_oracle MODEL_DIR DTYPE T [DEVICE [REPS]]
+use qgate::model::{device::parse_device, precision::Precision, Model};
 use std::time::Instant;
 
 fn peak_rss_gb() -> f64 {
@@ -13,14 +17,18 @@ fn peak_rss_gb() -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     qgate::alloc_tuning::keep_freed_memory_for_reuse();
     let a: Vec<String> = std::env::args().collect();
-    if a.len() != 4 {
-        eprintln!("usage: bench_oracle MODEL_DIR DTYPE T");
+    if !(4..=6).contains(&a.len()) {
+        eprintln!("usage: bench_oracle MODEL_DIR DTYPE T [DEVICE [REPS]]");
         std::process::exit(2);
     }
     let prec = Precision::parse(&a[2]).ok_or("dtype")?;
     let t: usize = a[3].parse()?;
+    let device_name = a.get(4).map(String::as_str).unwrap_or("cpu");
+    let dev = parse_device(device_name)?;
+    let reps: usize = a.get(5).map(|r| r.parse()).transpose()?.unwrap_or(1).max(1);
     let t_load = Instant::now();
-    let model = Model::load(std::path::Path::new(&a[1]), prec)?;
+    let model = Model::load_on(std::path::Path::new(&a[1]), prec, &dev, false)?;
+    dev.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let v = model.cfg.vocab_size as u64;
     let mut x = 0x9E3779B97F4A7C15u64;
@@ -33,12 +41,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     model.forward(&ids[..16.min(t)], &mut model.new_cache())?; // warm-up
-    let t0 = Instant::now();
-    let logits = model.forward(&ids, &mut model.new_cache())?;
-    let secs = t0.elapsed().as_secs_f64();
-    drop(logits);
+    dev.synchronize()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let logits = model.forward(&ids, &mut model.new_cache())?;
+        dev.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+        drop(logits);
+    }
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
     println!(
-        "{{\"runtime\": \"qgate\", \"dtype\": \"{}\", \"T\": {t}, \"seconds\": {secs:.3}, \"tokens_per_s\": {:.2}, \"peak_rss_gb\": {:.2}, \"load_seconds\": {load_s:.1}, \"threads\": {}}}",
+        "{{\"runtime\": \"qgate\", \"dtype\": \"{}\", \"T\": {t}, \"device\": \"{device_name}\", \"seconds\": {secs:.4}, \"tokens_per_s\": {:.2}, \"peak_rss_gb\": {:.2}, \"load_seconds\": {load_s:.1}, \"threads\": {}, \"reps\": {reps}}}",
         prec.name(),
         t as f64 / secs,
         peak_rss_gb(),

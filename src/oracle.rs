@@ -7,7 +7,7 @@ use crate::model::precision::Precision;
 use crate::model::streaming::{self, Streamer};
 use crate::model::weights::WeightStore;
 use crate::model::{argmax, Cache, Model};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -110,9 +110,11 @@ pub enum Execution {
     InMemory,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ExecOptions {
     pub mode: Execution,
+    /// Where the oracle runs (`--device`); memory budgets are then the device's.
+    pub device: Device,
     /// Memory budget in bytes (decides `Auto`, and whether streamed runs do rollouts in memory).
     pub max_memory: u64,
     /// Head rows converted at a time when streaming.
@@ -123,9 +125,45 @@ impl Default for ExecOptions {
     fn default() -> Self {
         ExecOptions {
             mode: Execution::Auto,
+            device: Device::Cpu,
             max_memory: default_memory_budget(),
             head_chunk: streaming::DEFAULT_HEAD_CHUNK,
         }
+    }
+}
+
+impl ExecOptions {
+    /// Options for `--device`, `--max-memory` (default: on a GPU nine tenths of its free memory, else
+    /// `default_memory_budget`), `--stream` / `--no-stream`.
+    pub fn from_args(
+        device: Option<&str>,
+        max_memory: Option<&str>,
+        stream: bool,
+        no_stream: bool,
+    ) -> Result<ExecOptions> {
+        let device = crate::model::device::parse_device(device.unwrap_or("cpu"))?;
+        let max_memory = match max_memory {
+            Some(m) => parse_bytes(m).ok_or_else(|| {
+                Error::usage(format!(
+                    "--max-memory `{m}`: expected a size such as 8GiB, 24G or 6000MB"
+                ))
+            })?,
+            None => match crate::model::device::free_device_memory(&device) {
+                Some(free) => free / 10 * 9,
+                None => default_memory_budget(),
+            },
+        };
+        let mode = match (stream, no_stream) {
+            (true, _) => Execution::Stream,
+            (_, true) => Execution::InMemory,
+            _ => Execution::Auto,
+        };
+        Ok(ExecOptions {
+            mode,
+            device,
+            max_memory,
+            head_chunk: streaming::DEFAULT_HEAD_CHUNK,
+        })
     }
 }
 
@@ -208,6 +246,7 @@ fn encode_into(bytes: &mut Vec<u8>, kind: FloatKind, values: &[f32]) {
 pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     let cfg = TextConfig::from_dir(req.model_dir)?;
     let mut ws = WeightStore::open(req.model_dir)?;
+    ws.set_device(&req.exec.device);
     check_plan(req.plan)?;
     let max_len = req.plan.iter().map(Vec::len).max().unwrap_or(0) + req.rollout;
     let footprint = streaming::in_memory_footprint(&cfg, &ws, max_len);
@@ -336,6 +375,10 @@ fn write_capture_from_spill(
     );
     extra.insert("model_type".into(), cfg.model_type.clone().into());
     extra.insert("execution".into(), execution.into());
+    extra.insert(
+        "device".into(),
+        crate::model::device::device_name(ws.device()).into(),
+    );
     extra.insert("weights_sha256".into(), weights.into());
     extra.insert("plan_sha256".into(), plan_sha256(req.plan).into());
     extra.insert("rollout_max".into(), req.rollout.into());

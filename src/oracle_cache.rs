@@ -44,6 +44,7 @@ pub fn oracle_capture_for(
     bundle_dir: Option<&Path>,
     dtype: &str,
     plan: &Capture,
+    exec: ExecOptions,
 ) -> Result<PathBuf> {
     let precision = Precision::parse(dtype).ok_or_else(|| {
         Error::usage(format!(
@@ -69,6 +70,13 @@ pub fn oracle_capture_for(
         precision.name(),
         env!("CARGO_PKG_VERSION")
     ));
+    if !exec.device.is_cpu() {
+        // GPU reductions add in another order: its logits are not the CPU oracle's bit for bit.
+        h.update(format!(
+            ";device={}",
+            crate::model::device::device_name(&exec.device)
+        ));
+    }
     let key = hex::encode(h.finalize());
     let name = dir
         .file_name()
@@ -104,6 +112,6 @@ pub fn oracle_capture_for(
         rollout,
         out: &path,
         progress: std::io::stderr().is_terminal(),
-        exec: ExecOptions::default(),
+        exec,
     })
 }

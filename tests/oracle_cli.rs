@@ -187,3 +187,29 @@ fn plan_tokenizes_like_hf_plain_and_through_the_chat_template() {
         }
     }
 }
+
+#[test]
+fn device_flag_errors_are_one_line_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.capture.safetensors");
+    let model = root().join("fixtures/models/dense-gva-untied");
+    let plan = root().join("fixtures/hf/dense-gva-untied.f32.capture.safetensors");
+    let run = |device: &str| {
+        qgate()
+            .args(["oracle", "--dtype", "f32", "--rollout", "0", "--device", device])
+            .arg("--model")
+            .arg(&model)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    expect_bad_input(&run("tpu"), &["--device tpu", "cpu, cuda or cuda:N"]);
+    expect_bad_input(&run("cuda:x"), &["--device cuda:x"]);
+    if !cfg!(feature = "cuda") {
+        expect_bad_input(&run("cuda"), &["built without CUDA", "scripts/build-cuda.sh"]);
+    }
+    assert!(!out.exists(), "no output may be written on failure");
+}

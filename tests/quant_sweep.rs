@@ -75,6 +75,7 @@ fn ladder_is_ordered(model: &str) {
                 rollout: 0,
                 out: &out,
                 progress: false,
+                device: candle_core::Device::Cpu,
             })
             .unwrap();
             Capture::open(&out).unwrap()

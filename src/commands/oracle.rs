@@ -3,7 +3,7 @@ use crate::capture::Capture;
 use crate::error::{Error, Result};
 use crate::model::precision::Precision;
 use crate::model::weights::resolve_model_dir;
-use crate::oracle::{parse_bytes, run_oracle, ExecOptions, Execution, OracleRequest};
+use crate::oracle::{run_oracle, ExecOptions, OracleRequest};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -34,6 +34,9 @@ pub struct Args {
     /// Never stream: load the whole model even above the memory budget.
     #[arg(long)]
     pub no_stream: bool,
+    /// Where to run: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn execute(args: Args) -> Result<i32> {
@@ -43,19 +46,12 @@ pub fn execute(args: Args) -> Result<i32> {
             args.dtype
         ))
     })?;
-    let mut exec = ExecOptions::default();
-    if let Some(m) = &args.max_memory {
-        exec.max_memory = parse_bytes(m).ok_or_else(|| {
-            Error::usage(format!(
-                "--max-memory `{m}`: expected a size such as 8GiB, 24G or 6000MB"
-            ))
-        })?;
-    }
-    exec.mode = match (args.stream, args.no_stream) {
-        (true, _) => Execution::Stream,
-        (_, true) => Execution::InMemory,
-        _ => Execution::Auto,
-    };
+    let exec = ExecOptions::from_args(
+        Some(&args.device),
+        args.max_memory.as_deref(),
+        args.stream,
+        args.no_stream,
+    )?;
     let model_dir = resolve_model_dir(&args.model)?;
     let plan = Capture::open(&args.plan)?.plan();
     let out = run_oracle(&OracleRequest {
@@ -69,8 +65,9 @@ pub fn execute(args: Args) -> Result<i32> {
     })?;
     let positions: usize = plan.iter().map(Vec::len).sum();
     eprintln!(
-        "qgate: oracle {} over {} sequences / {} positions → {}",
+        "qgate: oracle {} on {} over {} sequences / {} positions → {}",
         precision.name(),
+        args.device,
         plan.len(),
         positions,
         out.display()

@@ -26,6 +26,9 @@ pub struct Args {
     /// HF model directory (for `--oracle <dtype>` and the tokenizer).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Where the oracle runs: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Control capture of the same plan (typically fp16): confident flips it shares are attributed to the oracle's resolution.
     #[arg(long)]
     pub control: Option<PathBuf>,
@@ -124,6 +127,7 @@ pub fn execute(args: Args) -> Result<i32> {
             inputs[0].bundle_dir.as_deref(),
             &args.oracle,
             &caps[0],
+            crate::oracle::ExecOptions::from_args(Some(&args.device), None, false, false)?,
         )?
     } else {
         let p = PathBuf::from(&args.oracle);

@@ -43,6 +43,9 @@ pub struct Args {
     /// Greedy continuation length per sequence.
     #[arg(long, default_value_t = 16)]
     pub rollout: usize,
+    /// Where the oracle runs: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub struct SimRequest<'a> {
@@ -54,6 +57,8 @@ pub struct SimRequest<'a> {
     pub rollout: usize,
     pub out: &'a Path,
     pub progress: bool,
+    /// Where the fake-quantized model runs (weights are quantized on the host, then copied).
+    pub device: candle_core::Device,
 }
 
 pub struct SimOutcome {
@@ -83,6 +88,7 @@ pub fn simulate(req: SimRequest) -> Result<SimOutcome> {
     let mut ws = WeightStore::open(req.model_dir)?;
     let t = Arc::new(QuantTransform::new(req.scheme.clone(), req.scale_dtype));
     ws.set_transform(t.clone());
+    ws.set_device(&req.device);
     let model = Model::from_store(cfg, &ws, req.compute)?;
     let report = t.report();
     let s = &req.scheme;
@@ -120,7 +126,10 @@ pub fn simulate(req: SimRequest) -> Result<SimOutcome> {
             rollout: req.rollout,
             out: req.out,
             progress: req.progress,
-            exec: Default::default(),
+            exec: crate::oracle::ExecOptions {
+                device: req.device.clone(),
+                ..Default::default()
+            },
         },
         &model,
         &ws,
@@ -169,6 +178,7 @@ pub fn execute(args: Args) -> Result<i32> {
         rollout: args.rollout,
         out: &args.out,
         progress: std::io::stderr().is_terminal(),
+        device: crate::model::device::parse_device(&args.device)?,
     })?;
     print_skipped(&o.scheme.label(), &o.report);
     eprintln!(

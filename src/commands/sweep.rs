@@ -62,6 +62,9 @@ pub struct Args {
     /// Print summary.json to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Where the oracle runs: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 fn safe(name: &str) -> String {
@@ -155,9 +158,16 @@ pub fn execute(args: Args) -> Result<i32> {
     });
     std::fs::create_dir_all(&cap_dir).map_err(|e| crate::error::io_err(&cap_dir, e))?;
     let progress = std::io::stderr().is_terminal();
+    let device = crate::model::device::parse_device(&args.device)?;
 
     let oracle_path = if ["bf16", "f32", "f16"].contains(&args.oracle.as_str()) {
-        crate::oracle_cache::oracle_capture_for(Some(&model_dir), None, &args.oracle, &plan_cap)?
+        crate::oracle_cache::oracle_capture_for(
+            Some(&model_dir),
+            None,
+            &args.oracle,
+            &plan_cap,
+            crate::oracle::ExecOptions::from_args(Some(&args.device), None, false, false)?,
+        )?
     } else {
         let p = PathBuf::from(&args.oracle);
         if !p.is_file() {
@@ -193,6 +203,7 @@ pub fn execute(args: Args) -> Result<i32> {
             rollout,
             out: &path,
             progress,
+            device: device.clone(),
         })?;
         print_skipped(&label, &o.report);
         Ok(Sim {

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Issue 7, on the GPU machine: (1) the GPU oracle against the CPU oracle (same binary, --device cpu) and
+# against HF's committed fixture captures; (2) the benchmark against transformers eager on the same GPU.
+# Needs .gpu/{qgate,bench_oracle}.gz from scripts/build-cuda.sh and .whl/ with transformers==5.23.0
+# (the machine's own transformers may lack or differ from the pinned version). Writes logs under $OUT.
+#   STEPS="check bench" bash bench/gpu/run-on-device.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/qgate-gpu-out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"check bench"}
+Q=/tmp/qgate-gpu; mkdir -p $Q
+gunzip -c .gpu/qgate.gz > $Q/qgate && gunzip -c .gpu/bench_oracle.gz > $Q/bench_oracle && chmod +x $Q/qgate $Q/bench_oracle
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+# The CUDA user-space libraries PyTorch's wheels installed (cuBLAS, cuRAND, NVRTC, cudart 13).
+LIBS=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH=${LIBS}${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+ldd $Q/qgate | grep -E "not found|cublas|cuda|nvrtc|curand" || true
+
+if [[ " $STEPS " == *" check "* ]]; then
+  echo "== GPU oracle vs CPU oracle and vs HF (fixtures)"
+  fail=0
+  for m in dense-vl-tied dense-gva-untied moe-fused moe-experts; do
+    for dt in f32 bf16 f16; do
+      hf=fixtures/hf/$m.$dt.capture.safetensors; [ -f "$hf" ] || continue
+      for dev in cpu cuda; do
+        $Q/qgate oracle --device $dev --model fixtures/models/$m --dtype $dt --plan $hf --rollout 16 \
+          --out $Q/$m.$dt.$dev.st 2>>$OUT/check.log || { echo "$m $dt $dev: oracle failed"; fail=1; }
+      done
+      tol=""; [ $dt = f32 ] && tol=1e-4
+      python3 bench/gpu/compare_captures.py $Q/$m.$dt.cuda.st $Q/$m.$dt.cpu.st "$m $dt gpu-vs-cpu-oracle" $tol || fail=1
+      python3 bench/gpu/compare_captures.py $Q/$m.$dt.cuda.st $hf "$m $dt gpu-vs-hf" $tol || { [ $dt = f32 ] && fail=1; }
+    done
+  done
+  # Streaming on the GPU (one layer on the device at a time) vs the in-memory GPU run.
+  for m in dense-gva-untied moe-experts; do
+    $Q/qgate oracle --device cuda --stream --model fixtures/models/$m --dtype f32 --plan fixtures/hf/$m.f32.capture.safetensors \
+      --rollout 16 --out $Q/$m.f32.cuda-stream.st 2>>$OUT/check.log || { echo "$m stream failed"; fail=1; }
+    python3 bench/gpu/compare_captures.py $Q/$m.f32.cuda-stream.st $Q/$m.f32.cuda.st "$m f32 gpu-streamed-vs-gpu-in-memory" 1e-4 || fail=1
+  done
+  # The main command on the GPU (gate run) and a simulated quantization.
+  QGATE_ORACLE_CACHE=$Q/oracles $Q/qgate run --device cuda --bundle fixtures/hf/dense-gva-untied.f16.capture.safetensors \
+    --oracle f32 --model fixtures/models/dense-gva-untied --out $Q/report >$OUT/run.log 2>&1; echo "qgate run --device cuda: exit $?"
+  for dev in cpu cuda; do
+    $Q/qgate simulate --device $dev --model fixtures/models/dense-gva-untied --plan fixtures/hf/dense-gva-untied.f32.capture.safetensors \
+      --scheme int4lin --compute f16 --out $Q/sim.$dev.st 2>>$OUT/check.log
+  done
+  python3 bench/gpu/compare_captures.py $Q/sim.cuda.st $Q/sim.cpu.st "simulate int4lin f16 gpu-vs-cpu"
+  echo "checks: $([ $fail = 0 ] && echo PASS || echo FAIL)"
+fi
+
+# Run "$@" while nvidia-smi samples the GPU's used memory every 20 ms; the peak (MiB, whole device,
+# CUDA context included) goes to $Q/peak.txt. The same probe for qgate and transformers.
+with_gpu_peak() {
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 > $Q/mem.txt &
+  local pid=$!; "$@"; local rc=$?; kill $pid 2>/dev/null; wait $pid 2>/dev/null
+  sort -n $Q/mem.txt | tail -n 1 > $Q/peak.txt; return $rc
+}
+
+if [[ " $STEPS " == *" bench "* ]]; then
+  echo "== benchmark: 0.8B shapes, teacher-forced forward, qgate vs transformers eager, same GPU"
+  [ -d /tmp/bench-0.8b ] || python3 bench/make_bench_model.py /tmp/bench-0.8b >/dev/null
+  for T in ${TS:-512 4096}; do
+    for dt in ${DTS:-bf16 f32}; do
+      with_gpu_peak $Q/bench_oracle /tmp/bench-0.8b $dt $T cuda ${REPS:-5} > $Q/q.json 2>>$OUT/bench.err
+      Qj=$(tail -n 1 $Q/q.json); Qpeak=$(cat $Q/peak.txt)
+      with_gpu_peak python3 bench/gpu/hf_forward_gpu.py /tmp/bench-0.8b $dt $T ${REPS:-5} > $Q/h.json 2>>$OUT/bench.err
+      Hj=$(tail -n 1 $Q/h.json); Hpeak=$(cat $Q/peak.txt)
+      echo "GPU memory peak (nvidia-smi, MiB): qgate $Qpeak, transformers $Hpeak"
+      Rj=$(python3 bench/gpu/roofline.py /tmp/bench-0.8b $T $dt)
+      echo "$Qj"; echo "$Hj"; echo "$Rj"
+      python3 - "$Qj" "$Hj" "$Rj" <<'PY'
+import json, sys
+try:
+    q, h, r = (json.loads(x) for x in sys.argv[1:4])
+except Exception as e:
+    print("could not parse a result:", e); sys.exit(0)
+print(f"{q['dtype']} T={q['T']}: qgate {q['tokens_per_s']:.0f} tok/s, transformers {h['tokens_per_s']:.0f} tok/s, "
+      f"ratio {q['tokens_per_s']/h['tokens_per_s']:.2f}x; roofline {r['roofline_tok_s']:.0f} tok/s "
+      f"(weights {r['t_weights_ms']:.2f} ms, FLOPs {r['t_flops_ms']:.2f} ms): qgate at {q['tokens_per_s']/r['roofline_tok_s']:.1%}")
+PY
+    done
+  done
+fi
