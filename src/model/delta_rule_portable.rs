@@ -6,6 +6,7 @@
 //! Shapes: `q`, `k`: `[H, T, Dk]` (L2-normalised, expanded to value heads, not yet scaled), `v`:
 //! `[H, T, Dv]`, `beta`, `g`: `[H, T]`, `state`: `[H, Dk, Dv]`. Both return `(o [H, T, Dv], new state)`.
 use super::delta_rule::CHUNK;
+use super::solve_tril::solve_unit_lower;
 use candle_core::{Result, Tensor};
 
 /// Chunked form (HF's prefill path). The host loop runs over chunks (64 positions), never positions.
@@ -58,7 +59,7 @@ pub fn chunked(
     let decayed_k_beta = k_beta.broadcast_mul(&cum_exp)?;
     // (I + strictly_lower(ut)) · [new_values | k_cumdecay] = [v_beta | decayed_k_beta]
     let rhs = Tensor::cat(&[&v_beta, &decayed_k_beta], 2)?;
-    let solved = solve_unit_lower(&ut_system, &rhs)?;
+    let solved = solve_unit_lower(&ut_system, &rhs)?; // one op (a CUDA kernel on the GPU)
     let new_values = solved.narrow(2, 0, dv)?;
     let k_cumdecay = solved.narrow(2, dv, dk)?;
 
@@ -87,21 +88,6 @@ pub fn chunked(
     }
     let o = Tensor::stack(&outs, 1)?.reshape((h, n * CHUNK, dv))?;
     Ok((o.narrow(1, 0, t)?.contiguous()?, s))
-}
-
-/// Solve `(I + L) X = B` for each batch entry, `L` the strictly lower triangle of `a` (`[B, C, C]`;
-/// its diagonal and upper triangle are ignored, as `solve_triangular(unitriangular=True)`), `B`:
-/// `[B, C, W]`. Forward substitution, one row at a time: `x_i = b_i − L[i, :i] · X[:i]`.
-fn solve_unit_lower(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (_, c, _) = a.dims3()?;
-    let x = b.contiguous()?.copy()?; // row 0 is b_0; rows 1.. are overwritten in order
-    for i in 1..c {
-        let l_row = a.narrow(1, i, 1)?.narrow(2, 0, i)?.contiguous()?; // [B, 1, i]
-        let done = x.narrow(1, 0, i)?; // [B, i, W], rows already solved
-        let row = (b.narrow(1, i, 1)? - l_row.matmul(&done)?)?.contiguous()?;
-        x.slice_set(&row, 1, i)?;
-    }
-    Ok(x)
 }
 
 /// Recurrent form over the positions given (HF's path for single cached steps).

@@ -13,6 +13,7 @@ pub mod moe;
 pub mod norms;
 pub mod precision;
 pub mod rope;
+pub mod solve_tril;
 pub mod streaming;
 pub mod torch_topk;
 pub mod weights;
