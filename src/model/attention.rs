@@ -5,6 +5,7 @@ use super::mlp::{linear, LinearWeight};
 use super::norms::RmsNormZeroCentred;
 use super::precision::Precision;
 use super::rope::Rope;
+use super::device::standard_layout;
 use super::weights::WeightStore;
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
@@ -77,21 +78,18 @@ impl GatedAttention {
             .narrow(D::Minus1, hd, hd)?
             .contiguous()?
             .reshape((t, nh * hd))?;
-        let q = self
-            .q_norm
-            .forward(&q.contiguous()?)?
-            .transpose(0, 1)?
-            .contiguous()?; // [nh, T, hd]
+        let q = standard_layout(&self.q_norm.forward(&q.contiguous()?)?.transpose(0, 1)?)?; // [nh, T, hd]
         let k = linear(h, &self.k_proj, p)?.reshape((t, nkv, hd))?;
-        let k = self.k_norm.forward(&k)?.transpose(0, 1)?.contiguous()?; // [nkv, T, hd]
-        let v = linear(h, &self.v_proj, p)?
-            .reshape((t, nkv, hd))?
-            .transpose(0, 1)?
-            .contiguous()?;
+        let k = standard_layout(&self.k_norm.forward(&k)?.transpose(0, 1)?)?; // [nkv, T, hd]
+        let v = standard_layout(
+            &linear(h, &self.v_proj, p)?
+                .reshape((t, nkv, hd))?
+                .transpose(0, 1)?,
+        )?;
 
         let (cos, sin) = rope.tables(start, t, h.device())?;
-        let q = rope.apply(&q, &cos, &sin)?;
-        let k = rope.apply(&k, &cos, &sin)?;
+        let q = standard_layout(&rope.apply(&q, &cos, &sin)?)?;
+        let k = standard_layout(&rope.apply(&k, &cos, &sin)?)?;
 
         let (k_all, v_all) = match (&cache.k, &cache.v) {
             (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
@@ -116,11 +114,7 @@ impl GatedAttention {
         let probs = p.round(&probs)?;
         let probs = probs.reshape((nkv, groups * t, total))?;
         let o = p.round(&probs.matmul(&v_all)?)?; // [nkv, g*T, hd]
-        let o = o
-            .reshape((nh, t, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((t, nh * hd))?;
+        let o = standard_layout(&o.reshape((nh, t, hd))?.transpose(0, 1)?)?.reshape((t, nh * hd))?;
         let sig = p.round(&sigmoid(&gate)?)?;
         let o = p.round(&(o * sig)?)?;
         linear(&o, &self.o_proj, p)
@@ -154,10 +148,13 @@ fn masked_softmax(scores: &Tensor, start: usize) -> Result<Tensor> {
 fn masked_softmax_portable(scores: &Tensor, start: usize) -> Result<Tensor> {
     let dims = scores.dims().to_vec();
     let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|r| (0..total).map(move |c| if c <= start + r { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, total), scores.device())?;
+    // Built on the device: 0 where key c ≤ start + r, else f32::MIN (HF's additive mask value; its
+    // exp underflows to exactly 0 as -inf's would).
+    let dev = scores.device();
+    let rows = Tensor::arange(start as u32, (start + t) as u32, dev)?.reshape((t, 1))?;
+    let cols = Tensor::arange(0u32, total as u32, dev)?.reshape((1, total))?;
+    let visible = cols.broadcast_le(&rows)?.to_dtype(candle_core::DType::F32)?;
+    let mask = visible.affine(-(f32::MIN as f64), f32::MIN as f64)?;
     let s = scores.broadcast_add(&mask)?;
     let max = s.max_keepdim(D::Minus1)?;
     let e = s.broadcast_sub(&max)?.exp()?;

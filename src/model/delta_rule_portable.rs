@@ -6,6 +6,7 @@
 //! Shapes: `q`, `k`: `[H, T, Dk]` (L2-normalised, expanded to value heads, not yet scaled), `v`:
 //! `[H, T, Dv]`, `beta`, `g`: `[H, T]`, `state`: `[H, Dk, Dv]`. Both return `(o [H, T, Dv], new state)`.
 use super::delta_rule::CHUNK;
+use super::device::standard_layout;
 use super::solve_tril::solve_unit_lower;
 use candle_core::{Result, Tensor};
 
@@ -71,11 +72,11 @@ pub fn chunked(
 
     // Chunk-major [N, H, C, ·] so that chunk i is a contiguous block.
     let by_chunk = |x: &Tensor, d: usize| -> Result<Tensor> {
-        x.reshape((h, n, CHUNK, d))?.transpose(0, 1)?.contiguous()
+        standard_layout(&x.reshape((h, n, CHUNK, d))?.transpose(0, 1)?)
     };
     let (new_values, k_cumdecay) = (by_chunk(&new_values, dv)?, by_chunk(&k_cumdecay, dk)?);
     let (q, k, intra) = (by_chunk(&q, dk)?, by_chunk(&k, dk)?, by_chunk(&intra, CHUNK)?);
-    let chunk_decay = chunk_decay.transpose(0, 1)?.contiguous()?; // [N, H, 1, 1]
+    let chunk_decay = standard_layout(&chunk_decay.transpose(0, 1)?)?; // [N, H, 1, 1]
 
     let mut s = state.clone();
     let mut outs = Vec::with_capacity(n);
@@ -87,7 +88,7 @@ pub fn chunked(
         s = (s.broadcast_mul(&chunk_decay.get(i)?)? + k_i.matmul(&v_new)?)?;
     }
     let o = Tensor::stack(&outs, 1)?.reshape((h, n * CHUNK, dv))?;
-    Ok((o.narrow(1, 0, t)?.contiguous()?, s))
+    Ok((standard_layout(&o.narrow(1, 0, t)?)?, s))
 }
 
 /// Recurrent form over the positions given (HF's path for single cached steps).

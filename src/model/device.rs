@@ -34,8 +34,14 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::usage(format!("--device cuda:{ordinal}: cannot open the GPU: {e}")))
+    let dev = Device::new_cuda(ordinal)
+        .map_err(|e| Error::usage(format!("--device cuda:{ordinal}: cannot open the GPU: {e}")))?;
+    if let Device::Cuda(d) = &dev {
+        // SAFETY: qgate uses the device's one stream only, so CUDA's stream order already orders every
+        // allocation, use and free; per-tensor events would only add host overhead to each op.
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(dev)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -44,6 +50,13 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
         "--device cuda:{ordinal}: this qgate was built without CUDA; build it with scripts/build-cuda.sh \
          (cargo feature `cuda`)"
     )))
+}
+
+/// `x` with row-major strides. candle's `contiguous()` keeps odd strides on size-1 axes (it treats
+/// such a tensor as contiguous already), which its CUDA matmul then rejects; a reshape of a contiguous
+/// tensor lays it out afresh without copying.
+pub fn standard_layout(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    x.contiguous()?.reshape(x.shape())
 }
 
 /// A short name for reports and capture metadata: `cpu` or `cuda:N`.

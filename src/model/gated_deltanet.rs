@@ -4,6 +4,7 @@
 use super::config::TextConfig;
 use super::delta_rule::{self, DeltaInputs};
 use super::delta_rule_portable;
+use super::device::standard_layout;
 use super::mlp::{linear, LinearWeight};
 use super::norms::GatedRmsNorm;
 use super::precision::Precision;
@@ -274,7 +275,7 @@ impl GatedDeltaNet {
         let q = expand(conv.narrow(1, 0, hk * dk)?.reshape((t, hk, dk))?)?;
         let k = expand(conv.narrow(1, hk * dk, hk * dk)?.reshape((t, hk, dk))?)?;
         let v = conv.narrow(1, 2 * hk * dk, hv * dv)?.reshape((t, hv, dv))?;
-        let heads_first = |x: Tensor| x.transpose(0, 1)?.contiguous();
+        let heads_first = |x: Tensor| standard_layout(&x.transpose(0, 1)?);
         let q = heads_first(l2_normalise(&q)?)?;
         let k = heads_first(l2_normalise(&k)?)?;
         let v = heads_first(v)?;
@@ -296,7 +297,7 @@ impl GatedDeltaNet {
         };
         cache.state_t = Some(state);
         cache.seen += t;
-        let o = p.round(&o)?.transpose(0, 1)?.contiguous()?; // [T, Hv, Dv]
+        let o = standard_layout(&p.round(&o)?.transpose(0, 1)?)?; // [T, Hv, Dv]
         let z = z.reshape((t, hv, dv))?;
         let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
         linear(&y, &self.out_proj, p)
