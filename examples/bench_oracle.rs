@@ -51,9 +51,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         drop(logits);
     }
     times.sort_by(f64::total_cmp);
+    // Where the time goes: the decoder body vs the head (each ended by a synchronisation).
+    let t0 = Instant::now();
+    let hidden = model.hidden_states(&ids, &mut model.new_cache())?;
+    dev.synchronize()?;
+    let body_s = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    drop(model.logits(&hidden)?);
+    dev.synchronize()?;
+    let head_s = t0.elapsed().as_secs_f64();
     let secs = times[times.len() / 2];
     println!(
-        "{{\"runtime\": \"qgate\", \"dtype\": \"{}\", \"T\": {t}, \"device\": \"{device_name}\", \"seconds\": {secs:.4}, \"tokens_per_s\": {:.2}, \"peak_rss_gb\": {:.2}, \"load_seconds\": {load_s:.1}, \"threads\": {}, \"reps\": {reps}}}",
+        "{{\"runtime\": \"qgate\", \"dtype\": \"{}\", \"T\": {t}, \"device\": \"{device_name}\", \"seconds\": {secs:.4}, \"tokens_per_s\": {:.2}, \"peak_rss_gb\": {:.2}, \"load_seconds\": {load_s:.1}, \"threads\": {}, \"reps\": {reps}, \"body_seconds\": {body_s:.4}, \"head_seconds\": {head_s:.4}}}",
         prec.name(),
         t as f64 / secs,
         peak_rss_gb(),
