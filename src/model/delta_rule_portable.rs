@@ -6,7 +6,7 @@
 //! Shapes: `q`, `k`: `[H, T, Dk]` (L2-normalised, expanded to value heads, not yet scaled), `v`:
 //! `[H, T, Dv]`, `beta`, `g`: `[H, T]`, `state`: `[H, Dk, Dv]`. Both return `(o [H, T, Dv], new state)`.
 use super::delta_rule::CHUNK;
-use super::device::standard_layout;
+use super::device::{matmul, standard_layout};
 use super::solve_tril::solve_unit_lower;
 use candle_core::{Result, Tensor};
 
@@ -54,15 +54,15 @@ pub fn chunked(
         .broadcast_add(&upper)?
         .exp()?;
     let kt = k.transpose(1, 2)?;
-    let ut_system = (k_beta.matmul(&kt)? * &pairwise)?;
-    let intra = (q.matmul(&kt)? * &pairwise)?;
+    let ut_system = (matmul(&k_beta, &kt)? * &pairwise)?;
+    let intra = (matmul(&q, &kt)? * &pairwise)?;
     let cum_exp = cum.exp()?.unsqueeze(2)?;
     let decayed_k_beta = k_beta.broadcast_mul(&cum_exp)?;
     // (I + strictly_lower(ut)) · [new_values | k_cumdecay] = [v_beta | decayed_k_beta]
     let rhs = Tensor::cat(&[&v_beta, &decayed_k_beta], 2)?;
     let solved = solve_unit_lower(&ut_system, &rhs)?; // one op (a CUDA kernel on the GPU)
-    let new_values = solved.narrow(2, 0, dv)?;
-    let k_cumdecay = solved.narrow(2, dv, dk)?;
+    let new_values = solved.narrow(2, 0, dv)?.contiguous()?;
+    let k_cumdecay = solved.narrow(2, dv, dk)?.contiguous()?;
 
     // Decays applied once, outside the scan.
     let q = q.broadcast_mul(&cum_exp)?;
@@ -79,8 +79,8 @@ pub fn chunked(
     let k_t = k.transpose(1, 2)?; // [H·N, Dk, C]
     let m = eye
         .broadcast_mul(&chunk_decay.reshape((h * n, 1, 1))?)?
-        .broadcast_sub(&k_t.matmul(&k_cumdecay)?)?; // [H·N, Dk, Dk]
-    let nn = k_t.matmul(&new_values)?; // [H·N, Dk, Dv]
+        .broadcast_sub(&matmul(&k_t, &k_cumdecay)?)?; // [H·N, Dk, Dk]
+    let nn = matmul(&k_t, &new_values)?; // [H·N, Dk, Dv]
     // Chunk-major [N, H, ·, ·] so that chunk i is a contiguous block.
     let by_chunk = |x: &Tensor, r: usize, c: usize| -> Result<Tensor> {
         standard_layout(&x.reshape((h, n, r, c))?.transpose(0, 1)?)
@@ -90,13 +90,13 @@ pub fn chunked(
     let mut starts = Vec::with_capacity(n);
     for i in 0..n {
         starts.push(s.clone());
-        s = (m.get(i)?.matmul(&s)? + nn.get(i)?)?;
+        s = (matmul(&m.get(i)?, &s)? + nn.get(i)?)?;
     }
     // [N, H, Dk, Dv] → [H·N, Dk, Dv], batch order matching the other [H·N, ·, ·] tensors.
     let starts = standard_layout(&Tensor::stack(&starts, 0)?.transpose(0, 1)?)?
         .reshape((h * n, dk, dv))?;
-    let v_new = (new_values - k_cumdecay.matmul(&starts)?)?;
-    let o = (q.matmul(&starts)? + intra.matmul(&v_new)?)?; // [H·N, C, Dv]
+    let v_new = (new_values - matmul(&k_cumdecay, &starts)?)?;
+    let o = (matmul(&q, &starts)? + matmul(&intra, &v_new)?)?; // [H·N, C, Dv]
     let o = o.reshape((h, n * CHUNK, dv))?;
     Ok((standard_layout(&o.narrow(1, 0, t)?)?, s))
 }

@@ -59,6 +59,34 @@ pub fn standard_layout(x: &candle_core::Tensor) -> candle_core::Result<candle_co
     x.contiguous()?.reshape(x.shape())
 }
 
+/// `a · b` with both operands in a layout cuBLAS takes (row- or column-major last two axes, uniform batch
+/// stride), copying an operand only when it is in neither. candle's CPU matmul accepts more layouts than
+/// its CUDA one, so the portable kernels route every product through here to behave the same on both.
+pub fn matmul(a: &candle_core::Tensor, b: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    gemm_ready(a)?.matmul(&gemm_ready(b)?)
+}
+
+fn gemm_ready(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    let (dims, st) = (x.dims(), x.stride());
+    let r = dims.len();
+    if r < 2 {
+        return Ok(x.clone());
+    }
+    let (rows, cols, s2, s1) = (dims[r - 2], dims[r - 1], st[r - 2], st[r - 1]);
+    let row_major = (s1 == 1 || cols == 1) && (s2 == cols || rows == 1);
+    let col_major = (s2 == 1 || rows == 1) && (s1 == rows || cols == 1);
+    let batch_ok = match r {
+        2 | 3 => true,
+        4 => st[0] == st[1] * dims[1] || dims[0] == 1,
+        _ => false,
+    };
+    if (row_major || col_major) && batch_ok {
+        Ok(x.clone())
+    } else {
+        standard_layout(x)
+    }
+}
+
 /// A short name for reports and capture metadata: `cpu` or `cuda:N`.
 pub fn device_name(dev: &Device) -> String {
     match dev.location() {
