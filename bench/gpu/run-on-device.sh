@@ -24,7 +24,7 @@ if [[ " $STEPS " == *" check "* ]]; then
   echo "== GPU oracle vs CPU oracle and vs HF (fixtures)"
   fail=0
   for m in dense-vl-tied dense-gva-untied moe-fused moe-experts; do
-    for dt in f32 bf16 f16; do
+    for dt in ${CHECK_DTYPES:-f32 bf16 f16}; do
       hf=fixtures/hf/$m.$dt.capture.safetensors; [ -f "$hf" ] || continue
       for dev in cpu cuda; do
         $Q/qgate oracle --device $dev --model fixtures/models/$m --dtype $dt --plan $hf --rollout 16 \
@@ -36,7 +36,7 @@ if [[ " $STEPS " == *" check "* ]]; then
     done
   done
   # Streaming on the GPU (one layer on the device at a time) vs the in-memory GPU run.
-  for m in dense-gva-untied moe-experts; do
+  for m in ${STREAM_MODELS-dense-gva-untied moe-experts}; do
     $Q/qgate oracle --device cuda --stream --model fixtures/models/$m --dtype f32 --plan fixtures/hf/$m.f32.capture.safetensors \
       --rollout 16 --out $Q/$m.f32.cuda-stream.st 2>>$OUT/check.log || { echo "$m stream failed"; fail=1; }
     python3 bench/gpu/compare_captures.py $Q/$m.f32.cuda-stream.st $Q/$m.f32.cuda.st "$m f32 gpu-streamed-vs-gpu-in-memory" 1e-4 || fail=1

@@ -5,7 +5,7 @@ use super::mlp::{linear, LinearWeight};
 use super::norms::RmsNormZeroCentred;
 use super::precision::Precision;
 use super::rope::Rope;
-use super::device::standard_layout;
+use super::device::{matmul_rounded, standard_layout};
 use super::weights::WeightStore;
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
@@ -103,7 +103,7 @@ impl GatedAttention {
         let groups = nh / nkv;
         let q = q.reshape((nkv, groups * t, hd))?;
         let scale = (hd as f64).powf(-0.5);
-        let scores = p.round(&q.matmul(&k_all.t()?)?)?; // R(q·kᵀ)
+        let scores = matmul_rounded(&q, &k_all.t()?, p)?; // R(q·kᵀ)
         let scores = p.round(&(scores * scale)?)?; // R(· hd^-0.5)
         let scores = scores.reshape((nkv, groups, t, total))?;
         let probs = if self.portable {
@@ -113,7 +113,7 @@ impl GatedAttention {
         };
         let probs = p.round(&probs)?;
         let probs = probs.reshape((nkv, groups * t, total))?;
-        let o = p.round(&probs.matmul(&v_all)?)?; // [nkv, g*T, hd]
+        let o = matmul_rounded(&probs, &v_all, p)?; // [nkv, g*T, hd]
         let o = standard_layout(&o.reshape((nh, t, hd))?.transpose(0, 1)?)?.reshape((t, nh * hd))?;
         let sig = p.round(&sigmoid(&gate)?)?;
         let o = p.round(&(o * sig)?)?;

@@ -87,6 +87,21 @@ fn gemm_ready(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tenso
     }
 }
 
+/// `R(a · b)`: f32 accumulation and one rounding to the model dtype. On a GPU in bf16/f16 mode the operands
+/// (already model-dtype values, so the cast is exact) go to cuBLAS in that dtype with f32 accumulation —
+/// the same result class on tensor cores — instead of an f32 GEMM followed by a rounding pass.
+pub fn matmul_rounded(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    prec: super::precision::Precision,
+) -> candle_core::Result<candle_core::Tensor> {
+    match prec.half_dtype() {
+        Some(dt) if !a.device().is_cpu() => matmul(&a.to_dtype(dt)?, &b.to_dtype(dt)?)?
+            .to_dtype(candle_core::DType::F32),
+        _ => prec.round(&a.matmul(b)?),
+    }
+}
+
 /// A short name for reports and capture metadata: `cpu` or `cuda:N`.
 pub fn device_name(dev: &Device) -> String {
     match dev.location() {

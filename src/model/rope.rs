@@ -8,6 +8,9 @@ pub struct Rope {
     inv_freq: Vec<f32>,
     rotary_dim: usize,
     prec: Precision,
+    /// The last tables made, keyed by (start, T, device): every attention layer of a forward asks for the
+    /// same ones, and at T = 4096 each set is ~0.5M sin/cos on the host.
+    last: std::sync::Mutex<Option<(usize, usize, candle_core::DeviceLocation, Tensor, Tensor)>>,
 }
 
 impl Rope {
@@ -21,26 +24,42 @@ impl Rope {
             inv_freq,
             rotary_dim,
             prec,
+            last: std::sync::Mutex::new(None),
         }
     }
 
     /// `(cos, sin)` tables `[T, rd]` for positions `start..start+t`, rounded to the model dtype, on `dev`
     /// (computed on the host: a few KB per call).
     pub fn tables(&self, start: usize, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let loc = dev.location();
+        if let Ok(last) = self.last.lock() {
+            if let Some((s0, t0, l0, c, s)) = last.as_ref() {
+                if (*s0, *t0, *l0) == (start, t, loc) {
+                    return Ok((c.clone(), s.clone()));
+                }
+            }
+        }
+        let half = self.rotary_dim / 2;
         let mut cos = Vec::with_capacity(t * self.rotary_dim);
         let mut sin = Vec::with_capacity(t * self.rotary_dim);
         for p in start..start + t {
             let angles: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
+            cos.extend(angles.iter().map(|a| a.cos()));
+            sin.extend(angles.iter().map(|a| a.sin()));
+            // emb = cat(freqs, freqs): the second half repeats the first
+            let at = cos.len() - half;
+            cos.extend_from_within(at..);
+            sin.extend_from_within(at..);
         }
         let mut cos_t = Tensor::from_vec(cos, (t, self.rotary_dim), &Device::Cpu)?;
         let mut sin_t = Tensor::from_vec(sin, (t, self.rotary_dim), &Device::Cpu)?;
         cos_t = self.prec.round(&cos_t)?;
         sin_t = self.prec.round(&sin_t)?;
-        Ok((cos_t.to_device(dev)?, sin_t.to_device(dev)?))
+        let (cos_t, sin_t) = (cos_t.to_device(dev)?, sin_t.to_device(dev)?);
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((start, t, loc, cos_t.clone(), sin_t.clone()));
+        }
+        Ok((cos_t, sin_t))
     }
 
     /// Apply to `x: [heads, T, hd]` with tables `[T, rd]`: `R(R(x·cos) + R(rot(x)·sin))` on the rotary slice.
