@@ -72,6 +72,7 @@ fn streamed_oracle_is_bit_identical_to_in_memory() {
                 mode,
                 max_memory,
                 head_chunk: 100, // vocab 384: chunks of 100, 100, 100, 84
+                ..Default::default()
             };
             oracle(&model, prec, &plan, exec(Execution::InMemory, 1), &mem);
             // Budget of one byte: the rollouts stream too.
@@ -105,6 +106,7 @@ fn auto_mode_streams_above_the_budget() {
             mode: Execution::Auto,
             max_memory,
             head_chunk: 1 << 15,
+            ..Default::default()
         };
         oracle(&model, Precision::BF16, &plan[..2], exec, out);
         Capture::open(out).unwrap().meta.extra["execution"].clone()
