@@ -117,6 +117,9 @@ pub struct ExecOptions {
     pub max_memory: u64,
     /// Head rows converted at a time when streaming.
     pub head_chunk: usize,
+    /// Streaming: read and convert the next layer's weights on a background thread while the current
+    /// layer computes (same numbers either way).
+    pub prefetch: bool,
 }
 
 impl Default for ExecOptions {
@@ -125,6 +128,7 @@ impl Default for ExecOptions {
             mode: Execution::Auto,
             max_memory: default_memory_budget(),
             head_chunk: streaming::DEFAULT_HEAD_CHUNK,
+            prefetch: true,
         }
     }
 }
@@ -408,7 +412,8 @@ fn run_streamed(
 ) -> Result<Vec<Rollout>> {
     let v = cfg.vocab_size;
     let kind = logits_kind(req.precision);
-    let st = Streamer::new(cfg, ws, req.precision, req.exec.head_chunk)?;
+    let mut st = Streamer::new(cfg, ws, req.precision, req.exec.head_chunk)?;
+    st.set_prefetch(req.exec.prefetch);
     let ids = req
         .plan
         .iter()

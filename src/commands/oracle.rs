@@ -34,6 +34,10 @@ pub struct Args {
     /// Never stream: load the whole model even above the memory budget.
     #[arg(long)]
     pub no_stream: bool,
+    /// When streaming, load each layer's weights on the computing thread instead of prefetching the
+    /// next layer on a background thread (same numbers, less memory, slower; for benchmarks).
+    #[arg(long)]
+    pub no_prefetch: bool,
 }
 
 pub fn execute(args: Args) -> Result<i32> {
@@ -56,6 +60,7 @@ pub fn execute(args: Args) -> Result<i32> {
         (_, true) => Execution::InMemory,
         _ => Execution::Auto,
     };
+    exec.prefetch = !args.no_prefetch;
     let model_dir = resolve_model_dir(&args.model)?;
     let plan = Capture::open(&args.plan)?.plan();
     let out = run_oracle(&OracleRequest {
