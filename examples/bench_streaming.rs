@@ -117,7 +117,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut st = Streamer::new(&cfg, &ws, prec, DEFAULT_HEAD_CHUNK)?;
     let prefetch = std::env::var("PREFETCH").map_or(true, |v| v != "0");
     st.set_prefetch(prefetch);
-    println!("weight prefetch thread: {}", if prefetch { "on" } else { "off" });
+    println!(
+        "weight prefetch thread: {}",
+        if prefetch { "on" } else { "off" }
+    );
     let ids: Vec<Vec<u32>> = plan
         .iter()
         .map(|s| s.iter().map(|&t| t as u32).collect())

@@ -204,7 +204,8 @@ impl ExpertSource {
             match out.last_mut() {
                 Some(g)
                     if g.len() < per_group
-                        && (self.layout == Layout::PerExpert || g.last().map(|l| l + 1) == Some(x)) =>
+                        && (self.layout == Layout::PerExpert
+                            || g.last().map(|l| l + 1) == Some(x)) =>
                 {
                     g.push(x)
                 }
@@ -432,6 +433,9 @@ mod tests {
         assert!(s.groups(&[], one).is_empty());
         // Per-expert tensors: gaps do not matter.
         let p = source(Layout::PerExpert);
-        assert_eq!(p.groups(&xs[..5], 2 * one), vec![vec![0, 1], vec![2, 3], vec![5]]);
+        assert_eq!(
+            p.groups(&xs[..5], 2 * one),
+            vec![vec![0, 1], vec![2, 3], vec![5]]
+        );
     }
 }

@@ -10,12 +10,12 @@
 //! Memory: the largest single block (mixer or feed-forward of one layer, one expert at a time for MoE),
 //! one head chunk, the hidden states `[T, H]` of every sequence and their caches.
 use super::config::TextConfig;
+use super::linear::LinearWeight;
+use super::moe::Expert;
 use super::norms::RmsNormZeroCentred;
 use super::precision::Precision;
 use super::rope::Rope;
 use super::weights::WeightStore;
-use super::linear::LinearWeight;
-use super::moe::Expert;
 use super::{layer_norm, Cache, FeedForward, LayerCache, Mixer};
 use crate::error::{Error, Result};
 use crate::model::mlp::linear;
@@ -153,7 +153,9 @@ impl<'a> Streamer<'a> {
         if xs.len() != caches.len() {
             return Err(Error::Internal("one cache per sequence expected".into()));
         }
-        with_loader(self.prefetch, |ld| self.layers_with(ld, xs, caches, keep, on_layer))?;
+        with_loader(self.prefetch, |ld| {
+            self.layers_with(ld, xs, caches, keep, on_layer)
+        })?;
         for (x, cache) in xs.iter().zip(caches.iter_mut()) {
             cache.seen += x.dim(0)?;
         }
@@ -406,10 +408,7 @@ impl<'a> Loader<'a> {
 
 /// Run `f` with a loader; with `prefetch`, one background thread (with its own one-thread rayon pool,
 /// so that conversions never queue work on the compute threads) loads the queued blocks.
-fn with_loader<'a, R>(
-    prefetch: bool,
-    f: impl FnOnce(&mut Loader<'a>) -> Result<R>,
-) -> Result<R> {
+fn with_loader<'a, R>(prefetch: bool, f: impl FnOnce(&mut Loader<'a>) -> Result<R>) -> Result<R> {
     if !prefetch {
         return f(&mut Loader {
             queue: Default::default(),

@@ -474,7 +474,9 @@ fn widen_into(bytes: &[u8], dtype: Dtype, out: &mut [std::mem::MaybeUninit<f32>]
         .for_each(|(o, b)| match dtype {
             Dtype::BF16 => {
                 for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
-                    x.write(f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16));
+                    x.write(f32::from_bits(
+                        (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
+                    ));
                 }
             }
             Dtype::F16 => {
