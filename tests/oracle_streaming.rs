@@ -85,7 +85,11 @@ fn streamed_oracle_is_bit_identical_to_in_memory() {
                 ..exec(Execution::Stream, 1)
             };
             oracle(&model, prec, &plan, serial, &streamed);
-            assert_same(&mem, &streamed, &format!("{what}, streamed without prefetch"));
+            assert_same(
+                &mem,
+                &streamed,
+                &format!("{what}, streamed without prefetch"),
+            );
             if prec == Precision::F32 {
                 // A budget the model fits: rollouts in memory from the streamed caches.
                 oracle(
