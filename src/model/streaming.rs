@@ -361,6 +361,8 @@ enum Block {
 }
 
 type Job<'a> = Box<dyn FnOnce() -> Result<Block> + Send + 'a>;
+/// A loaded block and the seconds its loading took.
+type Loaded = Result<(Block, f64)>;
 
 /// Loads blocks in queue order: on the calling thread when they are asked for (no prefetch), or on one
 /// background thread that works one block ahead of the consumer.
@@ -370,7 +372,7 @@ type Job<'a> = Box<dyn FnOnce() -> Result<Block> + Send + 'a>;
 /// the block after that until the next one has been taken.
 struct Loader<'a> {
     queue: std::collections::VecDeque<Job<'a>>,
-    background: Option<(mpsc::Sender<Job<'a>>, mpsc::Receiver<Result<(Block, f64)>>)>,
+    background: Option<(mpsc::Sender<Job<'a>>, mpsc::Receiver<Loaded>)>,
 }
 
 impl<'a> Loader<'a> {
@@ -417,7 +419,7 @@ fn with_loader<'a, R>(prefetch: bool, f: impl FnOnce(&mut Loader<'a>) -> Result<
     }
     std::thread::scope(|scope| {
         let (job_tx, job_rx) = mpsc::channel::<Job<'a>>();
-        let (block_tx, block_rx) = mpsc::sync_channel::<Result<(Block, f64)>>(0);
+        let (block_tx, block_rx) = mpsc::sync_channel::<Loaded>(0);
         std::thread::Builder::new()
             .name("qgate-prefetch".into())
             .spawn_scoped(scope, move || {
