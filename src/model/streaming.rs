@@ -7,8 +7,13 @@
 //! `[T, chunk]` block to a sink. Every block is called with the same inputs and shapes as in the
 //! in-memory `Model`, so the results are bit-identical to it.
 //!
-//! Memory: the largest single block (mixer or feed-forward of one layer, one expert at a time for MoE),
-//! one head chunk, the hidden states `[T, H]` of every sequence and their caches.
+//! Weights come from a `Loader`: with prefetch (the default) one background thread reads and converts the
+//! next block (a layer's mixer or feed-forward, a group of routed experts, a head chunk) while the current
+//! one computes, handing blocks over one at a time in queue order.
+//!
+//! Memory: the block being computed and at most one finished block waiting (without prefetch only the
+//! first), i.e. for the 27B an MLP (1.07 GB f32) plus a mixer, or two head chunks; the hidden states
+//! `[T, H]` of every sequence and their caches.
 use super::config::TextConfig;
 use super::linear::LinearWeight;
 use super::moe::Expert;
