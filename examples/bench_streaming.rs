@@ -5,6 +5,8 @@
 //! extrapolation to the full depth. Driven by `bench/streaming.sh` (which measures `READ_GBPS` with dd).
 //!
 //! usage: bench_streaming MODEL_DIR PLAN READ_GBPS FULL_DEPTH [DTYPE]
+//! (`PREFETCH=0` in the environment: load every block on the computing thread, as before issue 6's
+//! prefetch thread.)
 use candle_core::{Device, Tensor};
 use qgate::capture::Capture;
 use qgate::model::config::{LayerKind, TextConfig};
@@ -74,6 +76,7 @@ fn layer_bytes(ws: &WeightStore, l: usize) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    qgate::alloc_tuning::keep_freed_memory_for_reuse(); // as the CLI
     let a: Vec<String> = std::env::args().collect();
     if a.len() < 5 {
         eprintln!("usage: bench_streaming MODEL_DIR PLAN READ_GBPS FULL_DEPTH [DTYPE]");
@@ -111,7 +114,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let gemm = rates.iter().sum::<f64>() / rates.len() as f64;
     println!("gemm rate used for the bound: {gemm:.1} GFLOP/s (mean of the three)");
 
-    let st = Streamer::new(&cfg, &ws, prec, DEFAULT_HEAD_CHUNK)?;
+    let mut st = Streamer::new(&cfg, &ws, prec, DEFAULT_HEAD_CHUNK)?;
+    let prefetch = std::env::var("PREFETCH").map_or(true, |v| v != "0");
+    st.set_prefetch(prefetch);
+    println!(
+        "weight prefetch thread: {}",
+        if prefetch { "on" } else { "off" }
+    );
     let ids: Vec<Vec<u32>> = plan
         .iter()
         .map(|s| s.iter().map(|&t| t as u32).collect())
@@ -127,8 +136,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut timings = Vec::new();
     st.layers(&mut xs, &mut caches, true, &mut |l, timing| {
         eprintln!(
-            "layer {l}: {:.2} s ({:.2} s loading, {:.2} s mixer)",
-            timing.total_s, timing.load_s, timing.mixer_s
+            "layer {l}: {:.2} s ({:.2} s loading, of which {:.2} s waited for; {:.2} s mixer)",
+            timing.total_s, timing.load_s, timing.wait_s, timing.mixer_s
         );
         timings.push(timing)
     })?;
@@ -154,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         lens.len(),
         prec.name()
     );
-    println!("| layer | kind | weights on disk | s | s loading | s / layer / 1k pos | read bound s | GEMM bound s | ratio |");
+    println!("| layer | kind | weights on disk | s | s loading (waited for) | s / layer / 1k pos | read bound s | GEMM bound s | ratio |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut per_kind: Vec<(LayerKind, f64, f64, f64, usize)> = Vec::new();
     for (l, tm) in timings.iter().enumerate() {
@@ -164,10 +173,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let gemm_s = layer_flops(&cfg, &ws, l, &lens) / (gemm * 1e9);
         let bound = read_s.max(gemm_s);
         println!(
-            "| {l} | {kind:?} | {:.2} GB | {:.2} | {:.2} | {:.2} | {read_s:.2} | {gemm_s:.2} | {:.2} |",
+            "| {l} | {kind:?} | {:.2} GB | {:.2} | {:.2} ({:.2}) | {:.2} | {read_s:.2} | {gemm_s:.2} | {:.2} |",
             bytes / 1e9,
             tm.total_s,
             tm.load_s,
+            tm.wait_s,
             tm.total_s * per_k,
             tm.total_s / bound
         );

@@ -119,6 +119,9 @@ pub struct ExecOptions {
     pub max_memory: u64,
     /// Head rows converted at a time when streaming.
     pub head_chunk: usize,
+    /// Streaming: read and convert the next layer's weights on a background thread while the current
+    /// layer computes (same numbers either way).
+    pub prefetch: bool,
 }
 
 impl Default for ExecOptions {
@@ -128,6 +131,7 @@ impl Default for ExecOptions {
             device: Device::Cpu,
             max_memory: default_memory_budget(),
             head_chunk: streaming::DEFAULT_HEAD_CHUNK,
+            prefetch: true,
         }
     }
 }
@@ -163,6 +167,7 @@ impl ExecOptions {
             device,
             max_memory,
             head_chunk: streaming::DEFAULT_HEAD_CHUNK,
+            prefetch: true,
         })
     }
 }
@@ -451,7 +456,9 @@ fn run_streamed(
 ) -> Result<Vec<Rollout>> {
     let v = cfg.vocab_size;
     let kind = logits_kind(req.precision);
-    let st = Streamer::new(cfg, ws, req.precision, req.exec.head_chunk)?;
+    let mut st = Streamer::new(cfg, ws, req.precision, req.exec.head_chunk)?;
+    // The prefetch thread was verified on the CPU only; on a GPU each layer loads on the computing thread.
+    st.set_prefetch(req.exec.prefetch && req.exec.device.is_cpu());
     let ids = req
         .plan
         .iter()

@@ -72,6 +72,7 @@ fn streamed_oracle_is_bit_identical_to_in_memory() {
                 mode,
                 max_memory,
                 head_chunk: 100, // vocab 384: chunks of 100, 100, 100, 84
+                prefetch: true,
                 ..Default::default()
             };
             oracle(&model, prec, &plan, exec(Execution::InMemory, 1), &mem);
@@ -79,6 +80,17 @@ fn streamed_oracle_is_bit_identical_to_in_memory() {
             let streamed = tmp.path().join(format!("{name}.{}.stream", prec.name()));
             oracle(&model, prec, &plan, exec(Execution::Stream, 1), &streamed);
             assert_same(&mem, &streamed, &format!("{what}, streamed rollouts"));
+            // Without the prefetch thread: every block loaded on the computing thread.
+            let serial = ExecOptions {
+                prefetch: false,
+                ..exec(Execution::Stream, 1)
+            };
+            oracle(&model, prec, &plan, serial, &streamed);
+            assert_same(
+                &mem,
+                &streamed,
+                &format!("{what}, streamed without prefetch"),
+            );
             if prec == Precision::F32 {
                 // A budget the model fits: rollouts in memory from the streamed caches.
                 oracle(
@@ -106,6 +118,7 @@ fn auto_mode_streams_above_the_budget() {
             mode: Execution::Auto,
             max_memory,
             head_chunk: 1 << 15,
+            prefetch: true,
             ..Default::default()
         };
         oracle(&model, Precision::BF16, &plan[..2], exec, out);

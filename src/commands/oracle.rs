@@ -37,6 +37,10 @@ pub struct Args {
     /// Where to run: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// When streaming, load each layer's weights on the computing thread instead of prefetching the
+    /// next layer on a background thread (same numbers, less memory, slower; for benchmarks).
+    #[arg(long)]
+    pub no_prefetch: bool,
 }
 
 pub fn execute(args: Args) -> Result<i32> {
@@ -46,12 +50,13 @@ pub fn execute(args: Args) -> Result<i32> {
             args.dtype
         ))
     })?;
-    let exec = ExecOptions::from_args(
+    let mut exec = ExecOptions::from_args(
         Some(&args.device),
         args.max_memory.as_deref(),
         args.stream,
         args.no_stream,
     )?;
+    exec.prefetch = !args.no_prefetch;
     let model_dir = resolve_model_dir(&args.model)?;
     let plan = Capture::open(&args.plan)?.plan();
     let out = run_oracle(&OracleRequest {

@@ -166,6 +166,101 @@ impl SparseMoe {
 
     /// Expert `x` alone, with the same values as the in-memory bank.
     pub fn load_expert(&self, ws: &WeightStore, x: usize) -> Result<Expert> {
+        self.source().load_one(ws, x)
+    }
+
+    /// Where this block's experts are on disk, for loading them elsewhere (a prefetch thread).
+    pub fn source(&self) -> ExpertSource {
+        ExpertSource {
+            num_experts: self.num_experts,
+            inter: self.inter,
+            hidden: self.hidden,
+            prec: self.prec,
+            layout: self.layout,
+            prefix: self.prefix.clone(),
+        }
+    }
+}
+
+/// The on-disk location and shapes of one MoE block's experts.
+#[derive(Clone)]
+pub struct ExpertSource {
+    num_experts: usize,
+    inter: usize,
+    hidden: usize,
+    prec: Precision,
+    layout: Layout,
+    prefix: String,
+}
+
+impl ExpertSource {
+    /// Bytes of one expert in f32 (gate, up and down).
+    pub fn expert_f32_bytes(&self) -> usize {
+        3 * self.inter * self.hidden * 4
+    }
+
+    /// Split the (ascending) experts `xs` into loading groups of at most `max_bytes` of f32 weights each
+    /// (at least one expert), a group never spanning a gap in a fused bank so that it is one read there.
+    pub fn groups(&self, xs: &[usize], max_bytes: usize) -> Vec<Vec<usize>> {
+        let per_group = (max_bytes / self.expert_f32_bytes().max(1)).max(1);
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        for &x in xs {
+            match out.last_mut() {
+                Some(g)
+                    if g.len() < per_group
+                        && (self.layout == Layout::PerExpert
+                            || g.last().map(|l| l + 1) == Some(x)) =>
+                {
+                    g.push(x)
+                }
+                _ => out.push(vec![x]),
+            }
+        }
+        out
+    }
+
+    /// The experts `xs` (ascending; consecutive in a fused bank, as `groups` makes them), with the same
+    /// values as the in-memory bank: a fused bank is read with one positioned read per tensor for the
+    /// whole range.
+    pub fn load(&self, ws: &WeightStore, xs: &[usize]) -> Result<Vec<(usize, Expert)>> {
+        let (e, i, h, prec) = (self.num_experts, self.inter, self.hidden, self.prec);
+        let contiguous = xs.windows(2).all(|w| w[1] == w[0] + 1);
+        match (self.layout, xs.first()) {
+            (Layout::Fused, Some(&first)) if contiguous => {
+                let n = xs.len();
+                let prefix = &self.prefix;
+                let gate_up = ws.load_rows(
+                    &format!("{prefix}experts.gate_up_proj"),
+                    &[e, 2 * i, h],
+                    first,
+                    n,
+                    prec,
+                )?;
+                let down = ws.load_rows(
+                    &format!("{prefix}experts.down_proj"),
+                    &[e, h, i],
+                    first,
+                    n,
+                    prec,
+                )?;
+                (0..n)
+                    .map(|k| {
+                        let gu = gate_up.get(k)?;
+                        let ex = Expert::from_tensors(
+                            gu.narrow(0, 0, i)?,
+                            gu.narrow(0, i, i)?,
+                            down.get(k)?,
+                            prec,
+                        )?;
+                        Ok((first + k, ex))
+                    })
+                    .collect()
+            }
+            _ => xs.iter().map(|&x| Ok((x, self.load_one(ws, x)?))).collect(),
+        }
+    }
+
+    fn load_one(&self, ws: &WeightStore, x: usize) -> Result<Expert> {
         let (e, i, h, prec) = (self.num_experts, self.inter, self.hidden, self.prec);
         let prefix = &self.prefix;
         match self.layout {
@@ -200,7 +295,9 @@ impl SparseMoe {
             }
         }
     }
+}
 
+impl SparseMoe {
     /// The whole block with the in-memory expert bank.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let mut routes = self.route(h)?;
@@ -335,5 +432,48 @@ impl SparseMoe {
         let sigma = p.round(&sigmoid(&linear(h, &self.shared_gate, p)?)?)?; // [T, 1]
         let shared = p.round(&shared.broadcast_mul(&sigma)?)?;
         Ok(p.round(&(routed + shared)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(layout: Layout) -> ExpertSource {
+        ExpertSource {
+            num_experts: 16,
+            inter: 4,
+            hidden: 8,
+            prec: Precision::F32,
+            layout,
+            prefix: String::new(),
+        }
+    }
+
+    #[test]
+    fn expert_groups_are_bounded_and_contiguous_in_a_fused_bank() {
+        let s = source(Layout::Fused);
+        let one = s.expert_f32_bytes(); // 384 bytes
+        let xs = [0, 1, 2, 3, 5, 6, 9, 10, 11, 12, 13];
+        let g = s.groups(&xs, 3 * one);
+        assert_eq!(
+            g,
+            vec![
+                vec![0, 1, 2],
+                vec![3],
+                vec![5, 6],
+                vec![9, 10, 11],
+                vec![12, 13]
+            ]
+        );
+        // A budget below one expert still loads one at a time.
+        assert_eq!(s.groups(&[4, 7], 1), vec![vec![4], vec![7]]);
+        assert!(s.groups(&[], one).is_empty());
+        // Per-expert tensors: gaps do not matter.
+        let p = source(Layout::PerExpert);
+        assert_eq!(
+            p.groups(&xs[..5], 2 * one),
+            vec![vec![0, 1], vec![2, 3], vec![5]]
+        );
     }
 }

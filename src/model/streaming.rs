@@ -7,9 +7,16 @@
 //! `[T, chunk]` block to a sink. Every block is called with the same inputs and shapes as in the
 //! in-memory `Model`, so the results are bit-identical to it.
 //!
-//! Memory: the largest single block (mixer or feed-forward of one layer, one expert at a time for MoE),
-//! one head chunk, the hidden states `[T, H]` of every sequence and their caches.
+//! Weights come from a `Loader`: with prefetch (the default) one background thread reads and converts the
+//! next block (a layer's mixer or feed-forward, a group of routed experts, a head chunk) while the current
+//! one computes, handing blocks over one at a time in queue order.
+//!
+//! Memory: the block being computed and at most one finished block waiting (without prefetch only the
+//! first), i.e. for the 27B an MLP (1.07 GB f32) plus a mixer, or two head chunks; the hidden states
+//! `[T, H]` of every sequence and their caches.
 use super::config::TextConfig;
+use super::linear::LinearWeight;
+use super::moe::Expert;
 use super::norms::RmsNormZeroCentred;
 use super::precision::Precision;
 use super::rope::Rope;
@@ -18,6 +25,7 @@ use super::{layer_norm, Cache, FeedForward, LayerCache, Mixer};
 use crate::error::{Error, Result};
 use crate::model::mlp::linear;
 use candle_core::Tensor;
+use std::sync::mpsc;
 use std::time::Instant;
 
 /// Default rows of the head converted at a time (32768 × 5120 f32 = 640 MiB for the 27B).
@@ -35,7 +43,12 @@ const GEMM_SAFE_COLUMNS: usize = 257;
 /// Where one layer's time went: reading + converting weights, and everything else.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LayerTiming {
+    /// Reading + converting this layer's weights (on the prefetch thread, overlapped with compute,
+    /// when prefetching).
     pub load_s: f64,
+    /// Time the compute thread waited for weights: all of `load_s` without prefetch, the part that
+    /// was not overlapped with it.
+    pub wait_s: f64,
     /// The token mixer's forward (attention or DeltaNet) over all sequences.
     pub mixer_s: f64,
     pub total_s: f64,
@@ -50,6 +63,7 @@ pub struct Streamer<'a> {
     head_name: String,
     embed_name: String,
     head_rows: usize,
+    prefetch: bool,
 }
 
 impl<'a> Streamer<'a> {
@@ -95,7 +109,15 @@ impl<'a> Streamer<'a> {
             } else {
                 head_rows.max(1)
             },
+            prefetch: true,
         })
+    }
+
+    /// Load the next layer's weights (and the next head chunk) on a background thread while the
+    /// current one computes (default on). The results are the same either way; off, everything runs
+    /// on the calling thread, one block after another.
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch = on;
     }
 
     /// Number of head chunks over the vocabulary.
@@ -122,9 +144,10 @@ impl<'a> Streamer<'a> {
     }
 
     /// Push every sequence's residual stream `xs[s]` (`[T_s, H]`, positions `caches[s].seen ..`) through
-    /// all decoder layers, one layer's weights in memory at a time. With `keep`, `caches[s]` holds the
-    /// per-layer caches afterwards (an empty cache grows one layer at a time); without, the per-layer
-    /// caches are dropped with their layer. `on_layer(l, timing)` is called after each layer.
+    /// all decoder layers, one layer's weights in memory at a time (plus the next block being prefetched,
+    /// see `set_prefetch`). With `keep`, `caches[s]` holds the per-layer caches afterwards (an empty
+    /// cache grows one layer at a time); without, the per-layer caches are dropped with their layer.
+    /// `on_layer(l, timing)` is called after each layer.
     pub fn layers(
         &self,
         xs: &mut [Tensor],
@@ -135,15 +158,52 @@ impl<'a> Streamer<'a> {
         if xs.len() != caches.len() {
             return Err(Error::Internal("one cache per sequence expected".into()));
         }
+        with_loader(self.prefetch, |ld| {
+            self.layers_with(ld, xs, caches, keep, on_layer)
+        })?;
+        for (x, cache) in xs.iter().zip(caches.iter_mut()) {
+            cache.seen += x.dim(0)?;
+        }
+        Ok(())
+    }
+
+    /// Queue layer `l`'s two blocks (norm + mixer, norm + feed-forward without its experts).
+    fn submit_layer(&self, ld: &mut Loader<'a>, l: usize) {
         let (cfg, ws, p) = (self.cfg, self.ws, self.prec);
-        for l in 0..cfg.layer_types.len() {
+        if l >= cfg.layer_types.len() {
+            return;
+        }
+        ld.submit(Box::new(move || {
+            Ok(Block::Mixer(
+                layer_norm(cfg, ws, l, "input_layernorm", p)?,
+                Mixer::load(cfg, ws, l, p)?,
+            ))
+        }));
+        ld.submit(Box::new(move || {
+            Ok(Block::Ffn(
+                layer_norm(cfg, ws, l, "post_attention_layernorm", p)?,
+                FeedForward::load(cfg, ws, l, p, true)?,
+            ))
+        }));
+    }
+
+    fn layers_with(
+        &self,
+        ld: &mut Loader<'a>,
+        xs: &mut [Tensor],
+        caches: &mut [Cache],
+        keep: bool,
+        on_layer: &mut dyn FnMut(usize, LayerTiming),
+    ) -> Result<()> {
+        let p = self.prec;
+        self.submit_layer(ld, 0);
+        for l in 0..self.cfg.layer_types.len() {
             let start = Instant::now();
-            let mut load_s = 0.0;
+            let mut tm = LayerTiming::default();
             // Token mixer.
-            let t = Instant::now();
-            let input_norm = layer_norm(cfg, ws, l, "input_layernorm", p)?;
-            let mixer = Mixer::load(cfg, ws, l, p)?;
-            load_s += t.elapsed().as_secs_f64();
+            let Block::Mixer(input_norm, mixer) = ld.next(&mut tm)? else {
+                return Err(Error::Internal("loader out of order (mixer)".into()));
+            };
             let t = Instant::now();
             let mut scratch: Vec<LayerCache> = Vec::new();
             for (x, cache) in xs.iter_mut().zip(caches.iter_mut()) {
@@ -168,31 +228,44 @@ impl<'a> Streamer<'a> {
             }
             drop(mixer);
             drop(scratch);
-            let mixer_s = t.elapsed().as_secs_f64();
+            tm.mixer_s = t.elapsed().as_secs_f64();
             // Feed-forward.
-            let t = Instant::now();
-            let post_norm = layer_norm(cfg, ws, l, "post_attention_layernorm", p)?;
-            let ffn = FeedForward::load(cfg, ws, l, p, true)?;
-            load_s += t.elapsed().as_secs_f64();
+            let Block::Ffn(post_norm, ffn) = ld.next(&mut tm)? else {
+                return Err(Error::Internal("loader out of order (feed-forward)".into()));
+            };
             let hs = xs
                 .iter()
                 .map(|x| post_norm.forward(x))
                 .collect::<Result<Vec<_>>>()?;
             let ys = match &ffn {
-                FeedForward::Dense(m) => hs.iter().map(|h| m.forward(h)).collect::<Result<_>>()?,
+                FeedForward::Dense(m) => {
+                    self.submit_layer(ld, l + 1);
+                    hs.iter().map(|h| m.forward(h)).collect::<Result<_>>()?
+                }
                 FeedForward::Moe(m) => {
-                    // Route every sequence, then convert each routed expert once and apply it to every
-                    // sequence that uses it; unrouted experts are never read.
+                    // Route every sequence, then convert each routed expert once (in groups, one read per
+                    // group of a fused bank) and apply it to every sequence that uses it; unrouted
+                    // experts are never read. The next layer is queued behind the experts.
                     let mut routes = hs.iter().map(|h| m.route(h)).collect::<Result<Vec<_>>>()?;
                     let mut needed: Vec<usize> = routes.iter().flat_map(|r| r.experts()).collect();
                     needed.sort_unstable();
                     needed.dedup();
-                    for x in needed {
-                        let t = Instant::now();
-                        let expert = m.load_expert(ws, x)?;
-                        load_s += t.elapsed().as_secs_f64();
-                        for (h, r) in hs.iter().zip(routes.iter_mut()) {
-                            m.apply_expert(h, r, x, &expert)?;
+                    let src = m.source();
+                    let groups = src.groups(&needed, EXPERT_GROUP_BYTES);
+                    let n_groups = groups.len();
+                    for g in groups {
+                        let (src, ws) = (src.clone(), self.ws);
+                        ld.submit(Box::new(move || Ok(Block::Experts(src.load(ws, &g)?))));
+                    }
+                    self.submit_layer(ld, l + 1);
+                    for _ in 0..n_groups {
+                        let Block::Experts(experts) = ld.next(&mut tm)? else {
+                            return Err(Error::Internal("loader out of order (experts)".into()));
+                        };
+                        for (x, expert) in &experts {
+                            for (h, r) in hs.iter().zip(routes.iter_mut()) {
+                                m.apply_expert(h, r, *x, expert)?;
+                            }
                         }
                     }
                     hs.iter()
@@ -205,17 +278,8 @@ impl<'a> Streamer<'a> {
             for (x, y) in xs.iter_mut().zip(ys) {
                 *x = p.round(&(&*x + y)?)?;
             }
-            on_layer(
-                l,
-                LayerTiming {
-                    load_s,
-                    mixer_s,
-                    total_s: start.elapsed().as_secs_f64(),
-                },
-            );
-        }
-        for (x, cache) in xs.iter().zip(caches.iter_mut()) {
-            cache.seen += x.dim(0)?;
+            tm.total_s = start.elapsed().as_secs_f64();
+            on_layer(l, tm);
         }
         Ok(())
     }
@@ -226,44 +290,171 @@ impl<'a> Streamer<'a> {
     }
 
     /// The head over the vocabulary in chunks: for each chunk (ascending) and each sequence,
-    /// `sink(s, first_column, logits [T_s, chunk])` with `R(hidden · W_chunkᵀ)`.
+    /// `sink(s, first_column, logits [T_s, chunk])` with `R(hidden · W_chunkᵀ)`. With prefetch, the next
+    /// chunk is read and converted while one multiplies (two chunks in memory).
     pub fn head(
         &self,
         hidden: &[Tensor],
         sink: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
         on_chunk: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
-        for c in 0..self.head_chunks() {
-            let first = c * self.head_rows;
-            let n = self.head_rows.min(v - first);
-            let mut w = self
-                .ws
-                .load_rows(&self.head_name, &[v, h], first, n, self.prec)?;
-            // Keep the kernel of the whole-vocabulary product (see GEMM_SAFE_COLUMNS); a vocabulary
-            // this small runs as one chunk anyway.
-            let pad = if v >= GEMM_SAFE_COLUMNS && n < GEMM_SAFE_COLUMNS {
-                GEMM_SAFE_COLUMNS - n
-            } else {
-                0
-            };
-            if pad > 0 {
-                w = Tensor::cat(&[&w, &Tensor::zeros((pad, h), w.dtype(), w.device())?], 0)?;
+        with_loader(self.prefetch, |ld| {
+            for c in 0..self.head_chunks() {
+                ld.submit(Box::new(move || self.head_chunk(c)));
             }
-            let w = super::linear::LinearWeight::new(w, self.prec)?;
-            for (s, x) in hidden.iter().enumerate() {
-                let logits = linear(x, &w, self.prec)?;
-                let logits = if pad > 0 {
-                    logits.narrow(1, 0, n)?.contiguous()?
-                } else {
-                    logits
+            let v = self.cfg.vocab_size;
+            for c in 0..self.head_chunks() {
+                let first = c * self.head_rows;
+                let n = self.head_rows.min(v - first);
+                let Block::Head(w, pad) = ld.next(&mut LayerTiming::default())? else {
+                    return Err(Error::Internal("loader out of order (head)".into()));
                 };
-                sink(s, first, &logits)?;
+                for (s, x) in hidden.iter().enumerate() {
+                    let logits = linear(x, &w, self.prec)?;
+                    let logits = if pad > 0 {
+                        logits.narrow(1, 0, n)?.contiguous()?
+                    } else {
+                        logits
+                    };
+                    sink(s, first, &logits)?;
+                }
+                drop(w);
+                on_chunk(c);
             }
-            on_chunk(c);
-        }
-        Ok(())
+            Ok(())
+        })
     }
+
+    /// Head chunk `c` in the form its matmul uses, and the zero rows padded to it.
+    fn head_chunk(&self, c: usize) -> Result<Block> {
+        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let first = c * self.head_rows;
+        let n = self.head_rows.min(v - first);
+        let mut w = self
+            .ws
+            .load_rows(&self.head_name, &[v, h], first, n, self.prec)?;
+        // Keep the kernel of the whole-vocabulary product (see GEMM_SAFE_COLUMNS); a vocabulary
+        // this small runs as one chunk anyway.
+        let pad = if v >= GEMM_SAFE_COLUMNS && n < GEMM_SAFE_COLUMNS {
+            GEMM_SAFE_COLUMNS - n
+        } else {
+            0
+        };
+        if pad > 0 {
+            w = Tensor::cat(&[&w, &Tensor::zeros((pad, h), w.dtype(), w.device())?], 0)?;
+        }
+        Ok(Block::Head(
+            super::linear::LinearWeight::new(w, self.prec)?,
+            pad,
+        ))
+    }
+}
+
+/// Expert weights (f32) converted per loading job of a MoE layer.
+const EXPERT_GROUP_BYTES: usize = 96 << 20;
+
+/// One unit of weights the loader hands over, in the order they were queued.
+enum Block {
+    /// `input_layernorm` and the token mixer.
+    Mixer(RmsNormZeroCentred, Mixer),
+    /// `post_attention_layernorm` and the feed-forward block (a MoE block without its experts).
+    Ffn(RmsNormZeroCentred, FeedForward),
+    /// Routed experts of the current MoE block, by index.
+    Experts(Vec<(usize, Expert)>),
+    /// One head chunk and its zero padding rows.
+    Head(LinearWeight, usize),
+}
+
+type Job<'a> = Box<dyn FnOnce() -> Result<Block> + Send + 'a>;
+/// A loaded block and the seconds its loading took.
+type Loaded = Result<(Block, f64)>;
+
+/// Loads blocks in queue order: on the calling thread when they are asked for (no prefetch), or on one
+/// background thread that works one block ahead of the consumer.
+///
+/// Memory bound: the background thread hands each block over through a rendezvous channel, so it holds
+/// at most one finished block (the next) while the consumer works on the current one; it does not start
+/// the block after that until the next one has been taken.
+struct Loader<'a> {
+    queue: std::collections::VecDeque<Job<'a>>,
+    background: Option<(mpsc::Sender<Job<'a>>, mpsc::Receiver<Loaded>)>,
+}
+
+impl<'a> Loader<'a> {
+    fn submit(&mut self, job: Job<'a>) {
+        match &self.background {
+            Some((tx, _)) => {
+                // A send fails only when the thread has ended (after a panic); `next` reports it.
+                let _ = tx.send(job);
+            }
+            None => self.queue.push_back(job),
+        }
+    }
+
+    /// The next block; adds the loading time to `tm.load_s` and the time the caller waited for it to
+    /// `tm.wait_s` (the same without prefetch).
+    fn next(&mut self, tm: &mut LayerTiming) -> Result<Block> {
+        let t = Instant::now();
+        let (block, load_s) = match &self.background {
+            Some((_, rx)) => rx.recv().map_err(|_| {
+                Error::Internal("the weight prefetch thread stopped unexpectedly".into())
+            })??,
+            None => {
+                let job = self
+                    .queue
+                    .pop_front()
+                    .ok_or_else(|| Error::Internal("no weights queued".into()))?;
+                (job()?, t.elapsed().as_secs_f64())
+            }
+        };
+        tm.load_s += load_s;
+        tm.wait_s += t.elapsed().as_secs_f64();
+        Ok(block)
+    }
+}
+
+/// Run `f` with a loader; with `prefetch`, one background thread (with its own one-thread rayon pool,
+/// so that conversions never queue work on the compute threads) loads the queued blocks.
+fn with_loader<'a, R>(prefetch: bool, f: impl FnOnce(&mut Loader<'a>) -> Result<R>) -> Result<R> {
+    if !prefetch {
+        return f(&mut Loader {
+            queue: Default::default(),
+            background: None,
+        });
+    }
+    std::thread::scope(|scope| {
+        let (job_tx, job_rx) = mpsc::channel::<Job<'a>>();
+        let (block_tx, block_rx) = mpsc::sync_channel::<Loaded>(0);
+        std::thread::Builder::new()
+            .name("qgate-prefetch".into())
+            .spawn_scoped(scope, move || {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(|_| "qgate-prefetch-pool".into())
+                    .build()
+                    .ok();
+                for job in job_rx {
+                    let t = Instant::now();
+                    let r = match &pool {
+                        Some(pool) => pool.install(job),
+                        None => job(),
+                    };
+                    let r = r.map(|b| (b, t.elapsed().as_secs_f64()));
+                    if block_tx.send(r).is_err() {
+                        break; // the consumer is gone (an error): stop loading
+                    }
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the prefetch thread ({e})")))?;
+        let mut loader = Loader {
+            queue: Default::default(),
+            background: Some((job_tx, block_rx)),
+        };
+        let r = f(&mut loader);
+        // Close both channels before the scope joins the thread: it stops after its current job.
+        drop(loader);
+        r
+    })
 }
 
 /// Bytes the in-memory oracle needs for this checkpoint and plan: every decoder tensor in f32, one

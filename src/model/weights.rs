@@ -313,16 +313,18 @@ impl WeightStore {
             ));
         }
         let start = e.start + first * row_bytes;
-        let bytes = self.raw(full, e.file, start, start + n * row_bytes)?;
         let mut out_shape = shape.to_vec();
         if let Some(s0) = out_shape.first_mut() {
             *s0 = n;
         }
         let t = if self.streaming {
-            // Widen straight from the read buffer, in parallel: one f32 allocation, no staging copy.
-            // bf16/f16 → f32 is exact, so the values are those of `to_dtype`.
-            Tensor::from_vec(widen(&bytes, e.dtype), out_shape, &Device::Cpu)?
+            // Read and widen piece by piece into the one f32 allocation: the read buffer stays in cache
+            // and nothing is zero-filled first. bf16/f16 → f32 is exact, so the values are those of
+            // `to_dtype`.
+            let v = self.read_widened(full, e.file, start, n * row_bytes, e.dtype)?;
+            Tensor::from_vec(v, out_shape, &Device::Cpu)?
         } else {
+            let bytes = self.raw(full, e.file, start, start + n * row_bytes)?;
             Tensor::from_raw_buffer(&bytes, dtype, &out_shape, &Device::Cpu)?
                 .to_dtype(DType::F32)?
         };
@@ -426,32 +428,96 @@ impl WeightStore {
     }
 }
 
-/// Little-endian F32/BF16/F16 bytes to f32 (exact), in parallel chunks.
-fn widen(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+/// Bytes read from disk per positioned read when widening (small enough to stay in cache).
+const READ_PIECE: usize = 4 << 20;
+
+impl WeightStore {
+    /// `len` bytes of shard `file` from `start` (an F32/BF16/F16 tensor or row range), widened to f32:
+    /// read in `READ_PIECE` pieces into one reused buffer, each widened straight into the output.
+    fn read_widened(
+        &self,
+        full: &str,
+        file: usize,
+        start: usize,
+        len: usize,
+        dtype: Dtype,
+    ) -> Result<Vec<f32>> {
+        let size = if dtype == Dtype::F32 { 4 } else { 2 };
+        let elems = len / size;
+        let mut out: Vec<f32> = Vec::with_capacity(elems);
+        let mut buf = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let take = READ_PIECE.min(len - done);
+            let piece = self.raw_into(full, file, start + done, take, &mut buf)?;
+            let dst = &mut out.spare_capacity_mut()[done / size..(done + take) / size];
+            widen_into(piece, dtype, dst);
+            done += take;
+        }
+        // SAFETY: every element of `0..elems` was written by `widen_into` above.
+        unsafe { out.set_len(elems) };
+        Ok(out)
+    }
+
+    /// Bytes `start..start+len` of shard `file`, read into `buf` (grown as needed; streaming mode) or
+    /// borrowed from the map.
+    fn raw_into<'b>(
+        &'b self,
+        full: &str,
+        file: usize,
+        start: usize,
+        len: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8]> {
+        #[cfg(unix)]
+        if self.streaming {
+            use std::os::unix::fs::FileExt;
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            self.handles[file]
+                .read_exact_at(&mut buf[..len], start as u64)
+                .map_err(|e| {
+                    Error::input(
+                        &self.files[file].0,
+                        format!("cannot read tensor `{full}` ({e})"),
+                    )
+                })?;
+            return Ok(&buf[..len]);
+        }
+        let _ = (full, buf);
+        Ok(&self.files[file].1[start..start + len])
+    }
+}
+
+/// Little-endian F32/BF16/F16 bytes to f32 (exact) into `out` (`bytes.len() / size` elements), in
+/// parallel chunks (on whichever rayon pool the caller runs in).
+fn widen_into(bytes: &[u8], dtype: Dtype, out: &mut [std::mem::MaybeUninit<f32>]) {
     use rayon::prelude::*;
     let size = if dtype == Dtype::F32 { 4 } else { 2 };
-    let mut out = vec![0f32; bytes.len() / size];
+    debug_assert_eq!(out.len() * size, bytes.len());
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * size))
         .for_each(|(o, b)| match dtype {
             Dtype::BF16 => {
                 for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
-                    *x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                    x.write(f32::from_bits(
+                        (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
+                    ));
                 }
             }
             Dtype::F16 => {
                 for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
-                    *x = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    x.write(half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32());
                 }
             }
             _ => {
                 for (x, c) in o.iter_mut().zip(b.chunks_exact(4)) {
-                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    x.write(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
                 }
             }
         });
-    out
 }
 
 /// Resolve `--model`: a directory as is; otherwise `Org/Name` looked up in the local Hugging Face hub
