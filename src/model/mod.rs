@@ -4,6 +4,7 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod config;
 pub mod delta_rule;
+pub mod f32_gemm;
 pub mod gated_deltanet;
 pub mod linear;
 pub mod mlp;
@@ -176,15 +177,6 @@ impl Model {
         // The embedding serves lookups (and a tied head): kept in the model dtype, which is exact and
         // half the memory of f32 in bf16/f16 mode.
         let embed = ws.load_decoder_native("embed_tokens.weight", &[v, h], prec)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.layer_types.len() {
-            layers.push(DecoderLayer {
-                input_norm: layer_norm(&cfg, ws, l, "input_layernorm", prec)?,
-                mixer: Mixer::load(&cfg, ws, l, prec)?,
-                post_norm: layer_norm(&cfg, ws, l, "post_attention_layernorm", prec)?,
-                ffn: FeedForward::load(&cfg, ws, l, prec, false)?,
-            });
-        }
         let norm = RmsNormZeroCentred::new(ws, &ws.decoder_name("norm.weight"), h, eps, prec)?;
         let has_head = ws.contains("lm_head.weight");
         let lm_head = if cfg.tie_word_embeddings && !has_head {
@@ -230,10 +222,22 @@ impl Model {
             }
             None => LinearWeight::new(embed.clone(), prec)?,
         };
+        // A packed tied head serves the embedding lookups itself (one copy of the table).
         let embed = match (&head, tied) {
-            (LinearWeight::Bf16(_), true) => None,
+            (LinearWeight::Bf16(_) | LinearWeight::F32Packed(_), true) => None,
             _ => Some(embed),
         };
+        // The layers after the head: packing a tied f32 head copies the table, and that transient
+        // copy then coexists with the embedding only, not with every layer's weights as well.
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.layer_types.len() {
+            layers.push(DecoderLayer {
+                input_norm: layer_norm(&cfg, ws, l, "input_layernorm", prec)?,
+                mixer: Mixer::load(&cfg, ws, l, prec)?,
+                post_norm: layer_norm(&cfg, ws, l, "post_attention_layernorm", prec)?,
+                ffn: FeedForward::load(&cfg, ws, l, prec, false)?,
+            });
+        }
         Ok(Model {
             cfg,
             prec,
@@ -282,6 +286,10 @@ impl Model {
                 .index_select(&Tensor::new(tokens, &Device::Cpu)?, 0)?
                 .to_dtype(candle_core::DType::F32)?,
             (None, LinearWeight::Bf16(p)) => {
+                let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
+                Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
+            }
+            (None, LinearWeight::F32Packed(p)) => {
                 let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
                 Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
             }
