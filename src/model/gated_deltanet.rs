@@ -9,6 +9,7 @@ use super::precision::Precision;
 use super::weights::WeightStore;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 /// What a GDN layer carries between calls: the last `K-1` pre-conv `qkv` rows and the f32 state.
 pub struct GdnCache {
@@ -109,9 +110,9 @@ impl GatedDeltaNet {
         let hist = kk - 1;
         let mut rows = std::mem::take(&mut cache.conv_history);
         rows.extend_from_slice(&qkv);
+        // One row per task (rows are independent): the taps in order, then R, SiLU, R per element.
         let mut conv = vec![0f32; t * c];
-        for ti in 0..t {
-            let out = &mut conv[ti * c..(ti + 1) * c];
+        let conv_row = |(ti, out): (usize, &mut [f32])| {
             for j in 0..kk {
                 let src = &rows[(ti + j) * c..(ti + j + 1) * c];
                 for ((o, x), w) in out
@@ -122,12 +123,16 @@ impl GatedDeltaNet {
                     *o += w * x;
                 }
             }
+            for x in out.iter_mut() {
+                let r = p.round_scalar(*x);
+                *x = p.round_scalar(r / (1.0 + (-r).exp()));
+            }
+        };
+        if t > 1 {
+            conv.par_chunks_mut(c).enumerate().for_each(conv_row);
+        } else {
+            conv.chunks_mut(c).enumerate().for_each(conv_row);
         }
-        p.round_slice(&mut conv);
-        for x in conv.iter_mut() {
-            *x /= 1.0 + (-*x).exp();
-        }
-        p.round_slice(&mut conv);
         // Keep the last K-1 pre-conv rows for the next call.
         cache.conv_history = rows[rows.len() - hist * c..].to_vec();
 
@@ -137,18 +142,23 @@ impl GatedDeltaNet {
         let mut q = vec![0f32; hv * t * dk];
         let mut k = vec![0f32; hv * t * dk];
         let mut v = vec![0f32; hv * t * dv];
-        for ti in 0..t {
-            let row = &conv[ti * c..(ti + 1) * c];
-            for j in 0..hv {
+        // One value head per task.
+        q.par_chunks_mut(t * dk)
+            .zip(k.par_chunks_mut(t * dk))
+            .zip(v.par_chunks_mut(t * dv))
+            .enumerate()
+            .for_each(|(j, ((qh, kh_out), vh))| {
                 let kh = j / r;
-                let qs = &row[kh * dk..(kh + 1) * dk];
-                let ks = &row[hk * dk + kh * dk..hk * dk + (kh + 1) * dk];
-                let vs = &row[2 * hk * dk + j * dv..2 * hk * dk + (j + 1) * dv];
-                l2_normalise_into(qs, &mut q[(j * t + ti) * dk..(j * t + ti + 1) * dk]);
-                l2_normalise_into(ks, &mut k[(j * t + ti) * dk..(j * t + ti + 1) * dk]);
-                v[(j * t + ti) * dv..(j * t + ti + 1) * dv].copy_from_slice(vs);
-            }
-        }
+                for ti in 0..t {
+                    let row = &conv[ti * c..(ti + 1) * c];
+                    let qs = &row[kh * dk..(kh + 1) * dk];
+                    let ks = &row[hk * dk + kh * dk..hk * dk + (kh + 1) * dk];
+                    let vs = &row[2 * hk * dk + j * dv..2 * hk * dk + (j + 1) * dv];
+                    l2_normalise_into(qs, &mut qh[ti * dk..(ti + 1) * dk]);
+                    l2_normalise_into(ks, &mut kh_out[ti * dk..(ti + 1) * dk]);
+                    vh[ti * dv..(ti + 1) * dv].copy_from_slice(vs);
+                }
+            });
         // β = R(sigmoid(b)); g = -exp(A_log) · softplus(a + dt_bias) in f32 (not rounded).
         let mut beta = vec![0f32; hv * t];
         let mut g = vec![0f32; hv * t];
@@ -177,12 +187,13 @@ impl GatedDeltaNet {
         };
         cache.seen += t;
         p.round_slice(&mut o);
-        // [Hv, T, Dv] → [T, Hv, Dv]
-        let o = Tensor::from_vec(o, (hv, t, dv), &Device::Cpu)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let z = z.reshape((t, hv, dv))?;
-        let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
+        // o is [Hv, T, Dv]; the norm reads it in [T, Hv, Dv] order (row ti·Hv + j is o's row j·T + ti).
+        let o = Tensor::from_vec(o, (hv * t, dv), &Device::Cpu)?;
+        let z = z.reshape((t * hv, dv))?;
+        let y = self
+            .norm
+            .forward_gathered(&o, &z, |r| (r % hv) * t + r / hv)?
+            .reshape((t, hv * dv))?;
         linear(&y, &self.out_proj, p)
     }
 }

@@ -42,8 +42,8 @@ pub fn swiglu(
     down: &LinearWeight,
     p: Precision,
 ) -> Result<Tensor> {
-    let g = p.round(&linear(h, gate, p)?.silu()?)?;
+    let g = linear(h, gate, p)?;
     let u = linear(h, up, p)?;
-    let a = p.round(&(g * u)?)?;
+    let a = super::ops::silu_mul_round(&g, &u, p)?;
     linear(&a, down, p)
 }

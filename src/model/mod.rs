@@ -10,6 +10,7 @@ pub mod linear;
 pub mod mlp;
 pub mod moe;
 pub mod norms;
+pub mod ops;
 pub mod precision;
 pub mod rope;
 pub mod streaming;
@@ -317,10 +318,10 @@ impl Model {
             .ok_or_else(|| Error::Internal(format!("no layer {l}")))?;
         let h = layer.input_norm.forward(x)?;
         let y = layer.mixer.forward(&h, &self.rope, lc)?;
-        let x = p.round(&(x + y)?)?;
+        let x = ops::add_round(x, &y, p)?;
         let h = layer.post_norm.forward(&x)?;
         let y = layer.ffn.forward(&h)?;
-        Ok(p.round(&(x + y)?)?)
+        ops::add_round(&x, &y, p)
     }
 
     /// The per-layer caches, for driving `layer_forward` directly.
