@@ -45,7 +45,14 @@ impl RmsNormZeroCentred {
 /// `rsqrt(mean(x²) + eps)` of every row of `x` (over the last axis), computed by the same tensor ops as
 /// `normalise`, so `x · inv` is `normalise(x)` bit for bit.
 pub fn inv_rms(x: &Tensor, eps: f64) -> Result<Vec<f32>> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    // x² on our pool (`v * v`, as candle's sqr); the row sums stay candle's (same summation order).
+    let d = x.dim(D::Minus1)?;
+    let sq = map_rows(x, d, |_, x, o| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = v * v;
+        }
+    })?;
+    let ms = sq.mean_keepdim(D::Minus1)?;
     Ok((ms + eps)?.sqrt()?.recip()?.flatten_all()?.to_vec1()?)
 }
 

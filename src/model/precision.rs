@@ -89,12 +89,24 @@ impl Precision {
         }
     }
 
+    #[inline(always)]
     pub fn round_scalar(self, x: f32) -> f32 {
         match self {
             Precision::F32 => x,
-            Precision::BF16 => bf16::from_f32(x).to_f32(),
+            Precision::BF16 => f32::from_bits(bf16_round_bits(x.to_bits())),
             Precision::F16 => f16::from_f32(x).to_f32(),
         }
+    }
+}
+
+/// `half::bf16::from_f32(x).to_f32()` on the bit pattern, without the call: round to nearest even,
+/// NaNs quieted.
+#[inline(always)]
+fn bf16_round_bits(b: u32) -> u32 {
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        (b | 0x0040_0000) & 0xFFFF_0000
+    } else {
+        b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000
     }
 }
 
@@ -191,6 +203,11 @@ mod tests {
             .iter()
             .map(|&x| bf16::from_f32(x).to_f32().to_bits())
             .collect();
+        let scalar: Vec<u32> = xs
+            .iter()
+            .map(|&x| Precision::BF16.round_scalar(x).to_bits())
+            .collect();
+        assert_eq!(scalar, want);
         let mut got = xs.clone();
         Precision::BF16.round_slice(&mut got);
         let got: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
