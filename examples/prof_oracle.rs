@@ -16,6 +16,15 @@ fn minflt() -> i64 {
     ru.ru_minflt
 }
 
+fn mem() -> String {
+    let st = std::fs::read_to_string("/proc/self/status").unwrap();
+    st.lines()
+        .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM"))
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     qgate::alloc_tuning::keep_freed_memory_for_reuse();
     let a: Vec<String> = std::env::args().collect();
@@ -23,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t: usize = a[3].parse()?;
     let reps: usize = a.get(4).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let model = Model::load(std::path::Path::new(&a[1]), prec)?;
+    eprintln!("after load: {}", mem());
     let v = model.cfg.vocab_size as u64;
     let mut x = 0x9E3779B97F4A7C15u64;
     let ids: Vec<u32> = (0..t)
@@ -39,6 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let logits = model.forward(&ids, &mut model.new_cache())?;
         let (w, c) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
         let faults = minflt() - f0;
+        eprintln!("after forward: {}", mem());
         drop(logits);
         println!(
             "{} T={t}: wall {w:.3}s ({:.1} tok/s) cpu {c:.3}s, {faults} page faults",

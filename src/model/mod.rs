@@ -225,9 +225,16 @@ impl Model {
         };
         // A packed tied head serves the embedding lookups itself (one copy of the table).
         let embed = match (&head, tied) {
-            (LinearWeight::Bf16(_) | LinearWeight::F32Packed(_), true) => None,
+            (LinearWeight::Bf16(_) | LinearWeight::F32Packed(_), true) => {
+                drop(embed); // now, not at the end of this function (after the layers are loaded)
+                None
+            }
             _ => Some(embed),
         };
+        if tied && embed.is_none() {
+            // the f32/bf16 table just packed into the head: give its memory back before the layers
+            crate::alloc_tuning::release_freed_memory();
+        }
         // The layers after the head: packing a tied f32 head copies the table, and that transient
         // copy then coexists with the embedding only, not with every layer's weights as well.
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
