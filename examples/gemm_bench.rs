@@ -1,5 +1,6 @@
 //! GEMM shapes of the 0.8B forward at T=512 (profiling aid): GFLOP/s of the packed bf16 kernel.
 use qgate::model::bf16_gemm::PackedBf16;
+use qgate::model::f32_gemm::PackedF32;
 use std::time::Instant;
 
 fn cpu_seconds() -> f64 {
@@ -42,12 +43,18 @@ fn main() {
         }
         let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
         let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+        let f32_mode = std::env::var("F32").is_ok();
         let p = PackedBf16::pack(&w, n, k);
+        let pf = PackedF32::pack(&w, n, k);
         let mut best = f64::MAX;
         let mut bestc = f64::MAX;
         for _ in 0..reps {
             let (t0, c0) = (Instant::now(), cpu_seconds());
-            let y = p.matmul_t_rounded(&x, m, true);
+            let y = if f32_mode {
+                pf.matmul_t(&x, m)
+            } else {
+                p.matmul_t_rounded(&x, m, true)
+            };
             best = best.min(t0.elapsed().as_secs_f64());
             bestc = bestc.min(cpu_seconds() - c0);
             std::hint::black_box(y);

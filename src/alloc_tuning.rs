@@ -36,4 +36,3 @@ pub fn peak_rss_bytes() -> Option<u64> {
         .ok()?;
     Some(kb * 1024)
 }
-

@@ -89,24 +89,13 @@ impl PackedBf16 {
     pub fn matmul_t_rounded(&self, x: &[f32], m: usize, round_bf16: bool) -> Vec<f32> {
         let (n, k, k2) = (self.n, self.k, self.k2);
         let mut a = vec![0u32; m * k2];
-        let pack_row = |(r, dst): (usize, &mut [u32])| {
-            let row = &x[r * k..(r + 1) * k];
-            for (p, d) in dst.iter_mut().enumerate() {
-                let lo = to_bf16_bits(row[2 * p]) as u32;
-                let hi = if 2 * p + 1 < k {
-                    to_bf16_bits(row[2 * p + 1]) as u32
-                } else {
-                    0
-                };
-                *d = lo | (hi << 16);
-            }
-        };
+        let pack_row = |(r, dst): (usize, &mut [u32])| pack_pairs(&x[r * k..(r + 1) * k], dst);
         if m * k >= 1 << 16 {
             a.par_chunks_mut(k2).enumerate().for_each(pack_row);
         } else {
             a.chunks_mut(k2).enumerate().for_each(pack_row);
         }
-        let mut out = vec![0f32; m * n];
+        let mut out = output_buffer(m * n);
         let ops = Operands {
             a: a.as_ptr(),
             lda: k2,
@@ -119,8 +108,54 @@ impl PackedBf16 {
         // SAFETY: `a` is [m, k2], `data` is [ceil(n/16), k2, 16], `out` is [m, n], all alive for the
         // call; the CPU features were checked by the caller (`available`).
         unsafe { drive(ops, |t| bf16_dispatch(t, round_bf16)) };
+        // SAFETY: `drive` stored every one of the m·n elements (masked stores cover each tile exactly).
+        unsafe { out.set_len(m * n) };
         out
     }
+}
+
+/// One input row as bf16 pairs (`lo | hi << 16`, the last one zero-padded): the bf16 values in order,
+/// rounded as `half::bf16::from_f32`.
+fn pack_pairs(row: &[f32], dst: &mut [u32]) {
+    let k = row.len();
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected; the kernel writes dst[..k / 32 * 16] only.
+        unsafe { pack_pairs_avx512(row, dst) };
+        done = k / 32 * 16;
+    }
+    for (p, d) in dst.iter_mut().enumerate().skip(done) {
+        let lo = to_bf16_bits(row[2 * p]) as u32;
+        let hi = if 2 * p + 1 < k {
+            to_bf16_bits(row[2 * p + 1]) as u32
+        } else {
+            0
+        };
+        *d = lo | (hi << 16);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_pairs_avx512(row: &[f32], dst: &mut [u32]) {
+    let bits = |v: __m512| {
+        let r = super::precision::round_bf16_x16(v);
+        _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(r)))
+    };
+    for c in 0..row.len() / 32 {
+        let lo = bits(_mm512_loadu_ps(row.as_ptr().add(c * 32)));
+        let hi = bits(_mm512_loadu_ps(row.as_ptr().add(c * 32 + 16)));
+        let d = dst.as_mut_ptr().add(c * 16) as *mut __m256i;
+        _mm256_storeu_si256(d, lo);
+        _mm256_storeu_si256(d.add(1), hi);
+    }
+}
+
+/// An output buffer of `len` f32 with capacity only (every element is stored by the kernel before it
+/// is read): no zeroing pass.
+pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
 }
 
 /// The operands of one packed GEMM: `a` `[m, lda]` (4-byte elements: bf16 pairs or f32), `b` packed

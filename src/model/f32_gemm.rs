@@ -58,7 +58,7 @@ impl PackedF32 {
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k);
-        let mut out = vec![0f32; m * n];
+        let mut out = super::bf16_gemm::output_buffer(m * n);
         let ops = Operands {
             a: x.as_ptr() as *const u32,
             lda: k,
@@ -71,6 +71,8 @@ impl PackedF32 {
         // SAFETY: `x` is [m, k], `data` is [ceil(n/16), k, 16], `out` is [m, n], all alive for the call;
         // the CPU features were checked by the caller (`available`).
         unsafe { drive(ops, |t| f32_dispatch(t)) };
+        // SAFETY: `drive` stored every one of the m·n elements.
+        unsafe { out.set_len(m * n) };
         out
     }
 }
