@@ -195,22 +195,18 @@ pub(crate) struct Tile {
 pub(crate) const MR: usize = 6;
 pub(crate) const NR: usize = 64; // 4 blocks of 16 columns
 
-/// k-steps per block: the `KC × NR` slice of the weight panel (KC·256 bytes) stays in L1 while every
-/// row tile of the input streams past it. Each output element still accumulates its k-steps in order on
-/// one accumulator (a later block reloads the exact f32 partial sum), so the blocking does not change a
-/// single bit of the result.
-fn kc_block() -> usize {
-    static KC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *KC.get_or_init(|| {
-        std::env::var("QGATE_KC")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(usize::MAX)
-    })
-}
+/// k-steps per block. With a smaller value the `KC × NR` slice of the weight panel would stay in L1
+/// while the row tiles stream past it (each element still accumulating its k-steps in order on one
+/// accumulator, a later block reloading the exact f32 partial sum, so no bit would change); measured on
+/// Zen 4 it gains nothing over whole-K tiles (the panel streams well from L2), so it is off.
+const KC: usize = usize::MAX;
 
-/// Column panels of `NR` run in parallel (an output element never spans threads); inside a panel, k
-/// blocks then row tiles.
+/// Rows per task when there are few column panels (small `n`): the row range is split too, so both
+/// threads work. A task always owns whole output elements (K is never split across threads).
+const ROW_GROUP: usize = 8 * MR;
+
+/// Column panels of `NR` (and, for small `n`, groups of rows) run in parallel; inside a task, k blocks
+/// then row tiles.
 ///
 /// # Safety
 /// The operands must describe valid, live buffers of the stated shapes, and `kernel` must be safe to
@@ -220,19 +216,25 @@ pub(crate) unsafe fn drive(o: Operands, kernel: impl Fn(&Tile) + Sync) {
     if m == 0 || n == 0 {
         return;
     }
-    let kcb = kc_block().max(1);
     let panels = n.div_ceil(NR);
-    (0..panels).into_par_iter().for_each(|pi| {
+    let (groups, rows_per) = if panels >= 16 {
+        (1, m)
+    } else {
+        (m.div_ceil(ROW_GROUP), ROW_GROUP)
+    };
+    (0..panels * groups).into_par_iter().for_each(|task| {
         let o = o;
+        let (pi, g) = (task / groups, task % groups);
         let col0 = pi * NR;
         let ncols = NR.min(n - col0);
         let bp = o.b.add((col0 / 16) * kp * 16);
+        let (row_lo, row_hi) = (g * rows_per, m.min((g + 1) * rows_per));
         let mut p0 = 0;
         loop {
-            let kc = kcb.min(kp - p0);
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = MR.min(m - r0);
+            let kc = KC.min(kp - p0);
+            let mut r0 = row_lo;
+            while r0 < row_hi {
+                let rows = MR.min(row_hi - r0);
                 kernel(&Tile {
                     a: o.a.add(r0 * o.lda + p0),
                     lda: o.lda,
