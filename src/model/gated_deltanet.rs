@@ -123,9 +123,12 @@ impl GatedDeltaNet {
                     *o += w * x;
                 }
             }
-            for x in out.iter_mut() {
+            // R, then SiLU (`r / (1 + exp(-r))`), then R
+            let mut e: Vec<f32> = out.iter().map(|&x| -p.round_scalar(x)).collect();
+            super::expf::exp_in_place(&mut e);
+            for (x, e) in out.iter_mut().zip(&e) {
                 let r = p.round_scalar(*x);
-                *x = p.round_scalar(r / (1.0 + (-r).exp()));
+                *x = p.round_scalar(r / (1.0 + e));
             }
         };
         if t > 1 {

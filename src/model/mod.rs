@@ -4,6 +4,7 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod config;
 pub mod delta_rule;
+pub mod expf;
 pub mod f32_gemm;
 pub mod gated_deltanet;
 pub mod linear;

@@ -1,6 +1,6 @@
 //! The two RMSNorm conventions of Qwen3.5: zero-centred `(1 + w)` (input/post-attention/final, q/k norms)
 //! and the GDN gated norm with a plain weight, normalised before the SiLU(z) gate.
-use super::ops::{map_rows, silu, zip_rows};
+use super::ops::{map_rows, zip_rows};
 use super::precision::Precision;
 use super::weights::WeightStore;
 use crate::error::Result;
@@ -102,10 +102,11 @@ impl GatedRmsNorm {
                 let orow = o_row(r);
                 let s = inv[orow];
                 let o = &os[orow * d..(orow + 1) * d];
-                for (((y, &o), &z), &w) in out.iter_mut().zip(o).zip(z).zip(w) {
+                super::expf::silu_into(z, out); // silu(z) first, then the norm in place
+                for ((y, &o), &w) in out.iter_mut().zip(o).zip(w) {
                     let n = p.round_scalar(o * s);
                     let n = p.round_scalar(n * w);
-                    *y = p.round_scalar(n * silu(z));
+                    *y = p.round_scalar(n * *y);
                 }
             })
         })?
@@ -118,10 +119,11 @@ impl GatedRmsNorm {
         let w = &self.weight;
         zip_rows(o, z, w.len(), |r, o, z, out| {
             let s = inv[r];
-            for (((y, &o), &z), &w) in out.iter_mut().zip(o).zip(z).zip(w) {
+            super::expf::silu_into(z, out);
+            for ((y, &o), &w) in out.iter_mut().zip(o).zip(w) {
                 let n = p.round_scalar(o * s);
                 let n = p.round_scalar(n * w);
-                *y = p.round_scalar(n * silu(z));
+                *y = p.round_scalar(n * *y);
             }
         })
     }

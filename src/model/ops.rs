@@ -27,32 +27,41 @@ fn same_shape(a: &Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `f(a[i], b[i])` for every element, as a new tensor of `a`'s shape.
-pub fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
+/// `f(a_chunk, b_chunk, out_chunk)` over matching chunks of two same-shape tensors (in parallel for
+/// large ones), as a new tensor of `a`'s shape.
+pub fn zip_chunks(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Result<Tensor> {
     same_shape(a, b)?;
     let v = with_f32_slice(a, |xa| {
         with_f32_slice(b, |xb| {
             let mut out = vec![0f32; xa.len()];
-            let step = |((o, x), y): ((&mut [f32], &[f32]), &[f32])| {
-                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                    *o = f(x, y);
-                }
-            };
             if xa.len() >= PAR_MIN {
                 out.par_chunks_mut(CHUNK)
                     .zip(xa.par_chunks(CHUNK))
                     .zip(xb.par_chunks(CHUNK))
-                    .for_each(step);
+                    .for_each(|((o, x), y)| f(x, y, o));
             } else {
                 out.chunks_mut(CHUNK)
                     .zip(xa.chunks(CHUNK))
                     .zip(xb.chunks(CHUNK))
-                    .for_each(step);
+                    .for_each(|((o, x), y)| f(x, y, o));
             }
             out
         })
     })??;
     Ok(Tensor::from_vec(v, a.shape(), &Device::Cpu)?)
+}
+
+/// `f(a[i], b[i])` for every element, as a new tensor of `a`'s shape.
+pub fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
+    zip_chunks(a, b, |x, y, o| {
+        for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+            *o = f(x, y);
+        }
+    })
 }
 
 /// `R(x + y)` (the residual adds).
@@ -62,7 +71,12 @@ pub fn add_round(x: &Tensor, y: &Tensor, p: Precision) -> Result<Tensor> {
 
 /// SwiGLU's middle: `R(R(silu(g)) · u)`.
 pub fn silu_mul_round(g: &Tensor, u: &Tensor, p: Precision) -> Result<Tensor> {
-    zip_map(g, u, |g, u| p.round_scalar(p.round_scalar(silu(g)) * u))
+    zip_chunks(g, u, |g, u, o| {
+        super::expf::silu_into(g, o);
+        for (o, &u) in o.iter_mut().zip(u) {
+            *o = p.round_scalar(p.round_scalar(*o) * u);
+        }
+    })
 }
 
 /// Row-wise pass over `x` viewed as `[rows, d]`: `f(row_index, x_row, out_row)`.
