@@ -54,7 +54,7 @@ const SHIFT: u64 = 0x4338000000000000;
 pub fn exp_in_place(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if vector_ok() {
-        // SAFETY: `vector_ok` implies AVX-512F was detected.
+        // SAFETY: `vector_ok` implies AVX-512F and AVX-512VL were detected.
         unsafe { exp_avx512(v) };
         return;
     }
@@ -88,7 +88,8 @@ pub fn silu_into(x: &[f32], out: &mut [f32]) {
 fn vector_ok() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
-        if !std::is_x86_feature_detected!("avx512f") {
+        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl"))
+        {
             return false;
         }
         let mut xs: Vec<f32> = (0..20_000)
@@ -102,7 +103,7 @@ fn vector_ok() -> bool {
             xs.push(f32::from_bits(s as u32));
         }
         let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
-        // SAFETY: AVX-512F was detected above.
+        // SAFETY: AVX-512F and AVX-512VL were detected above.
         unsafe { exp_avx512(&mut xs) };
         xs.iter()
             .zip(&want)
@@ -111,7 +112,7 @@ fn vector_ok() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512vl")]
 unsafe fn exp_avx512(v: &mut [f32]) {
     use std::arch::x86_64::*;
     let ld = |i: usize| _mm512_castsi512_pd(_mm512_loadu_si512(TABLE.as_ptr().add(i) as *const _));
