@@ -5,7 +5,7 @@ use super::config::TextConfig;
 use super::delta_rule::{self, DeltaInputs};
 use super::mlp::{linear, LinearWeight};
 use super::norms::GatedRmsNorm;
-use super::precision::Precision;
+use super::precision::{with_f32_slice, Precision};
 use super::weights::WeightStore;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
@@ -100,44 +100,58 @@ impl GatedDeltaNet {
         let (t, _) = h.dims2()?;
         let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
         let c = 2 * hk * dk + hv * dv;
-        let qkv: Vec<f32> = linear(h, &self.in_proj_qkv, p)?.flatten_all()?.to_vec1()?;
+        let qkv_t = linear(h, &self.in_proj_qkv, p)?;
         let z = linear(h, &self.in_proj_z, p)?;
         let b: Vec<f32> = linear(h, &self.in_proj_b, p)?.flatten_all()?.to_vec1()?;
         let a: Vec<f32> = linear(h, &self.in_proj_a, p)?.flatten_all()?.to_vec1()?;
 
         // Causal depthwise conv over all C channels (f32 accumulation over the K taps in order), then
-        // R, SiLU, R. `rows` = the K-1 cached pre-conv rows followed by this call's rows.
+        // R, SiLU, R. Row `i` of the conv input is the K-1 cached pre-conv rows followed by this
+        // call's rows (read in place, not concatenated).
         let hist = kk - 1;
-        let mut rows = std::mem::take(&mut cache.conv_history);
-        rows.extend_from_slice(&qkv);
-        // One row per task (rows are independent): the taps in order, then R, SiLU, R per element.
-        let mut conv = vec![0f32; t * c];
-        let conv_row = |(ti, out): (usize, &mut [f32])| {
-            for j in 0..kk {
-                let src = &rows[(ti + j) * c..(ti + j + 1) * c];
-                for ((o, x), w) in out
-                    .iter_mut()
-                    .zip(src)
-                    .zip(self.conv_weight_t[j * c..(j + 1) * c].iter())
-                {
-                    *o += w * x;
+        let history = std::mem::take(&mut cache.conv_history);
+        let (conv, new_history) = with_f32_slice(&qkv_t, |qkv| {
+            let row_at = |i: usize| -> &[f32] {
+                if i < hist {
+                    &history[i * c..(i + 1) * c]
+                } else {
+                    &qkv[(i - hist) * c..(i - hist + 1) * c]
                 }
+            };
+            // One row per task (rows are independent): the taps in order, then R, SiLU, R.
+            let mut conv = vec![0f32; t * c];
+            let conv_row = |(ti, out): (usize, &mut [f32])| {
+                for j in 0..kk {
+                    let src = row_at(ti + j);
+                    for ((o, x), w) in out
+                        .iter_mut()
+                        .zip(src)
+                        .zip(self.conv_weight_t[j * c..(j + 1) * c].iter())
+                    {
+                        *o += w * x;
+                    }
+                }
+                // R, then SiLU (`r / (1 + exp(-r))`), then R
+                let mut e: Vec<f32> = out.iter().map(|&x| -p.round_scalar(x)).collect();
+                super::expf::exp_in_place(&mut e);
+                for (x, e) in out.iter_mut().zip(&e) {
+                    let r = p.round_scalar(*x);
+                    *x = p.round_scalar(r / (1.0 + e));
+                }
+            };
+            if t > 1 {
+                conv.par_chunks_mut(c).enumerate().for_each(conv_row);
+            } else {
+                conv.chunks_mut(c).enumerate().for_each(conv_row);
             }
-            // R, then SiLU (`r / (1 + exp(-r))`), then R
-            let mut e: Vec<f32> = out.iter().map(|&x| -p.round_scalar(x)).collect();
-            super::expf::exp_in_place(&mut e);
-            for (x, e) in out.iter_mut().zip(&e) {
-                let r = p.round_scalar(*x);
-                *x = p.round_scalar(r / (1.0 + e));
+            // Keep the last K-1 pre-conv rows for the next call.
+            let mut new_history = Vec::with_capacity(hist * c);
+            for i in t..t + hist {
+                new_history.extend_from_slice(row_at(i));
             }
-        };
-        if t > 1 {
-            conv.par_chunks_mut(c).enumerate().for_each(conv_row);
-        } else {
-            conv.chunks_mut(c).enumerate().for_each(conv_row);
-        }
-        // Keep the last K-1 pre-conv rows for the next call.
-        cache.conv_history = rows[rows.len() - hist * c..].to_vec();
+            (conv, new_history)
+        })?;
+        cache.conv_history = new_history;
 
         // Split q | k | v (head-major), expand key heads to value heads (head j uses key head j / r),
         // L2-normalise q and k (eps 1e-6 inside the root), all f32.
