@@ -10,6 +10,12 @@ fn cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+fn sys_seconds() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_stime.tv_sec as f64 + ru.ru_stime.tv_usec as f64 * 1e-6
+}
+
 fn minflt() -> i64 {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
@@ -45,14 +51,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     model.forward(&ids[..16.min(t)], &mut model.new_cache())?;
     for _ in 0..reps {
-        let (t0, c0, f0) = (Instant::now(), cpu_seconds(), minflt());
+        let (t0, c0, f0, s0) = (Instant::now(), cpu_seconds(), minflt(), sys_seconds());
         let logits = model.forward(&ids, &mut model.new_cache())?;
         let (w, c) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
         let faults = minflt() - f0;
+        let sys = sys_seconds() - s0;
         eprintln!("after forward: {}", mem());
         drop(logits);
         println!(
-            "{} T={t}: wall {w:.3}s ({:.1} tok/s) cpu {c:.3}s, {faults} page faults",
+            "{} T={t}: wall {w:.3}s ({:.1} tok/s) cpu {c:.3}s, {faults} page faults, sys {sys:.3}s",
             prec.name(),
             t as f64 / w
         );
