@@ -146,22 +146,16 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
         }
     }
     let mut new_v = vb;
-    let mut k_cum: Vec<f32> = (0..l * dk).map(|e| kb[e] * gc[e / dk].exp()).collect();
+    let gexp: Vec<f32> = gc.iter().map(|g| g.exp()).collect();
+    let k_cum_init: Vec<f32> = (0..l * dk).map(|e| kb[e] * gexp[e / dk]).collect();
+    let mut k_cum = k_cum_init;
+    // row i −= a_ij · row j for j < i in order (a mul then a sub per element; zero a_ij skipped)
     for i in 1..l {
-        for j in 0..i {
-            let a = ut[i * l + j];
-            if a == 0.0 {
-                continue;
-            }
-            let (done, rest) = new_v.split_at_mut(i * dv);
-            for (x, y) in rest[..dv].iter_mut().zip(&done[j * dv..(j + 1) * dv]) {
-                *x -= a * y;
-            }
-            let (done, rest) = k_cum.split_at_mut(i * dk);
-            for (x, y) in rest[..dk].iter_mut().zip(&done[j * dk..(j + 1) * dk]) {
-                *x -= a * y;
-            }
-        }
+        let coefs = &ut[i * l..i * l + i];
+        let (done, rest) = new_v.split_at_mut(i * dv);
+        sub_scaled_rows(&mut rest[..dv], done, dv, coefs);
+        let (done, rest) = k_cum.split_at_mut(i * dk);
+        sub_scaled_rows(&mut rest[..dk], done, dk, coefs);
     }
 
     // v_new = new_values − k_cumdecay · S: per element, fma(−k_cum[i][a], S[a][x], ·) for a in order.
@@ -186,12 +180,8 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
         let oi = &mut o[i * dv..(i + 1) * dv];
         let mut intra = vec![0f32; dv];
         dots_upto(&q[i * dk..(i + 1) * dk], i + 1, &mut row_dots);
-        for j in 0..=i {
-            let w = row_dots[j] * decay(i, j);
-            for (x, y) in intra.iter_mut().zip(&v_new[j * dv..(j + 1) * dv]) {
-                *x = w.mul_add(*y, *x);
-            }
-        }
+        let w: Vec<f32> = (0..=i).map(|j| row_dots[j] * decay(i, j)).collect();
+        fma_rows(&mut intra, &v_new, dv, &w);
         for (x, y) in oi.iter_mut().zip(&intra) {
             *x += y;
         }
@@ -212,6 +202,90 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
     mm_acc(&mut upd, dv, &kdec_t, l, &v_new, dv, dk, dv, l);
     for (x, u) in s.iter_mut().zip(&upd) {
         *x += u;
+    }
+}
+
+/// `x ← x − c[j] · rows[j]` for `j = 0, 1, …` in order (a multiply, then a subtract, per element),
+/// skipping zero coefficients; `rows[j]` starts at `j * ld`.
+fn sub_scaled_rows(x: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
+    assert!(c.is_empty() || rows.len() >= (c.len() - 1) * ld + x.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: bounds asserted above; the feature was detected at run time.
+        unsafe { rows_avx512::<true>(x, rows, ld, c) };
+        return;
+    }
+    let n = x.len();
+    for (j, &a) in c.iter().enumerate() {
+        if a == 0.0 {
+            continue;
+        }
+        for (x, y) in x.iter_mut().zip(&rows[j * ld..j * ld + n]) {
+            *x -= a * y;
+        }
+    }
+}
+
+/// `acc ← fma(c[j], rows[j], acc)` for `j = 0, 1, …` in order; `rows[j]` starts at `j * ld`.
+fn fma_rows(acc: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
+    assert!(c.is_empty() || rows.len() >= (c.len() - 1) * ld + acc.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: bounds asserted above; the feature was detected at run time.
+        unsafe { rows_avx512::<false>(acc, rows, ld, c) };
+        return;
+    }
+    let n = acc.len();
+    for (j, &w) in c.iter().enumerate() {
+        for (x, y) in acc.iter_mut().zip(&rows[j * ld..j * ld + n]) {
+            *x = w.mul_add(*y, *x);
+        }
+    }
+}
+
+/// The two row updates above with the row kept in registers (up to 128 columns at a time).
+/// `SUB`: `x − a·y` with zero `a` skipped; else `fma(a, y, x)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_avx512<const SUB: bool>(x: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
+    use std::arch::x86_64::*;
+    const NV: usize = 8;
+    let w = x.len();
+    let mut c0 = 0;
+    while c0 < w {
+        let width = (NV * 16).min(w - c0);
+        let masks: [u16; NV] = std::array::from_fn(|v| {
+            let left = width.saturating_sub(v * 16);
+            if left >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << left) - 1) as u16
+            }
+        });
+        let xp = x.as_mut_ptr().add(c0);
+        let mut acc = [_mm512_setzero_ps(); NV];
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_maskz_loadu_ps(masks[v], xp.add(v * 16));
+        }
+        for (j, &a) in c.iter().enumerate() {
+            if SUB && a == 0.0 {
+                continue;
+            }
+            let av = _mm512_set1_ps(a);
+            let yp = rows.as_ptr().add(j * ld + c0);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                let y = _mm512_maskz_loadu_ps(masks[v], yp.add(v * 16));
+                *acc = if SUB {
+                    _mm512_sub_ps(*acc, _mm512_mul_ps(av, y))
+                } else {
+                    _mm512_fmadd_ps(av, y, *acc)
+                };
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(xp.add(v * 16), masks[v], *a);
+        }
+        c0 += width;
     }
 }
 
