@@ -21,6 +21,16 @@ pub fn keep_freed_memory_for_reuse() {
     }
 }
 
+/// Hand freed heap memory back to the system (after a large transient, e.g. a table repacked at load:
+/// `keep_freed_memory_for_reuse` would otherwise keep the hole resident). Cheap; no-op off glibc.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of glibc's heap to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Peak resident set of this process in bytes (`VmHWM`), for benchmarks; `None` off Linux.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -8,7 +8,7 @@ use super::rope::Rope;
 use super::device::{matmul_rounded, standard_layout};
 use super::weights::WeightStore;
 use crate::error::Result;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 
 /// Post-RoPE keys and values of the positions seen so far, `[nkv, T, hd]` each.
 #[derive(Default)]
@@ -97,50 +97,71 @@ impl GatedAttention {
         };
         cache.k = Some(k_all.clone());
         cache.v = Some(v_all.clone());
-        let total = start + t;
 
         // GQA: kv head j serves query heads j*g .. j*g+g-1.
         let groups = nh / nkv;
         let q = q.reshape((nkv, groups * t, hd))?;
         let scale = (hd as f64).powf(-0.5);
-        let scores = matmul_rounded(&q, &k_all.t()?, p)?; // R(q·kᵀ)
-        let scores = p.round(&(scores * scale)?)?; // R(· hd^-0.5)
-        let scores = scores.reshape((nkv, groups, t, total))?;
-        let probs = if self.portable {
-            masked_softmax_portable(&scores, start)?
+        let o = if self.portable {
+            let total = start + t;
+            let scores = matmul_rounded(&q, &k_all.t()?, p)?; // R(q·kᵀ)
+            let scores = p.round(&(scores * scale)?)?; // R(· hd^-0.5)
+            let scores = scores.reshape((nkv, groups, t, total))?;
+            let probs = p.round(&masked_softmax_portable(&scores, start)?)?;
+            let probs = probs.reshape((nkv, groups * t, total))?;
+            let o = matmul_rounded(&probs, &v_all, p)?; // [nkv, g*T, hd]
+            standard_layout(&o.reshape((nh, t, hd))?.transpose(0, 1)?)?.reshape((t, nh * hd))?
         } else {
-            masked_softmax(&scores, start)?
+            // R(q·kᵀ), R(· hd^-0.5), masked softmax, R: one pass per score row.
+            let scores = q.matmul(&k_all.t()?)?;
+            let probs = scaled_masked_softmax(&scores, t, start, scale, p)?;
+            let o = p.round(&probs.matmul(&v_all)?)?; // [nkv, g*T, hd]
+            o.reshape((nh, t, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((t, nh * hd))?
         };
-        let probs = p.round(&probs)?;
-        let probs = probs.reshape((nkv, groups * t, total))?;
-        let o = matmul_rounded(&probs, &v_all, p)?; // [nkv, g*T, hd]
-        let o = standard_layout(&o.reshape((nh, t, hd))?.transpose(0, 1)?)?.reshape((t, nh * hd))?;
         let sig = p.round(&sigmoid(&gate)?)?;
         let o = p.round(&(o * sig)?)?;
         linear(&o, &self.o_proj, p)
     }
 }
 
-/// Row-wise f32 softmax with a causal mask: query row i (absolute position start+i) sees keys 0..=start+i.
-fn masked_softmax(scores: &Tensor, start: usize) -> Result<Tensor> {
+/// Rows of `scores` (`[.., total]`, row r = query position `start + r % t`): `s = R(R(x) · scale)`
+/// (as `R(x)` then candle's `· scale`, i.e. `x · (scale as f32) + 0`), then an f32 softmax over the
+/// visible keys `0 ..= start + r % t` (max, `exp(s − max)` summed in order, divide), zeros after, and
+/// `R` of the result. Rows run in parallel; each row's arithmetic is sequential as before.
+fn scaled_masked_softmax(
+    scores: &Tensor,
+    t: usize,
+    start: usize,
+    scale: f64,
+    p: Precision,
+) -> Result<Tensor> {
     let dims = scores.dims().to_vec();
-    let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let mut v: Vec<f32> = scores.flatten_all()?.to_vec1()?;
-    for (r, row) in v.chunks_exact_mut(total).enumerate() {
+    let total = dims[dims.len() - 1];
+    let (mul, add) = (scale as f32, 0f32);
+    let row = |r: usize, x: &[f32], out: &mut [f32]| {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = p.round_scalar(p.round_scalar(x) * mul + add);
+        }
         let visible = start + (r % t) + 1;
-        let (seen, hidden) = row.split_at_mut(visible);
+        let (seen, hidden) = out.split_at_mut(visible);
         let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
         for x in seen.iter_mut() {
-            *x = (*x - max).exp();
+            *x -= max;
+        }
+        super::expf::exp_in_place(seen);
+        let mut sum = 0f32;
+        for x in seen.iter() {
             sum += *x;
         }
         for x in seen.iter_mut() {
-            *x /= sum;
+            *x = p.round_scalar(*x / sum);
         }
         hidden.iter_mut().for_each(|x| *x = 0.0);
-    }
-    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+    };
+    super::ops::map_rows(scores, total, row)
 }
 
 /// `masked_softmax` as tensor ops on the scores' device: masked entries get -inf (exp → 0), so the

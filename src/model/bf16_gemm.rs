@@ -81,130 +81,270 @@ impl PackedBf16 {
 
     /// `x · Wᵀ`: `x` is `[m, k]` row-major f32 holding bf16 values; returns `[m, n]` f32 (unrounded sums).
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_t_rounded(x, m, false)
+    }
+
+    /// As `matmul_t`; with `round_bf16` every sum is rounded to bf16 (round-to-nearest-even, as
+    /// `half::bf16::from_f32`) as it is stored, which saves a pass over the output.
+    pub fn matmul_t_rounded(&self, x: &[f32], m: usize, round_bf16: bool) -> Vec<f32> {
         let (n, k, k2) = (self.n, self.k, self.k2);
         let mut a = vec![0u32; m * k2];
-        for r in 0..m {
-            let row = &x[r * k..(r + 1) * k];
-            for p in 0..k2 {
-                let lo = to_bf16_bits(row[2 * p]) as u32;
-                let hi = if 2 * p + 1 < k {
-                    to_bf16_bits(row[2 * p + 1]) as u32
-                } else {
-                    0
-                };
-                a[r * k2 + p] = lo | (hi << 16);
-            }
+        let pack_row = |(r, dst): (usize, &mut [u32])| pack_pairs(&x[r * k..(r + 1) * k], dst);
+        if m * k >= 1 << 16 {
+            a.par_chunks_mut(k2).enumerate().for_each(pack_row);
+        } else {
+            a.chunks_mut(k2).enumerate().for_each(pack_row);
         }
-        let mut out = vec![0f32; m * n];
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let panels = n.div_ceil(PANEL);
-        (0..panels).into_par_iter().for_each(|pi| {
-            let col0 = pi * PANEL;
-            let ncols = PANEL.min(n - col0);
-            let b = &self.data[(col0 / 16) * k2 * 16..];
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = MR.min(m - r0);
-                let o = out_ptr;
-                // SAFETY: each task writes only columns col0..col0+ncols of rows r0..r0+rows, disjoint
-                // from every other task; `out` outlives the parallel loop; the CPU features were checked
-                // by the caller (`available`).
-                unsafe {
-                    if rows == MR && ncols == PANEL {
-                        tile_full(
-                            a.as_ptr().add(r0 * k2),
-                            k2,
-                            b.as_ptr(),
-                            o.0.add(r0 * n + col0),
-                            n,
-                        );
-                    } else {
-                        tile_edge(&a[r0 * k2..], k2, rows, b, ncols, o.0.add(r0 * n + col0), n);
-                    }
-                }
-                r0 += rows;
-            }
-        });
+        let mut out = output_buffer(m * n);
+        let ops = Operands {
+            a: a.as_ptr(),
+            lda: k2,
+            b: self.data.as_ptr(),
+            kp: k2,
+            m,
+            n,
+            out: out.as_mut_ptr(),
+        };
+        // SAFETY: `a` is [m, k2], `data` is [ceil(n/16), k2, 16], `out` is [m, n], all alive for the
+        // call; the CPU features were checked by the caller (`available`).
+        unsafe { drive(ops, |t| bf16_dispatch(t, round_bf16)) };
+        // SAFETY: `drive` stored every one of the m·n elements (masked stores cover each tile exactly).
+        unsafe { out.set_len(m * n) };
         out
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint output regions to rayon tasks (see `matmul_t`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+/// One input row as bf16 pairs (`lo | hi << 16`, the last one zero-padded): the bf16 values in order,
+/// rounded as `half::bf16::from_f32`.
+fn pack_pairs(row: &[f32], dst: &mut [u32]) {
+    let k = row.len();
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected; the kernel writes dst[..k / 32 * 16] only.
+        unsafe { pack_pairs_avx512(row, dst) };
+        done = k / 32 * 16;
+    }
+    for (p, d) in dst.iter_mut().enumerate().skip(done) {
+        let lo = to_bf16_bits(row[2 * p]) as u32;
+        let hi = if 2 * p + 1 < k {
+            to_bf16_bits(row[2 * p + 1]) as u32
+        } else {
+            0
+        };
+        *d = lo | (hi << 16);
+    }
+}
 
-const MR: usize = 6;
-const PANEL: usize = 64; // 4 blocks of 16 columns
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_pairs_avx512(row: &[f32], dst: &mut [u32]) {
+    let bits = |v: __m512| {
+        let r = super::precision::round_bf16_x16(v);
+        _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(r)))
+    };
+    for c in 0..row.len() / 32 {
+        let lo = bits(_mm512_loadu_ps(row.as_ptr().add(c * 32)));
+        let hi = bits(_mm512_loadu_ps(row.as_ptr().add(c * 32 + 16)));
+        let d = dst.as_mut_ptr().add(c * 16) as *mut __m256i;
+        _mm256_storeu_si256(d, lo);
+        _mm256_storeu_si256(d.add(1), hi);
+    }
+}
+
+/// An output buffer of `len` f32 with capacity only (every element is stored by the kernel before it
+/// is read): no zeroing pass.
+pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
+}
+
+/// The operands of one packed GEMM: `a` `[m, lda]` (4-byte elements: bf16 pairs or f32), `b` packed
+/// `[ceil(n/16)][kp][16]`, `out` `[m, n]` f32.
+#[derive(Clone, Copy)]
+pub(crate) struct Operands {
+    pub a: *const u32,
+    pub lda: usize,
+    pub b: *const u32,
+    pub kp: usize,
+    pub m: usize,
+    pub n: usize,
+    pub out: *mut f32,
+}
+// SAFETY: only used to hand disjoint output regions to rayon tasks (see `drive`).
+unsafe impl Send for Operands {}
+unsafe impl Sync for Operands {}
+
+/// One micro-tile: `rows ≤ MR` rows × `ncols ≤ NR` columns over the k-steps `p0 .. p0+kc` (pointers
+/// already offset to `p0`). `load_c`: continue the sums already in `out` (a later k block), else start
+/// from zero; `last`: this is the last k block, so the store is final.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile {
+    pub a: *const u32,
+    pub lda: usize,
+    pub b: *const u32,
+    pub ldb: usize,
+    pub kc: usize,
+    pub out: *mut f32,
+    pub ldo: usize,
+    pub rows: usize,
+    pub ncols: usize,
+    pub load_c: bool,
+    pub last: bool,
+}
+
+pub(crate) const MR: usize = 6;
+pub(crate) const NR: usize = 64; // 4 blocks of 16 columns
+
+/// k-steps per block. With a smaller value the `KC × NR` slice of the weight panel would stay in L1
+/// while the row tiles stream past it (each element still accumulating its k-steps in order on one
+/// accumulator, a later block reloading the exact f32 partial sum, so no bit would change); measured on
+/// Zen 4 it gains nothing over whole-K tiles (the panel streams well from L2), so it is off.
+const KC: usize = usize::MAX;
+
+/// Rows per task when there are few column panels (small `n`): the row range is split too, so both
+/// threads work. A task always owns whole output elements (K is never split across threads).
+const ROW_GROUP: usize = 8 * MR;
+
+/// Column panels of `NR` (and, for small `n`, groups of rows) run in parallel; inside a task, k blocks
+/// then row tiles.
+///
+/// # Safety
+/// The operands must describe valid, live buffers of the stated shapes, and `kernel` must be safe to
+/// call on this CPU.
+pub(crate) unsafe fn drive(o: Operands, kernel: impl Fn(&Tile) + Sync) {
+    let (m, n, kp) = (o.m, o.n, o.kp);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let (groups, rows_per) = if panels >= 16 {
+        (1, m)
+    } else {
+        (m.div_ceil(ROW_GROUP), ROW_GROUP)
+    };
+    (0..panels * groups).into_par_iter().for_each(|task| {
+        let o = o;
+        let (pi, g) = (task / groups, task % groups);
+        let col0 = pi * NR;
+        let ncols = NR.min(n - col0);
+        let bp = o.b.add((col0 / 16) * kp * 16);
+        let (row_lo, row_hi) = (g * rows_per, m.min((g + 1) * rows_per));
+        let mut p0 = 0;
+        loop {
+            let kc = KC.min(kp - p0);
+            let mut r0 = row_lo;
+            while r0 < row_hi {
+                let rows = MR.min(row_hi - r0);
+                kernel(&Tile {
+                    a: o.a.add(r0 * o.lda + p0),
+                    lda: o.lda,
+                    b: bp.add(p0 * 16),
+                    ldb: kp * 16,
+                    kc,
+                    out: o.out.add(r0 * n + col0),
+                    ldo: n,
+                    rows,
+                    ncols,
+                    load_c: p0 > 0,
+                    last: p0 + kc >= kp,
+                });
+                r0 += rows;
+            }
+            p0 += kc;
+            if p0 >= kp {
+                break;
+            }
+        }
+    });
+}
+
+/// Calls `$f::<R, NB>(tile, extra..)` for the tile's row count and 16-column block count.
+macro_rules! dispatch_tile {
+    ($f:ident, $t:expr $(, $x:expr)*) => {{
+        macro_rules! nb {
+            ($r:literal) => {
+                match $t.ncols.div_ceil(16) {
+                    4 => $f::<$r, 4>($t $(, $x)*),
+                    3 => $f::<$r, 3>($t $(, $x)*),
+                    2 => $f::<$r, 2>($t $(, $x)*),
+                    _ => $f::<$r, 1>($t $(, $x)*),
+                }
+            };
+        }
+        match $t.rows {
+            6 => nb!(6),
+            5 => nb!(5),
+            4 => nb!(4),
+            3 => nb!(3),
+            2 => nb!(2),
+            _ => nb!(1),
+        }
+    }};
+}
+pub(crate) use dispatch_tile;
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// MR rows × 64 columns, all in registers (24 accumulators + 4 B vectors + 1 broadcast of 32 zmm).
+/// Store mask for 16-column block `j` of a tile with `ncols` valid columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn col_mask(ncols: usize, j: usize) -> u16 {
+    let left = ncols.saturating_sub(j * 16);
+    if left >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << left) - 1) as u16
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn bf16_dispatch(t: &Tile, round: bool) {
+    dispatch_tile!(bf16_tile, t, round)
+}
+
+/// `R` rows × `NB` blocks of 16 columns, all accumulators in registers (at most 24 + 4 B vectors).
+/// Each element: `acc += a[2p+1]·b[2p+1]; acc += a[2p]·b[2p]` per k pair, in order (`vdpbf16ps`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_full(a: *const u32, lda: usize, b: *const u32, out: *mut f32, ldo: usize) {
-    let k2 = lda;
+unsafe fn bf16_tile<const R: usize, const NB: usize>(t: &Tile, round: bool) {
     let bh = |v: __m512i| -> __m512bh { std::mem::transmute(v) };
-    let z = _mm512_setzero_ps();
-    let mut c = [[z; 4]; MR];
-    for p in 0..k2 {
-        let b0 = bh(_mm512_loadu_si512(b.add(p * 16) as *const _));
-        let b1 = bh(_mm512_loadu_si512(b.add((k2 + p) * 16) as *const _));
-        let b2 = bh(_mm512_loadu_si512(b.add((2 * k2 + p) * 16) as *const _));
-        let b3 = bh(_mm512_loadu_si512(b.add((3 * k2 + p) * 16) as *const _));
+    let masks: [u16; NB] = std::array::from_fn(|j| col_mask(t.ncols, j));
+    let mut c = [[_mm512_setzero_ps(); NB]; R];
+    if t.load_c {
         for (r, cr) in c.iter_mut().enumerate() {
-            let av = bh(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
-            cr[0] = _mm512_dpbf16_ps(cr[0], av, b0);
-            cr[1] = _mm512_dpbf16_ps(cr[1], av, b1);
-            cr[2] = _mm512_dpbf16_ps(cr[2], av, b2);
-            cr[3] = _mm512_dpbf16_ps(cr[3], av, b3);
+            for (j, v) in cr.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(masks[j], t.out.add(r * t.ldo + j * 16));
+            }
         }
     }
+    for p in 0..t.kc {
+        let mut bv = [bh(_mm512_setzero_si512()); NB];
+        for (j, b) in bv.iter_mut().enumerate() {
+            *b = bh(_mm512_loadu_si512(t.b.add(j * t.ldb + p * 16) as *const _));
+        }
+        for (r, cr) in c.iter_mut().enumerate() {
+            let av = bh(_mm512_set1_epi32(*t.a.add(r * t.lda + p) as i32));
+            for (v, b) in cr.iter_mut().zip(bv.iter()) {
+                *v = _mm512_dpbf16_ps(*v, av, *b);
+            }
+        }
+    }
+    let round = round && t.last;
     for (r, cr) in c.iter().enumerate() {
         for (j, v) in cr.iter().enumerate() {
-            _mm512_storeu_ps(out.add(r * ldo + j * 16), *v);
-        }
-    }
-}
-
-/// Fewer rows or columns than a full tile: same per-element arithmetic, partial stores.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_edge(
-    a: &[u32],
-    lda: usize,
-    rows: usize,
-    b: &[u32],
-    ncols: usize,
-    out: *mut f32,
-    ldo: usize,
-) {
-    let k2 = lda;
-    let blocks = ncols.div_ceil(16);
-    for r in 0..rows {
-        for blk in 0..blocks {
-            let mut acc = _mm512_setzero_ps();
-            for p in 0..k2 {
-                let bv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
-                    b.as_ptr().add((blk * k2 + p) * 16) as *const _,
-                ));
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(a[r * lda + p] as i32));
-                acc = _mm512_dpbf16_ps(acc, av, bv);
-            }
-            let mut tmp = [0f32; 16];
-            _mm512_storeu_ps(tmp.as_mut_ptr(), acc);
-            let take = 16.min(ncols - blk * 16);
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(r * ldo + blk * 16), take);
+            let v = if round {
+                super::precision::round_bf16_x16(*v)
+            } else {
+                *v
+            };
+            _mm512_mask_storeu_ps(t.out.add(r * t.ldo + j * 16), masks[j], v);
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_full(_: *const u32, _: usize, _: *const u32, _: *mut f32, _: usize) {}
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_edge(_: &[u32], _: usize, _: usize, _: &[u32], _: usize, _: *mut f32, _: usize) {}
+unsafe fn bf16_dispatch(_: &Tile, _: bool) {}
 
 #[cfg(test)]
 mod tests {

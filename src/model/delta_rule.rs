@@ -146,54 +146,42 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
         }
     }
     let mut new_v = vb;
-    let mut k_cum: Vec<f32> = (0..l * dk).map(|e| kb[e] * gc[e / dk].exp()).collect();
+    let gexp: Vec<f32> = gc.iter().map(|g| g.exp()).collect();
+    let k_cum_init: Vec<f32> = (0..l * dk).map(|e| kb[e] * gexp[e / dk]).collect();
+    let mut k_cum = k_cum_init;
+    // row i −= a_ij · row j for j < i in order (a mul then a sub per element; zero a_ij skipped)
     for i in 1..l {
-        for j in 0..i {
-            let a = ut[i * l + j];
-            if a == 0.0 {
-                continue;
-            }
-            let (done, rest) = new_v.split_at_mut(i * dv);
-            for (x, y) in rest[..dv].iter_mut().zip(&done[j * dv..(j + 1) * dv]) {
-                *x -= a * y;
-            }
-            let (done, rest) = k_cum.split_at_mut(i * dk);
-            for (x, y) in rest[..dk].iter_mut().zip(&done[j * dk..(j + 1) * dk]) {
-                *x -= a * y;
-            }
-        }
+        let coefs = &ut[i * l..i * l + i];
+        let (done, rest) = new_v.split_at_mut(i * dv);
+        sub_scaled_rows(&mut rest[..dv], done, dv, coefs);
+        let (done, rest) = k_cum.split_at_mut(i * dk);
+        sub_scaled_rows(&mut rest[..dk], done, dk, coefs);
     }
 
-    // v_new = new_values − k_cumdecay · S
+    // v_new = new_values − k_cumdecay · S: per element, fma(−k_cum[i][a], S[a][x], ·) for a in order.
     let mut v_new = new_v;
-    for i in 0..l {
-        for a in 0..dk {
-            let kc = k_cum[i * dk + a];
-            let srow = &s[a * dv..(a + 1) * dv];
-            for (x, sv) in v_new[i * dv..(i + 1) * dv].iter_mut().zip(srow) {
-                *x = (-kc).mul_add(*sv, *x);
-            }
-        }
-    }
+    let neg_kc: Vec<f32> = k_cum.iter().map(|x| -x).collect();
+    mm_acc(&mut v_new, dv, &neg_kc, dk, s, dv, l, dv, dk);
     // o_i = (q_i e^{γ_i}) · S + Σ_{j≤i} (q_i · k_j) e^{γ_i−γ_j} v_new_j
+    // (q_i e^{γ_i}) · S: from zero, fma(q[i][a]·e^{γ_i}, S[a][x], ·) for a in order.
+    let mut qdec = vec![0f32; l * dk];
     for i in 0..l {
         let qd = gc[i].exp();
-        let oi = &mut o[i * dv..(i + 1) * dv];
-        oi.iter_mut().for_each(|x| *x = 0.0);
-        for a in 0..dk {
-            let qa = q[i * dk + a] * qd;
-            for (x, sv) in oi.iter_mut().zip(&s[a * dv..(a + 1) * dv]) {
-                *x = qa.mul_add(*sv, *x);
-            }
+        for (d, &qa) in qdec[i * dk..(i + 1) * dk]
+            .iter_mut()
+            .zip(&q[i * dk..(i + 1) * dk])
+        {
+            *d = qa * qd;
         }
+    }
+    o[..l * dv].iter_mut().for_each(|x| *x = 0.0);
+    mm_acc(o, dv, &qdec, dk, s, dv, l, dv, dk);
+    for i in 0..l {
+        let oi = &mut o[i * dv..(i + 1) * dv];
         let mut intra = vec![0f32; dv];
         dots_upto(&q[i * dk..(i + 1) * dk], i + 1, &mut row_dots);
-        for j in 0..=i {
-            let w = row_dots[j] * decay(i, j);
-            for (x, y) in intra.iter_mut().zip(&v_new[j * dv..(j + 1) * dv]) {
-                *x = w.mul_add(*y, *x);
-            }
-        }
+        let w: Vec<f32> = (0..=i).map(|j| row_dots[j] * decay(i, j)).collect();
+        fma_rows(&mut intra, &v_new, dv, &w);
         for (x, y) in oi.iter_mut().zip(&intra) {
             *x += y;
         }
@@ -202,21 +190,245 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
     let last = gc[l - 1];
     let chunk_decay = last.exp();
     s.iter_mut().for_each(|x| *x *= chunk_decay);
+    // upd[a][x] = Σ_i fma(k[i][a]·e^{γ_last−γ_i}, v_new[i][x], ·), i in order, from zero.
     let mut upd = vec![0f32; dk * dv];
+    let mut kdec_t = vec![0f32; dk * l];
     for i in 0..l {
         let kd = (last - gc[i]).exp();
         for a in 0..dk {
-            let ka = k[i * dk + a] * kd;
-            for (x, y) in upd[a * dv..(a + 1) * dv]
+            kdec_t[a * l + i] = k[i * dk + a] * kd;
+        }
+    }
+    mm_acc(&mut upd, dv, &kdec_t, l, &v_new, dv, dk, dv, l);
+    for (x, u) in s.iter_mut().zip(&upd) {
+        *x += u;
+    }
+}
+
+/// `x ← x − c[j] · rows[j]` for `j = 0, 1, …` in order (a multiply, then a subtract, per element),
+/// skipping zero coefficients; `rows[j]` starts at `j * ld`.
+fn sub_scaled_rows(x: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
+    assert!(c.is_empty() || rows.len() >= (c.len() - 1) * ld + x.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: bounds asserted above; the feature was detected at run time.
+        unsafe { rows_avx512::<true>(x, rows, ld, c) };
+        return;
+    }
+    let n = x.len();
+    for (j, &a) in c.iter().enumerate() {
+        if a == 0.0 {
+            continue;
+        }
+        for (x, y) in x.iter_mut().zip(&rows[j * ld..j * ld + n]) {
+            *x -= a * y;
+        }
+    }
+}
+
+/// `acc ← fma(c[j], rows[j], acc)` for `j = 0, 1, …` in order; `rows[j]` starts at `j * ld`.
+fn fma_rows(acc: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
+    assert!(c.is_empty() || rows.len() >= (c.len() - 1) * ld + acc.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: bounds asserted above; the feature was detected at run time.
+        unsafe { rows_avx512::<false>(acc, rows, ld, c) };
+        return;
+    }
+    let n = acc.len();
+    for (j, &w) in c.iter().enumerate() {
+        for (x, y) in acc.iter_mut().zip(&rows[j * ld..j * ld + n]) {
+            *x = w.mul_add(*y, *x);
+        }
+    }
+}
+
+/// The two row updates above with the row kept in registers (up to 128 columns at a time).
+/// `SUB`: `x − a·y` with zero `a` skipped; else `fma(a, y, x)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_avx512<const SUB: bool>(x: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
+    use std::arch::x86_64::*;
+    const NV: usize = 8;
+    let w = x.len();
+    let mut c0 = 0;
+    while c0 < w {
+        let width = (NV * 16).min(w - c0);
+        let masks: [u16; NV] = std::array::from_fn(|v| {
+            let left = width.saturating_sub(v * 16);
+            if left >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << left) - 1) as u16
+            }
+        });
+        let xp = x.as_mut_ptr().add(c0);
+        let mut acc = [_mm512_setzero_ps(); NV];
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_maskz_loadu_ps(masks[v], xp.add(v * 16));
+        }
+        for (j, &a) in c.iter().enumerate() {
+            if SUB && a == 0.0 {
+                continue;
+            }
+            let av = _mm512_set1_ps(a);
+            let yp = rows.as_ptr().add(j * ld + c0);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                let y = _mm512_maskz_loadu_ps(masks[v], yp.add(v * 16));
+                *acc = if SUB {
+                    _mm512_sub_ps(*acc, _mm512_mul_ps(av, y))
+                } else {
+                    _mm512_fmadd_ps(av, y, *acc)
+                };
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(xp.add(v * 16), masks[v], *a);
+        }
+        c0 += width;
+    }
+}
+
+/// `C[m×n] += A[m×kd] · B[kd×n]` (row-major with leading dimensions `ldc`, `lda`, `ldb`): every element
+/// adds its products with one FMA each, `p = 0, 1, …` in order, exactly as the scalar loop
+/// `c = a[i][p].mul_add(b[p][x], c)` does, so register blocking and vector width change no bit.
+#[allow(clippy::too_many_arguments)]
+fn mm_acc(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    m: usize,
+    n: usize,
+    kd: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n && b.len() >= kd.saturating_sub(1) * ldb + n);
+    assert!(kd == 0 || a.len() >= (m - 1) * lda + kd);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: bounds asserted above; the feature was detected at run time.
+        unsafe { mm_acc_avx512(c, ldc, a, lda, b, ldb, m, n, kd) };
+        return;
+    }
+    for i in 0..m {
+        for p in 0..kd {
+            let av = a[i * lda + p];
+            for (x, bv) in c[i * ldc..i * ldc + n]
                 .iter_mut()
-                .zip(&v_new[i * dv..(i + 1) * dv])
+                .zip(&b[p * ldb..p * ldb + n])
             {
-                *x = ka.mul_add(*y, *x);
+                *x = av.mul_add(*bv, *x);
             }
         }
     }
-    for (x, u) in s.iter_mut().zip(&upd) {
-        *x += u;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn mm_acc_avx512(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    m: usize,
+    n: usize,
+    kd: usize,
+) {
+    let (cp, ap, bp) = (c.as_mut_ptr(), a.as_ptr(), b.as_ptr());
+    let mut c0 = 0;
+    while c0 < n {
+        let ncols = 64.min(n - c0);
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = 6.min(m - r0);
+            let t = MmTile {
+                c: cp.add(r0 * ldc + c0),
+                ldc,
+                a: ap.add(r0 * lda),
+                lda,
+                b: bp.add(c0),
+                ldb,
+                kd,
+                ncols,
+            };
+            macro_rules! nb {
+                ($r:literal) => {
+                    match ncols.div_ceil(16) {
+                        4 => mm_tile::<$r, 4>(&t),
+                        3 => mm_tile::<$r, 3>(&t),
+                        2 => mm_tile::<$r, 2>(&t),
+                        _ => mm_tile::<$r, 1>(&t),
+                    }
+                };
+            }
+            match rows {
+                6 => nb!(6),
+                5 => nb!(5),
+                4 => nb!(4),
+                3 => nb!(3),
+                2 => nb!(2),
+                _ => nb!(1),
+            }
+            r0 += rows;
+        }
+        c0 += ncols;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct MmTile {
+    c: *mut f32,
+    ldc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    kd: usize,
+    ncols: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn mm_tile<const R: usize, const NB: usize>(t: &MmTile) {
+    use std::arch::x86_64::*;
+    let masks: [u16; NB] = std::array::from_fn(|j| {
+        let left = t.ncols.saturating_sub(j * 16);
+        if left >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << left) - 1) as u16
+        }
+    });
+    let mut acc = [[_mm512_setzero_ps(); NB]; R];
+    for (r, ar) in acc.iter_mut().enumerate() {
+        for (j, v) in ar.iter_mut().enumerate() {
+            *v = _mm512_maskz_loadu_ps(masks[j], t.c.add(r * t.ldc + j * 16));
+        }
+    }
+    for p in 0..t.kd {
+        let mut bv = [_mm512_setzero_ps(); NB];
+        for (j, v) in bv.iter_mut().enumerate() {
+            *v = _mm512_maskz_loadu_ps(masks[j], t.b.add(p * t.ldb + j * 16));
+        }
+        for (r, ar) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*t.a.add(r * t.lda + p));
+            for (v, w) in ar.iter_mut().zip(bv.iter()) {
+                *v = _mm512_fmadd_ps(av, *w, *v);
+            }
+        }
+    }
+    for (r, ar) in acc.iter().enumerate() {
+        for (j, v) in ar.iter().enumerate() {
+            _mm512_mask_storeu_ps(t.c.add(r * t.ldc + j * 16), masks[j], *v);
+        }
     }
 }
 

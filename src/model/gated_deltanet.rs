@@ -7,10 +7,11 @@ use super::delta_rule_portable;
 use super::device::standard_layout;
 use super::mlp::{linear, LinearWeight};
 use super::norms::GatedRmsNorm;
-use super::precision::Precision;
+use super::precision::{with_f32_slice, Precision};
 use super::weights::WeightStore;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 /// What a GDN layer carries between calls: the last `K-1` pre-conv `qkv` rows and the f32 state.
 pub struct GdnCache {
@@ -142,37 +143,58 @@ impl GatedDeltaNet {
         let (t, _) = h.dims2()?;
         let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
         let c = 2 * hk * dk + hv * dv;
-        let qkv: Vec<f32> = linear(h, &self.in_proj_qkv, p)?.flatten_all()?.to_vec1()?;
+        let qkv_t = linear(h, &self.in_proj_qkv, p)?;
         let z = linear(h, &self.in_proj_z, p)?;
         let b: Vec<f32> = linear(h, &self.in_proj_b, p)?.flatten_all()?.to_vec1()?;
         let a: Vec<f32> = linear(h, &self.in_proj_a, p)?.flatten_all()?.to_vec1()?;
 
         // Causal depthwise conv over all C channels (f32 accumulation over the K taps in order), then
-        // R, SiLU, R. `rows` = the K-1 cached pre-conv rows followed by this call's rows.
+        // R, SiLU, R. Row `i` of the conv input is the K-1 cached pre-conv rows followed by this
+        // call's rows (read in place, not concatenated).
         let hist = kk - 1;
-        let mut rows = std::mem::take(&mut cache.conv_history);
-        rows.extend_from_slice(&qkv);
-        let mut conv = vec![0f32; t * c];
-        for ti in 0..t {
-            let out = &mut conv[ti * c..(ti + 1) * c];
-            for j in 0..kk {
-                let src = &rows[(ti + j) * c..(ti + j + 1) * c];
-                for ((o, x), w) in out
-                    .iter_mut()
-                    .zip(src)
-                    .zip(self.conv_weight_t[j * c..(j + 1) * c].iter())
-                {
-                    *o += w * x;
+        let history = std::mem::take(&mut cache.conv_history);
+        let (conv, new_history) = with_f32_slice(&qkv_t, |qkv| {
+            let row_at = |i: usize| -> &[f32] {
+                if i < hist {
+                    &history[i * c..(i + 1) * c]
+                } else {
+                    &qkv[(i - hist) * c..(i - hist + 1) * c]
                 }
+            };
+            // One row per task (rows are independent): the taps in order, then R, SiLU, R.
+            let mut conv = vec![0f32; t * c];
+            let conv_row = |(ti, out): (usize, &mut [f32])| {
+                for j in 0..kk {
+                    let src = row_at(ti + j);
+                    for ((o, x), w) in out
+                        .iter_mut()
+                        .zip(src)
+                        .zip(self.conv_weight_t[j * c..(j + 1) * c].iter())
+                    {
+                        *o += w * x;
+                    }
+                }
+                // R, then SiLU (`r / (1 + exp(-r))`), then R
+                let mut e: Vec<f32> = out.iter().map(|&x| -p.round_scalar(x)).collect();
+                super::expf::exp_in_place(&mut e);
+                for (x, e) in out.iter_mut().zip(&e) {
+                    let r = p.round_scalar(*x);
+                    *x = p.round_scalar(r / (1.0 + e));
+                }
+            };
+            if t > 1 {
+                conv.par_chunks_mut(c).enumerate().for_each(conv_row);
+            } else {
+                conv.chunks_mut(c).enumerate().for_each(conv_row);
             }
-        }
-        p.round_slice(&mut conv);
-        for x in conv.iter_mut() {
-            *x /= 1.0 + (-*x).exp();
-        }
-        p.round_slice(&mut conv);
-        // Keep the last K-1 pre-conv rows for the next call.
-        cache.conv_history = rows[rows.len() - hist * c..].to_vec();
+            // Keep the last K-1 pre-conv rows for the next call.
+            let mut new_history = Vec::with_capacity(hist * c);
+            for i in t..t + hist {
+                new_history.extend_from_slice(row_at(i));
+            }
+            (conv, new_history)
+        })?;
+        cache.conv_history = new_history;
 
         // Split q | k | v (head-major), expand key heads to value heads (head j uses key head j / r),
         // L2-normalise q and k (eps 1e-6 inside the root), all f32.
@@ -180,18 +202,23 @@ impl GatedDeltaNet {
         let mut q = vec![0f32; hv * t * dk];
         let mut k = vec![0f32; hv * t * dk];
         let mut v = vec![0f32; hv * t * dv];
-        for ti in 0..t {
-            let row = &conv[ti * c..(ti + 1) * c];
-            for j in 0..hv {
+        // One value head per task.
+        q.par_chunks_mut(t * dk)
+            .zip(k.par_chunks_mut(t * dk))
+            .zip(v.par_chunks_mut(t * dv))
+            .enumerate()
+            .for_each(|(j, ((qh, kh_out), vh))| {
                 let kh = j / r;
-                let qs = &row[kh * dk..(kh + 1) * dk];
-                let ks = &row[hk * dk + kh * dk..hk * dk + (kh + 1) * dk];
-                let vs = &row[2 * hk * dk + j * dv..2 * hk * dk + (j + 1) * dv];
-                l2_normalise_into(qs, &mut q[(j * t + ti) * dk..(j * t + ti + 1) * dk]);
-                l2_normalise_into(ks, &mut k[(j * t + ti) * dk..(j * t + ti + 1) * dk]);
-                v[(j * t + ti) * dv..(j * t + ti + 1) * dv].copy_from_slice(vs);
-            }
-        }
+                for ti in 0..t {
+                    let row = &conv[ti * c..(ti + 1) * c];
+                    let qs = &row[kh * dk..(kh + 1) * dk];
+                    let ks = &row[hk * dk + kh * dk..hk * dk + (kh + 1) * dk];
+                    let vs = &row[2 * hk * dk + j * dv..2 * hk * dk + (j + 1) * dv];
+                    l2_normalise_into(qs, &mut qh[ti * dk..(ti + 1) * dk]);
+                    l2_normalise_into(ks, &mut kh_out[ti * dk..(ti + 1) * dk]);
+                    vh[ti * dv..(ti + 1) * dv].copy_from_slice(vs);
+                }
+            });
         // β = R(sigmoid(b)); g = -exp(A_log) · softplus(a + dt_bias) in f32 (not rounded).
         let mut beta = vec![0f32; hv * t];
         let mut g = vec![0f32; hv * t];
@@ -220,12 +247,13 @@ impl GatedDeltaNet {
         };
         cache.seen += t;
         p.round_slice(&mut o);
-        // [Hv, T, Dv] → [T, Hv, Dv]
-        let o = Tensor::from_vec(o, (hv, t, dv), &Device::Cpu)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let z = z.reshape((t, hv, dv))?;
-        let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
+        // o is [Hv, T, Dv]; the norm reads it in [T, Hv, Dv] order (row ti·Hv + j is o's row j·T + ti).
+        let o = Tensor::from_vec(o, (hv * t, dv), &Device::Cpu)?;
+        let z = z.reshape((t * hv, dv))?;
+        let y = self
+            .norm
+            .forward_gathered(&o, &z, |r| (r % hv) * t + r / hv)?
+            .reshape((t, hv * dv))?;
         linear(&y, &self.out_proj, p)
     }
 }

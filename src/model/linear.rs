@@ -1,8 +1,10 @@
 //! Bias-free Linear layers: `R(x · Wᵀ)` with f32 accumulation and one rounding, as HF's GEMMs. In bf16
 //! mode on CPUs with AVX-512-BF16 the weight is kept packed as bf16 and multiplied with `vdpbf16ps`
-//! (`bf16_gemm`); otherwise it is an f32 tensor multiplied by candle.
+//! (`bf16_gemm`); in f32 mode on CPUs with AVX-512F it is kept packed for our f32 FMA kernel
+//! (`f32_gemm`); otherwise (and in f16 mode) it is an f32 tensor multiplied by candle.
 use super::bf16_gemm::{self, PackedBf16};
-use super::precision::Precision;
+use super::f32_gemm::{self, PackedF32};
+use super::precision::{with_f32_slice, Precision};
 use crate::error::Result;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
@@ -12,6 +14,7 @@ pub enum LinearWeight {
     /// On a GPU in bf16/f16 mode: the weight in that dtype, multiplied by cuBLAS with f32 accumulation
     /// (`CUBLAS_COMPUTE_32F`) and one rounding of each output, as HF's GEMMs.
     Half(Tensor),
+    F32Packed(PackedF32),
 }
 
 impl LinearWeight {
@@ -49,7 +52,32 @@ impl LinearWeight {
                 .to_vec1()?;
             return Ok(LinearWeight::Bf16(PackedBf16::pack(&values, n, k)));
         }
+        if prec == Precision::F32 && f32_gemm::available() {
+            let (n, k) = w.dims2()?;
+            let w = w.to_dtype(candle_core::DType::F32)?;
+            let packed = with_f32_slice(&w, |v| PackedF32::pack(v, n, k))?;
+            return Ok(LinearWeight::F32Packed(packed));
+        }
         Ok(LinearWeight::F32(w.to_dtype(candle_core::DType::F32)?))
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> Result<usize> {
+        Ok(match self {
+            LinearWeight::F32(w) | LinearWeight::Half(w) => w.dim(0)?,
+            LinearWeight::Bf16(p) => p.n,
+            LinearWeight::F32Packed(p) => p.n,
+        })
+    }
+
+    /// Row `j` of the weight (`[in]`), for a tied head serving embedding lookups.
+    pub fn row(&self, j: usize) -> Result<Vec<f32>> {
+        Ok(match self {
+            LinearWeight::F32(w) => w.get(j)?.to_vec1()?,
+            LinearWeight::Half(w) => w.get(j)?.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+            LinearWeight::Bf16(p) => p.row(j),
+            LinearWeight::F32Packed(p) => p.row(j),
+        })
     }
 }
 
@@ -64,9 +92,20 @@ pub fn linear(x: &Tensor, w: &LinearWeight, prec: Precision) -> Result<Tensor> {
         }
         LinearWeight::Bf16(p) => {
             let (m, _) = x.dims2()?;
-            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let mut y = p.matmul_t(&xs, m);
-            prec.round_slice(&mut y); // in place: no extra copies of a [T, vocab] head output
+            // bf16 mode rounds each sum as it is stored (same bits as a rounding pass afterwards).
+            let y = with_f32_slice(x, |xs| {
+                let mut y = p.matmul_t_rounded(xs, m, prec == Precision::BF16);
+                if prec != Precision::BF16 {
+                    prec.round_slice(&mut y);
+                }
+                y
+            })?;
+            Ok(Tensor::from_vec(y, (m, p.n), &Device::Cpu)?)
+        }
+        LinearWeight::F32Packed(p) => {
+            let (m, _) = x.dims2()?;
+            let mut y = with_f32_slice(x, |xs| p.matmul_t(xs, m))?;
+            prec.round_slice(&mut y);
             Ok(Tensor::from_vec(y, (m, p.n), &Device::Cpu)?)
         }
     }

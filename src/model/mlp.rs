@@ -10,6 +10,7 @@ pub struct Mlp {
     up: LinearWeight,
     down: LinearWeight,
     prec: Precision,
+    portable: bool,
 }
 
 impl Mlp {
@@ -26,11 +27,12 @@ impl Mlp {
             up: ws.load_linear(&format!("{prefix}up_proj.weight"), &[inter, hidden], prec)?,
             down: ws.load_linear(&format!("{prefix}down_proj.weight"), &[hidden, inter], prec)?,
             prec,
+            portable: ws.portable_kernels(),
         })
     }
 
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        swiglu(h, &self.gate, &self.up, &self.down, self.prec)
+        swiglu(h, &self.gate, &self.up, &self.down, self.prec, self.portable)
     }
 }
 
@@ -41,9 +43,10 @@ pub fn swiglu(
     up: &LinearWeight,
     down: &LinearWeight,
     p: Precision,
+    portable: bool,
 ) -> Result<Tensor> {
-    let g = p.round(&linear(h, gate, p)?.silu()?)?;
+    let g = linear(h, gate, p)?;
     let u = linear(h, up, p)?;
-    let a = p.round(&(g * u)?)?;
+    let a = super::ops::silu_mul_round(&g, &u, p, portable)?;
     linear(&a, down, p)
 }

@@ -6,11 +6,14 @@ pub mod config;
 pub mod delta_rule;
 pub mod delta_rule_portable;
 pub mod device;
+pub mod expf;
+pub mod f32_gemm;
 pub mod gated_deltanet;
 pub mod linear;
 pub mod mlp;
 pub mod moe;
 pub mod norms;
+pub mod ops;
 pub mod precision;
 pub mod rope;
 pub mod solve_tril;
@@ -162,6 +165,8 @@ pub struct Model {
     /// The head (the embedding itself when tied).
     head: LinearWeight,
     rope: Rope,
+    /// The portable (tensor-op) kernels (`device`).
+    portable: bool,
 }
 
 impl Model {
@@ -186,15 +191,6 @@ impl Model {
         // The embedding serves lookups (and a tied head): kept in the model dtype, which is exact and
         // half the memory of f32 in bf16/f16 mode.
         let embed = ws.load_decoder_native("embed_tokens.weight", &[v, h], prec)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.layer_types.len() {
-            layers.push(DecoderLayer {
-                input_norm: layer_norm(&cfg, ws, l, "input_layernorm", prec)?,
-                mixer: Mixer::load(&cfg, ws, l, prec)?,
-                post_norm: layer_norm(&cfg, ws, l, "post_attention_layernorm", prec)?,
-                ffn: FeedForward::load(&cfg, ws, l, prec, false)?,
-            });
-        }
         let norm = RmsNormZeroCentred::new(ws, &ws.decoder_name("norm.weight"), h, eps, prec)?;
         let has_head = ws.contains("lm_head.weight");
         let lm_head = if cfg.tie_word_embeddings && !has_head {
@@ -240,10 +236,29 @@ impl Model {
             }
             None => LinearWeight::new(embed.clone(), prec)?,
         };
+        // A packed tied head serves the embedding lookups itself (one copy of the table).
         let embed = match (&head, tied) {
-            (LinearWeight::Bf16(_), true) => None,
+            (LinearWeight::Bf16(_) | LinearWeight::F32Packed(_), true) => {
+                drop(embed); // now, not at the end of this function (after the layers are loaded)
+                None
+            }
             _ => Some(embed),
         };
+        if tied && embed.is_none() {
+            // the f32/bf16 table just packed into the head: give its memory back before the layers
+            crate::alloc_tuning::release_freed_memory();
+        }
+        // The layers after the head: packing a tied f32 head copies the table, and that transient
+        // copy then coexists with the embedding only, not with every layer's weights as well.
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.layer_types.len() {
+            layers.push(DecoderLayer {
+                input_norm: layer_norm(&cfg, ws, l, "input_layernorm", prec)?,
+                mixer: Mixer::load(&cfg, ws, l, prec)?,
+                post_norm: layer_norm(&cfg, ws, l, "post_attention_layernorm", prec)?,
+                ffn: FeedForward::load(&cfg, ws, l, prec, false)?,
+            });
+        }
         Ok(Model {
             cfg,
             prec,
@@ -252,6 +267,7 @@ impl Model {
             norm,
             head,
             rope,
+            portable: ws.portable_kernels(),
         })
     }
 
@@ -295,6 +311,10 @@ impl Model {
                 let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
                 Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
             }
+            (None, LinearWeight::F32Packed(p)) => {
+                let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
+                Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
+            }
             (None, LinearWeight::F32(_) | LinearWeight::Half(_)) => {
                 return Err(Error::Internal("no embedding kept for an f32 head".into()))
             }
@@ -319,10 +339,10 @@ impl Model {
             .ok_or_else(|| Error::Internal(format!("no layer {l}")))?;
         let h = layer.input_norm.forward(x)?;
         let y = layer.mixer.forward(&h, &self.rope, lc)?;
-        let x = p.round(&(x + y)?)?;
+        let x = ops::add_round(x, &y, p, self.portable)?;
         let h = layer.post_norm.forward(&x)?;
         let y = layer.ffn.forward(&h)?;
-        Ok(p.round(&(x + y)?)?)
+        ops::add_round(&x, &y, p, self.portable)
     }
 
     /// The per-layer caches, for driving `layer_forward` directly.

@@ -376,7 +376,7 @@ impl SparseMoe {
         if let Some(contrib) = routes.contrib_t.take() {
             // On the device: R(out · w) for each hit, added into its (token, slot) row (zero before).
             let dev = h.device();
-            let out = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p)?;
+            let out = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p, true)?;
             let w: Vec<f32> = hits.iter().map(|(_, _, w)| *w).collect();
             let w = Tensor::from_vec(w, (hits.len(), 1), dev)?;
             let y = p.round(&out.broadcast_mul(&w)?)?;
@@ -388,7 +388,7 @@ impl SparseMoe {
             routes.contrib_t = Some(contrib.index_add(&rows, &y, 0)?);
             return Ok(());
         }
-        let out: Vec<f32> = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p)?
+        let out: Vec<f32> = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p, false)?
             .flatten_all()?
             .to_vec1()?;
         for (n, (tok, slot, w)) in hits.iter().enumerate() {

@@ -1,5 +1,6 @@
 //! The two RMSNorm conventions of Qwen3.5: zero-centred `(1 + w)` (input/post-attention/final, q/k norms)
 //! and the GDN gated norm with a plain weight, normalised before the SiLU(z) gate.
+use super::ops::{map_rows, zip_rows};
 use super::precision::Precision;
 use super::weights::WeightStore;
 use crate::error::Result;
@@ -7,9 +8,11 @@ use candle_core::{Tensor, D};
 
 /// `y = R((x · rsqrt(mean(x²) + eps)) · (1 + w))`, all f32, one rounding.
 pub struct RmsNormZeroCentred {
-    scale: Tensor, // 1 + w, computed in f32 from the (rounded) stored offset
+    scale: Vec<f32>, // 1 + w, computed in f32 from the (rounded) stored offset
+    scale_t: Tensor, // the same on the weights' device, for the portable kernels
     eps: f64,
     prec: Precision,
+    portable: bool,
 }
 
 impl RmsNormZeroCentred {
@@ -21,8 +24,11 @@ impl RmsNormZeroCentred {
         prec: Precision,
     ) -> Result<Self> {
         let w = ws.load(full_name, &[dim], prec)?;
+        let scale_t = (w + 1.0)?;
         Ok(RmsNormZeroCentred {
-            scale: (w + 1.0)?,
+            scale: scale_t.to_vec1()?,
+            scale_t,
+            portable: ws.portable_kernels(),
             eps,
             prec,
         })
@@ -30,9 +36,33 @@ impl RmsNormZeroCentred {
 
     /// Normalise over the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let normed = normalise(x, self.eps)?;
-        Ok(self.prec.round(&normed.broadcast_mul(&self.scale)?)?)
+        if self.portable || !x.device().is_cpu() {
+            let normed = normalise(x, self.eps)?;
+            return Ok(self.prec.round(&normed.broadcast_mul(&self.scale_t)?)?);
+        }
+        let inv = inv_rms(x, self.eps)?;
+        let (p, scale) = (self.prec, &self.scale);
+        map_rows(x, scale.len(), |r, x, o| {
+            let s = inv[r];
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(scale) {
+                *o = p.round_scalar((x * s) * w);
+            }
+        })
     }
+}
+
+/// `rsqrt(mean(x²) + eps)` of every row of `x` (over the last axis), computed by the same tensor ops as
+/// `normalise`, so `x · inv` is `normalise(x)` bit for bit.
+pub fn inv_rms(x: &Tensor, eps: f64) -> Result<Vec<f32>> {
+    // x² on our pool (`v * v`, as candle's sqr); the row sums stay candle's (same summation order).
+    let d = x.dim(D::Minus1)?;
+    let sq = map_rows(x, d, |_, x, o| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = v * v;
+        }
+    })?;
+    let ms = sq.mean_keepdim(D::Minus1)?;
+    Ok((ms + eps)?.sqrt()?.recip()?.flatten_all()?.to_vec1()?)
 }
 
 /// `x · rsqrt(mean(x²) + eps)` over the last axis, in f32.
@@ -44,9 +74,11 @@ pub fn normalise(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// GDN output norm: `n = R(normalise(o))`, `n = R(w · n)`, `y = R(n · silu_f32(z))` per value head.
 pub struct GatedRmsNorm {
-    weight: Tensor, // plain scale (HF initialises it to 1)
+    weight: Vec<f32>, // plain scale (HF initialises it to 1)
+    weight_t: Tensor, // the same on the weights' device, for the portable kernels
     eps: f64,
     prec: Precision,
+    portable: bool,
 }
 
 impl GatedRmsNorm {
@@ -57,18 +89,61 @@ impl GatedRmsNorm {
         eps: f64,
         prec: Precision,
     ) -> Result<Self> {
+        let weight_t = ws.load(full_name, &[dim], prec)?;
         Ok(GatedRmsNorm {
-            weight: ws.load(full_name, &[dim], prec)?,
+            weight: weight_t.to_vec1()?,
+            weight_t,
+            portable: ws.portable_kernels(),
             eps,
             prec,
         })
     }
 
+    /// As `forward`, with `o` in another row order: output row `r` (of `z`, `[rows, Dv]`) normalises row
+    /// `o_row(r)` of `o` (`[rows, Dv]`). Saves materialising a transposed `o`.
+    pub fn forward_gathered(
+        &self,
+        o: &Tensor,
+        z: &Tensor,
+        o_row: impl Fn(usize) -> usize + Sync,
+    ) -> Result<Tensor> {
+        let p = self.prec;
+        let inv = inv_rms(o, self.eps)?;
+        let w = &self.weight;
+        let d = w.len();
+        super::precision::with_f32_slice(o, |os| {
+            map_rows(z, d, |r, z, out| {
+                let orow = o_row(r);
+                let s = inv[orow];
+                let o = &os[orow * d..(orow + 1) * d];
+                super::expf::silu_into(z, out); // silu(z) first, then the norm in place
+                for ((y, &o), &w) in out.iter_mut().zip(o).zip(w) {
+                    let n = p.round_scalar(o * s);
+                    let n = p.round_scalar(n * w);
+                    *y = p.round_scalar(n * *y);
+                }
+            })
+        })?
+    }
+
     /// `o`, `z`: `[.., Dv]` with the same shape.
     pub fn forward(&self, o: &Tensor, z: &Tensor) -> Result<Tensor> {
         let p = self.prec;
-        let n = p.round(&normalise(o, self.eps)?)?;
-        let n = p.round(&n.broadcast_mul(&self.weight)?)?;
-        Ok(p.round(&(n * z.silu()?)?)?)
+        if self.portable || !o.device().is_cpu() {
+            let n = p.round(&normalise(o, self.eps)?)?;
+            let n = p.round(&n.broadcast_mul(&self.weight_t)?)?;
+            return Ok(p.round(&(n * z.silu()?)?)?);
+        }
+        let inv = inv_rms(o, self.eps)?;
+        let w = &self.weight;
+        zip_rows(o, z, w.len(), |r, o, z, out| {
+            let s = inv[r];
+            super::expf::silu_into(z, out);
+            for ((y, &o), &w) in out.iter_mut().zip(o).zip(w) {
+                let n = p.round_scalar(o * s);
+                let n = p.round_scalar(n * w);
+                *y = p.round_scalar(n * *y);
+            }
+        })
     }
 }
