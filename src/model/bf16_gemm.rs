@@ -195,11 +195,10 @@ pub(crate) struct Tile {
 pub(crate) const MR: usize = 6;
 pub(crate) const NR: usize = 64; // 4 blocks of 16 columns
 
-/// k-steps per block. With a smaller value the `KC × NR` slice of the weight panel would stay in L1
-/// while the row tiles stream past it (each element still accumulating its k-steps in order on one
-/// accumulator, a later block reloading the exact f32 partial sum, so no bit would change); measured on
-/// Zen 4 it gains nothing over whole-K tiles (the panel streams well from L2), so it is off.
-const KC: usize = usize::MAX;
+// K is not blocked: every tile runs the whole k range (Tile's `load_c`/`last` support k blocks, where
+// each element would still accumulate in order on one accumulator, reloading its exact f32 partial
+// sum; measured on Zen 4, blocks sized for L1 gained nothing over whole-K tiles, the weight panel
+// streams well from L2).
 
 /// Rows per task when there are few column panels (small `n`): the row range is split too, so both
 /// threads work. A task always owns whole output elements (K is never split across threads).
@@ -223,37 +222,31 @@ pub(crate) unsafe fn drive(o: Operands, kernel: impl Fn(&Tile) + Sync) {
         (m.div_ceil(ROW_GROUP), ROW_GROUP)
     };
     (0..panels * groups).into_par_iter().for_each(|task| {
+        // capture the whole (Sync) struct, not its raw-pointer fields one by one
+        #[allow(clippy::redundant_locals)]
         let o = o;
         let (pi, g) = (task / groups, task % groups);
         let col0 = pi * NR;
         let ncols = NR.min(n - col0);
         let bp = o.b.add((col0 / 16) * kp * 16);
         let (row_lo, row_hi) = (g * rows_per, m.min((g + 1) * rows_per));
-        let mut p0 = 0;
-        loop {
-            let kc = KC.min(kp - p0);
-            let mut r0 = row_lo;
-            while r0 < row_hi {
-                let rows = MR.min(row_hi - r0);
-                kernel(&Tile {
-                    a: o.a.add(r0 * o.lda + p0),
-                    lda: o.lda,
-                    b: bp.add(p0 * 16),
-                    ldb: kp * 16,
-                    kc,
-                    out: o.out.add(r0 * n + col0),
-                    ldo: n,
-                    rows,
-                    ncols,
-                    load_c: p0 > 0,
-                    last: p0 + kc >= kp,
-                });
-                r0 += rows;
-            }
-            p0 += kc;
-            if p0 >= kp {
-                break;
-            }
+        let mut r0 = row_lo;
+        while r0 < row_hi {
+            let rows = MR.min(row_hi - r0);
+            kernel(&Tile {
+                a: o.a.add(r0 * o.lda),
+                lda: o.lda,
+                b: bp,
+                ldb: kp * 16,
+                kc: kp,
+                out: o.out.add(r0 * n + col0),
+                ldo: n,
+                rows,
+                ncols,
+                load_c: false,
+                last: true,
+            });
+            r0 += rows;
         }
     });
 }
