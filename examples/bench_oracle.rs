@@ -30,16 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = Model::load_on(std::path::Path::new(&a[1]), prec, &dev, false)?;
     dev.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let v = model.cfg.vocab_size as u64;
-    let mut x = 0x9E3779B97F4A7C15u64;
-    let ids: Vec<u32> = (0..t)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % v) as u32
-        })
-        .collect();
+    let ids = qgate::plan::random_token_ids(t, model.cfg.vocab_size);
     model.forward(&ids[..16.min(t)], &mut model.new_cache())?; // warm-up
     dev.synchronize()?;
     let mut times = Vec::with_capacity(reps);

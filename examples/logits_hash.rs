@@ -7,16 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prec = Precision::parse(&a[2]).ok_or("dtype")?;
     let t: usize = a[3].parse()?;
     let model = Model::load(std::path::Path::new(&a[1]), prec)?;
-    let v = model.cfg.vocab_size as u64;
-    let mut x = 0x9E3779B97F4A7C15u64;
-    let ids: Vec<u32> = (0..t)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % v) as u32
-        })
-        .collect();
+    let ids = qgate::plan::random_token_ids(t, model.cfg.vocab_size);
     let mut cache = model.new_cache();
     let mut all: Vec<f32> = model.forward(&ids, &mut cache)?.flatten_all()?.to_vec1()?;
     // then two cached single steps (recurrent path)

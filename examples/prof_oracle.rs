@@ -39,16 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reps: usize = a.get(4).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let model = Model::load(std::path::Path::new(&a[1]), prec)?;
     eprintln!("after load: {}", mem());
-    let v = model.cfg.vocab_size as u64;
-    let mut x = 0x9E3779B97F4A7C15u64;
-    let ids: Vec<u32> = (0..t)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % v) as u32
-        })
-        .collect();
+    let ids = qgate::plan::random_token_ids(t, model.cfg.vocab_size);
     model.forward(&ids[..16.min(t)], &mut model.new_cache())?;
     for _ in 0..reps {
         let (t0, c0, f0, s0) = (Instant::now(), cpu_seconds(), minflt(), sys_seconds());

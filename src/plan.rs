@@ -135,3 +135,18 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     }
     Ok(prompts)
 }
+
+/// `t` pseudo-random token ids below `vocab` (xorshift64, fixed seed): the synthetic plan of the
+/// benchmarks, the same sequence in every run.
+pub fn random_token_ids(t: usize, vocab: usize) -> Vec<u32> {
+    let v = vocab.max(1) as u64;
+    let mut x = 0x9E3779B97F4A7C15u64;
+    (0..t)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % v) as u32
+        })
+        .collect()
+}
