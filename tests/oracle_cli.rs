@@ -196,7 +196,15 @@ fn device_flag_errors_are_one_line_exit_2() {
     let plan = root().join("fixtures/hf/dense-gva-untied.f32.capture.safetensors");
     let run = |device: &str| {
         qgate()
-            .args(["oracle", "--dtype", "f32", "--rollout", "0", "--device", device])
+            .args([
+                "oracle",
+                "--dtype",
+                "f32",
+                "--rollout",
+                "0",
+                "--device",
+                device,
+            ])
             .arg("--model")
             .arg(&model)
             .arg("--plan")
@@ -209,7 +217,10 @@ fn device_flag_errors_are_one_line_exit_2() {
     expect_bad_input(&run("tpu"), &["--device tpu", "cpu, cuda or cuda:N"]);
     expect_bad_input(&run("cuda:x"), &["--device cuda:x"]);
     if !cfg!(feature = "cuda") {
-        expect_bad_input(&run("cuda"), &["built without CUDA", "scripts/build-cuda.sh"]);
+        expect_bad_input(
+            &run("cuda"),
+            &["built without CUDA", "scripts/build-cuda.sh"],
+        );
     }
     assert!(!out.exists(), "no output may be written on failure");
 }

@@ -247,16 +247,37 @@ fn f16_layers_match_hf_given_hf_inputs() {
 fn portable_kernels_match_hf() {
     for m in MODELS {
         let c = compare_kernels(m, Precision::F32, true).expect("HF f32 capture");
-        assert!(c.max_abs <= 1e-4, "{m} portable: max |Δlogit| {} > 1e-4", c.max_abs);
-        assert_eq!(c.argmax_mismatch, 0, "{m} portable: argmax differs from HF f32");
-        assert_eq!(c.rollouts_equal, c.sequences, "{m} portable: rollout differs");
+        assert!(
+            c.max_abs <= 1e-4,
+            "{m} portable: max |Δlogit| {} > 1e-4",
+            c.max_abs
+        );
+        assert_eq!(
+            c.argmax_mismatch, 0,
+            "{m} portable: argmax differs from HF f32"
+        );
+        assert_eq!(
+            c.rollouts_equal, c.sequences,
+            "{m} portable: rollout differs"
+        );
         for prec in [Precision::BF16, Precision::F16] {
             if let Some(c) = compare_kernels(m, prec, true) {
-                assert_eq!(c.confident_mismatch, 0, "{m} {} portable: confident argmax differs", prec.name());
+                assert_eq!(
+                    c.confident_mismatch,
+                    0,
+                    "{m} {} portable: confident argmax differs",
+                    prec.name()
+                );
             }
         }
         let (rs, r, es, e) = per_layer_kernels(m, Precision::BF16, true);
-        assert!(rs * 100 >= r * 90, "{m} portable: only {rs}/{r} layer rows bit-identical");
-        assert!(es * 1000 >= e * 990, "{m} portable: only {es}/{e} layer elements bit-identical");
+        assert!(
+            rs * 100 >= r * 90,
+            "{m} portable: only {rs}/{r} layer rows bit-identical"
+        );
+        assert!(
+            es * 1000 >= e * 990,
+            "{m} portable: only {es}/{e} layer elements bit-identical"
+        );
     }
 }

@@ -1,11 +1,11 @@
 //! Gated full attention: per-head [query | gate] split of `q_proj`, q/k zero-centred norms, partial RoPE,
 //! GQA, eager softmax attention with HF's bf16 rounding points, sigmoid output gate.
 use super::config::TextConfig;
+use super::device::{matmul_rounded, standard_layout};
 use super::mlp::{linear, LinearWeight};
 use super::norms::RmsNormZeroCentred;
 use super::precision::Precision;
 use super::rope::Rope;
-use super::device::{matmul_rounded, standard_layout};
 use super::weights::WeightStore;
 use crate::error::Result;
 use candle_core::{Tensor, D};
@@ -174,7 +174,9 @@ fn masked_softmax_portable(scores: &Tensor, start: usize) -> Result<Tensor> {
     let dev = scores.device();
     let rows = Tensor::arange(start as u32, (start + t) as u32, dev)?.reshape((t, 1))?;
     let cols = Tensor::arange(0u32, total as u32, dev)?.reshape((1, total))?;
-    let visible = cols.broadcast_le(&rows)?.to_dtype(candle_core::DType::F32)?;
+    let visible = cols
+        .broadcast_le(&rows)?
+        .to_dtype(candle_core::DType::F32)?;
     let mask = visible.affine(-(f32::MIN as f64), f32::MIN as f64)?;
     let s = scores.broadcast_add(&mask)?;
     let max = s.max_keepdim(D::Minus1)?;

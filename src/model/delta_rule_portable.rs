@@ -29,7 +29,10 @@ pub fn chunked(
         k.pad_with_zeros(1, 0, pad)?,
         v.pad_with_zeros(1, 0, pad)?,
     );
-    let (beta, g) = (beta.pad_with_zeros(1, 0, pad)?, g.pad_with_zeros(1, 0, pad)?);
+    let (beta, g) = (
+        beta.pad_with_zeros(1, 0, pad)?,
+        g.pad_with_zeros(1, 0, pad)?,
+    );
     let n = (t + pad) / CHUNK;
     let v_beta = v.broadcast_mul(&beta.unsqueeze(2)?)?;
     let k_beta = k.broadcast_mul(&beta.unsqueeze(2)?)?;
@@ -45,7 +48,13 @@ pub fn chunked(
 
     // pairwise[i, j] = exp(cum_i − cum_j) for j ≤ i, 0 above the diagonal (−inf before the exp).
     let upper: Vec<f32> = (0..CHUNK * CHUNK)
-        .map(|e| if e % CHUNK > e / CHUNK { f32::NEG_INFINITY } else { 0.0 })
+        .map(|e| {
+            if e % CHUNK > e / CHUNK {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
     let upper = Tensor::from_vec(upper, (CHUNK, CHUNK), dev)?;
     let pairwise = cum
@@ -81,7 +90,7 @@ pub fn chunked(
         .broadcast_mul(&chunk_decay.reshape((h * n, 1, 1))?)?
         .broadcast_sub(&matmul(&k_t, &k_cumdecay)?)?; // [H·N, Dk, Dk]
     let nn = matmul(&k_t, &new_values)?; // [H·N, Dk, Dv]
-    // Chunk-major [N, H, ·, ·] so that chunk i is a contiguous block.
+                                         // Chunk-major [N, H, ·, ·] so that chunk i is a contiguous block.
     let by_chunk = |x: &Tensor, r: usize, c: usize| -> Result<Tensor> {
         standard_layout(&x.reshape((h, n, r, c))?.transpose(0, 1)?)
     };
@@ -93,8 +102,8 @@ pub fn chunked(
         s = (matmul(&m.get(i)?, &s)? + nn.get(i)?)?;
     }
     // [N, H, Dk, Dv] → [H·N, Dk, Dv], batch order matching the other [H·N, ·, ·] tensors.
-    let starts = standard_layout(&Tensor::stack(&starts, 0)?.transpose(0, 1)?)?
-        .reshape((h * n, dk, dv))?;
+    let starts =
+        standard_layout(&Tensor::stack(&starts, 0)?.transpose(0, 1)?)?.reshape((h * n, dk, dv))?;
     let v_new = (new_values - matmul(&k_cumdecay, &starts)?)?;
     let o = (matmul(&q, &starts)? + matmul(&intra, &v_new)?)?; // [H·N, C, Dv]
     let o = o.reshape((h, n * CHUNK, dv))?;

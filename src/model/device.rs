@@ -62,7 +62,10 @@ pub fn standard_layout(x: &candle_core::Tensor) -> candle_core::Result<candle_co
 /// `a · b` with both operands in a layout cuBLAS takes (row- or column-major last two axes, uniform batch
 /// stride), copying an operand only when it is in neither. candle's CPU matmul accepts more layouts than
 /// its CUDA one, so the portable kernels route every product through here to behave the same on both.
-pub fn matmul(a: &candle_core::Tensor, b: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+pub fn matmul(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
     gemm_ready(a)?.matmul(&gemm_ready(b)?)
 }
 
@@ -96,8 +99,9 @@ pub fn matmul_rounded(
     prec: super::precision::Precision,
 ) -> candle_core::Result<candle_core::Tensor> {
     match prec.half_dtype() {
-        Some(dt) if !a.device().is_cpu() => matmul(&a.to_dtype(dt)?, &b.to_dtype(dt)?)?
-            .to_dtype(candle_core::DType::F32),
+        Some(dt) if !a.device().is_cpu() => {
+            matmul(&a.to_dtype(dt)?, &b.to_dtype(dt)?)?.to_dtype(candle_core::DType::F32)
+        }
         _ => prec.round(&a.matmul(b)?),
     }
 }

@@ -262,7 +262,12 @@ impl GatedDeltaNet {
     /// `forward` as tensor ops on `h`'s device: the same arithmetic as the host path step by step
     /// (conv taps accumulated in order, the same rounding points), the delta rule from
     /// `delta_rule_portable`.
-    fn forward_portable(&self, pg: &PortableGdn, h: &Tensor, cache: &mut GdnCache) -> Result<Tensor> {
+    fn forward_portable(
+        &self,
+        pg: &PortableGdn,
+        h: &Tensor,
+        cache: &mut GdnCache,
+    ) -> Result<Tensor> {
         let p = self.prec;
         let dev = h.device();
         let (t, _) = h.dims2()?;
@@ -280,7 +285,9 @@ impl GatedDeltaNet {
             None => Tensor::zeros((hist, c), candle_core::DType::F32, dev)?,
         };
         let rows = Tensor::cat(&[&history, &qkv], 0)?;
-        let mut conv = rows.narrow(0, 0, t)?.broadcast_mul(&pg.conv_weight_t.narrow(0, 0, 1)?)?;
+        let mut conv = rows
+            .narrow(0, 0, t)?
+            .broadcast_mul(&pg.conv_weight_t.narrow(0, 0, 1)?)?;
         for j in 1..kk {
             let tap = rows
                 .narrow(0, j, t)?

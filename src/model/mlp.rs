@@ -32,7 +32,14 @@ impl Mlp {
     }
 
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        swiglu(h, &self.gate, &self.up, &self.down, self.prec, self.portable)
+        swiglu(
+            h,
+            &self.gate,
+            &self.up,
+            &self.down,
+            self.prec,
+            self.portable,
+        )
     }
 }
 

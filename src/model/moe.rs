@@ -332,7 +332,11 @@ impl SparseMoe {
             );
         }
         if self.portable {
-            let zeros = Tensor::zeros((t * self.top_k, hidden), candle_core::DType::F32, h.device())?;
+            let zeros = Tensor::zeros(
+                (t * self.top_k, hidden),
+                candle_core::DType::F32,
+                h.device(),
+            )?;
             return Ok(Routes {
                 per_token,
                 contrib: Vec::new(),

@@ -9,7 +9,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `a`: `[B, C, C]` (only the strictly lower triangle is read), `b`: `[B, C, W]`, both f32.
 pub fn solve_unit_lower(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &SolveUnitLower)
+    a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &SolveUnitLower)
 }
 
 struct SolveUnitLower;
@@ -47,7 +48,10 @@ impl CustomOp2 for SolveUnitLower {
         let b = &b[l2.start_offset()..l2.start_offset() + batch * c * w];
         let mut x = b.to_vec();
         for n in 0..batch {
-            let (a, x) = (&a[n * c * c..(n + 1) * c * c], &mut x[n * c * w..(n + 1) * c * w]);
+            let (a, x) = (
+                &a[n * c * c..(n + 1) * c * c],
+                &mut x[n * c * w..(n + 1) * c * w],
+            );
             let mut acc = vec![0f32; w];
             for i in 1..c {
                 let (done, rest) = x.split_at_mut(i * w);
@@ -83,7 +87,8 @@ impl CustomOp2 for SolveUnitLower {
         let b = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
         // SAFETY: every element is written by the kernel before it is read.
         let x = unsafe { dev.alloc::<f32>(batch * c * w)? };
-        let func = dev.get_or_load_custom_func("qgate_solve_unit_lower", "qgate_solve_tril", ptx()?)?;
+        let func =
+            dev.get_or_load_custom_func("qgate_solve_unit_lower", "qgate_solve_tril", ptx()?)?;
         let threads = 128u32;
         let cfg = LaunchConfig {
             grid_dim: (batch as u32, (w as u32).div_ceil(threads), 1),

@@ -365,10 +365,8 @@ impl WeightStore {
         {
             if e.dtype == disk && e.shape == shape {
                 let bytes = self.raw(&full, e.file, e.start, e.end)?;
-                return Ok(
-                    Tensor::from_raw_buffer(&bytes, dt, shape, &Device::Cpu)?
-                        .to_device(&self.device)?,
-                );
+                return Ok(Tensor::from_raw_buffer(&bytes, dt, shape, &Device::Cpu)?
+                    .to_device(&self.device)?);
             }
         }
         let t = self.load(&full, shape, prec)?;
