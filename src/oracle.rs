@@ -137,15 +137,14 @@ impl Default for ExecOptions {
 }
 
 impl ExecOptions {
-    /// Options for `--device`, `--max-memory` (default: on a GPU nine tenths of its free memory, else
-    /// `default_memory_budget`), `--stream` / `--no-stream`.
+    /// Options for the parsed `--device`, `--max-memory` (default: on a GPU nine tenths of its free
+    /// memory, else `default_memory_budget`), `--stream` / `--no-stream`.
     pub fn from_args(
-        device: Option<&str>,
+        device: Device,
         max_memory: Option<&str>,
         stream: bool,
         no_stream: bool,
     ) -> Result<ExecOptions> {
-        let device = crate::model::device::parse_device(device.unwrap_or("cpu"))?;
         let max_memory = match max_memory {
             Some(m) => parse_bytes(m).ok_or_else(|| {
                 Error::usage(format!(

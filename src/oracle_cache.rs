@@ -39,6 +39,31 @@ pub fn model_dir_for(model: Option<&Path>, bundle_dir: Option<&Path>) -> Result<
     ))
 }
 
+/// The `--oracle` values that name a dtype to run (anything else must be an oracle capture file).
+pub const ORACLE_DTYPES: [&str; 3] = ["bf16", "f32", "f16"];
+
+/// `--oracle`: a dtype (run the oracle on `device`, or reuse its cached capture) or an existing
+/// oracle capture file.
+pub fn resolve_oracle(
+    oracle: &str,
+    model: Option<&Path>,
+    bundle_dir: Option<&Path>,
+    plan: &Capture,
+    device: &candle_core::Device,
+) -> Result<PathBuf> {
+    if ORACLE_DTYPES.contains(&oracle) {
+        let exec = ExecOptions::from_args(device.clone(), None, false, false)?;
+        return oracle_capture_for(model, bundle_dir, oracle, plan, exec);
+    }
+    let p = PathBuf::from(oracle);
+    if !p.is_file() {
+        return Err(Error::usage(format!(
+            "--oracle `{oracle}` is neither a dtype (bf16, f32, f16) nor an existing oracle capture file"
+        )));
+    }
+    Ok(p)
+}
+
 pub fn oracle_capture_for(
     model: Option<&Path>,
     bundle_dir: Option<&Path>,

@@ -51,7 +51,7 @@ pub fn execute(args: Args) -> Result<i32> {
         ))
     })?;
     let mut exec = ExecOptions::from_args(
-        Some(&args.device),
+        crate::model::device::parse_device(&args.device)?,
         args.max_memory.as_deref(),
         args.stream,
         args.no_stream,

@@ -61,8 +61,6 @@ pub enum SpaceArg {
     Logit,
 }
 
-const ORACLE_DTYPES: [&str; 3] = ["bf16", "f32", "f16"];
-
 fn size_from_meta(c: &Capture) -> Option<u64> {
     c.meta.extra.get("size_bytes").and_then(|v| v.as_u64())
 }
@@ -121,24 +119,13 @@ pub fn execute(args: Args) -> Result<i32> {
         .iter()
         .map(|i| Capture::open(&i.capture))
         .collect::<Result<_>>()?;
-    let oracle_path = if ORACLE_DTYPES.contains(&args.oracle.as_str()) {
-        crate::oracle_cache::oracle_capture_for(
-            args.model.as_deref(),
-            inputs[0].bundle_dir.as_deref(),
-            &args.oracle,
-            &caps[0],
-            crate::oracle::ExecOptions::from_args(Some(&args.device), None, false, false)?,
-        )?
-    } else {
-        let p = PathBuf::from(&args.oracle);
-        if !p.is_file() {
-            return Err(Error::usage(format!(
-                "--oracle `{}` is neither a dtype (bf16, f32, f16) nor an existing oracle capture file",
-                args.oracle
-            )));
-        }
-        p
-    };
+    let oracle_path = crate::oracle_cache::resolve_oracle(
+        &args.oracle,
+        args.model.as_deref(),
+        inputs[0].bundle_dir.as_deref(),
+        &caps[0],
+        &crate::model::device::parse_device(&args.device)?,
+    )?;
     let oracle = Capture::open(&oracle_path)?;
     let control = args.control.as_ref().map(Capture::open).transpose()?;
     for c in caps.iter().chain(control.iter()) {

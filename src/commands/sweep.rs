@@ -160,24 +160,13 @@ pub fn execute(args: Args) -> Result<i32> {
     let progress = std::io::stderr().is_terminal();
     let device = crate::model::device::parse_device(&args.device)?;
 
-    let oracle_path = if ["bf16", "f32", "f16"].contains(&args.oracle.as_str()) {
-        crate::oracle_cache::oracle_capture_for(
-            Some(&model_dir),
-            None,
-            &args.oracle,
-            &plan_cap,
-            crate::oracle::ExecOptions::from_args(Some(&args.device), None, false, false)?,
-        )?
-    } else {
-        let p = PathBuf::from(&args.oracle);
-        if !p.is_file() {
-            return Err(Error::usage(format!(
-                "--oracle `{}` is neither a dtype (bf16, f32, f16) nor an existing oracle capture file",
-                args.oracle
-            )));
-        }
-        p
-    };
+    let oracle_path = crate::oracle_cache::resolve_oracle(
+        &args.oracle,
+        Some(&model_dir),
+        None,
+        &plan_cap,
+        &device,
+    )?;
     let oracle = Capture::open(&oracle_path)?;
     compare::check_same_plan(&oracle, &plan_cap)?;
     let rollout = (0..oracle.len())
