@@ -9,20 +9,29 @@ use super::mlp::{linear, LinearWeight};
 use super::norms::GatedRmsNorm;
 use super::precision::{with_f32_slice, Precision};
 use super::weights::WeightStore;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-/// What a GDN layer carries between calls: the last `K-1` pre-conv `qkv` rows and the f32 state.
+/// What a GDN layer carries between calls: the last `K-1` pre-conv `qkv` rows (`[K-1, C]`) and the
+/// f32 state (`[Hv, Dk, Dv]`, never rounded, as HF).
 pub struct GdnCache {
-    /// `[K-1, C]`, zeros before the first token.
-    pub conv_history: Vec<f32>,
-    /// `[Hv, Dk, Dv]`, f32 (never rounded, as HF).
-    pub state: Vec<f32>,
-    /// The same two, as tensors on the device, for the portable kernels (the vectors stay empty).
-    pub conv_history_t: Option<Tensor>,
-    pub state_t: Option<Tensor>,
+    pub carried: Carried,
     pub seen: usize,
+}
+
+/// The carried rows and state, where the layer's kernels keep them.
+pub enum Carried {
+    /// Host kernels: zeros before the first token.
+    Host {
+        conv_history: Vec<f32>,
+        state: Vec<f32>,
+    },
+    /// Portable kernels: tensors on the device, made at the first call.
+    Device {
+        conv_history: Option<Tensor>,
+        state: Option<Tensor>,
+    },
 }
 
 pub struct GatedDeltaNet {
@@ -117,28 +126,38 @@ impl GatedDeltaNet {
 
     pub fn empty_cache(&self) -> GdnCache {
         let c = 2 * self.hk * self.dk + self.hv * self.dv;
-        if self.portable.is_some() {
-            return GdnCache {
-                conv_history: Vec::new(),
-                state: Vec::new(),
-                conv_history_t: None,
-                state_t: None,
-                seen: 0,
-            };
-        }
-        GdnCache {
-            conv_history: vec![0.0; (self.kernel - 1) * c],
-            state: vec![0.0; self.hv * self.dk * self.dv],
-            conv_history_t: None,
-            state_t: None,
-            seen: 0,
-        }
+        let carried = if self.portable.is_some() {
+            Carried::Device {
+                conv_history: None,
+                state: None,
+            }
+        } else {
+            Carried::Host {
+                conv_history: vec![0.0; (self.kernel - 1) * c],
+                state: vec![0.0; self.hv * self.dk * self.dv],
+            }
+        };
+        GdnCache { carried, seen: 0 }
     }
 
     pub fn forward(&self, h: &Tensor, cache: &mut GdnCache) -> Result<Tensor> {
-        if let Some(pg) = &self.portable {
-            return self.forward_portable(pg, h, cache);
-        }
+        let (conv_history, state) = match (&self.portable, &mut cache.carried) {
+            (
+                Some(pg),
+                Carried::Device {
+                    conv_history,
+                    state,
+                },
+            ) => return self.forward_portable(pg, h, conv_history, state, &mut cache.seen),
+            (
+                None,
+                Carried::Host {
+                    conv_history,
+                    state,
+                },
+            ) => (conv_history, state),
+            _ => return Err(Error::Internal("GDN cache made for other kernels".into())),
+        };
         let p = self.prec;
         let (t, _) = h.dims2()?;
         let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
@@ -152,7 +171,7 @@ impl GatedDeltaNet {
         // R, SiLU, R. Row `i` of the conv input is the K-1 cached pre-conv rows followed by this
         // call's rows (read in place, not concatenated).
         let hist = kk - 1;
-        let history = std::mem::take(&mut cache.conv_history);
+        let history = std::mem::take(conv_history);
         let (conv, new_history) = with_f32_slice(&qkv_t, |qkv| {
             let row_at = |i: usize| -> &[f32] {
                 if i < hist {
@@ -194,7 +213,7 @@ impl GatedDeltaNet {
             }
             (conv, new_history)
         })?;
-        cache.conv_history = new_history;
+        *conv_history = new_history;
 
         // Split q | k | v (head-major), expand key heads to value heads (head j uses key head j / r),
         // L2-normalise q and k (eps 1e-6 inside the root), all f32.
@@ -241,9 +260,9 @@ impl GatedDeltaNet {
         };
         // HF: recurrent form only for a single token with an existing state; chunked otherwise.
         let mut o = if t == 1 && cache.seen > 0 {
-            delta_rule::recurrent(&inputs, &mut cache.state)
+            delta_rule::recurrent(&inputs, state)
         } else {
-            delta_rule::chunked(&inputs, &mut cache.state)
+            delta_rule::chunked(&inputs, state)
         };
         cache.seen += t;
         p.round_slice(&mut o);
@@ -266,7 +285,9 @@ impl GatedDeltaNet {
         &self,
         pg: &PortableGdn,
         h: &Tensor,
-        cache: &mut GdnCache,
+        conv_history: &mut Option<Tensor>,
+        state: &mut Option<Tensor>,
+        seen: &mut usize,
     ) -> Result<Tensor> {
         let p = self.prec;
         let dev = h.device();
@@ -280,7 +301,7 @@ impl GatedDeltaNet {
 
         // Causal depthwise conv: out_t = Σ_j w_j · rows_{t+j}, taps in order, then R, SiLU, R.
         let hist = kk - 1;
-        let history = match cache.conv_history_t.take() {
+        let history = match conv_history.take() {
             Some(x) => x,
             None => Tensor::zeros((hist, c), candle_core::DType::F32, dev)?,
         };
@@ -295,7 +316,7 @@ impl GatedDeltaNet {
             conv = (conv + tap)?;
         }
         let conv = p.round(&p.round(&conv)?.silu()?)?;
-        cache.conv_history_t = Some(rows.narrow(0, t, hist)?.contiguous()?);
+        *conv_history = Some(rows.narrow(0, t, hist)?.contiguous()?);
 
         // q | k | v, key heads expanded to value heads (head j uses key head j / r), L2 norm on q, k.
         let r = hv / hk;
@@ -321,17 +342,17 @@ impl GatedDeltaNet {
         let g = softplus_t(&a.broadcast_add(&pg.dt_bias)?)?.broadcast_mul(&pg.neg_a)?;
         let g = g.t()?.contiguous()?;
 
-        let state = match cache.state_t.take() {
+        let initial = match state.take() {
             Some(s) => s,
             None => Tensor::zeros((hv, dk, dv), candle_core::DType::F32, dev)?,
         };
-        let (o, state) = if t == 1 && cache.seen > 0 {
-            delta_rule_portable::recurrent(&q, &k, &v, &beta, &g, &state)?
+        let (o, new_state) = if t == 1 && *seen > 0 {
+            delta_rule_portable::recurrent(&q, &k, &v, &beta, &g, &initial)?
         } else {
-            delta_rule_portable::chunked(&q, &k, &v, &beta, &g, &state)?
+            delta_rule_portable::chunked(&q, &k, &v, &beta, &g, &initial)?
         };
-        cache.state_t = Some(state);
-        cache.seen += t;
+        *state = Some(new_state);
+        *seen += t;
         let o = standard_layout(&p.round(&o)?.transpose(0, 1)?)?; // [T, Hv, Dv]
         let z = z.reshape((t, hv, dv))?;
         let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
