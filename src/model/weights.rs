@@ -48,8 +48,8 @@ pub struct WeightStore {
     transform: Option<Arc<dyn WeightTransform>>,
     /// Where loaded tensors go (converted on the host first, then copied once).
     device: Device,
-    /// Blocks built from this store use the portable (tensor-op) kernels; always on for a GPU.
-    portable: bool,
+    /// The portable (tensor-op) kernels even on the CPU (a GPU always uses them).
+    force_portable: bool,
 }
 
 impl WeightStore {
@@ -133,19 +133,18 @@ impl WeightStore {
             streaming: false,
             transform: None,
             device: Device::Cpu,
-            portable: false,
+            force_portable: false,
         })
     }
 
     /// Put every tensor loaded from now on on `dev`; a non-CPU device implies the portable kernels.
     pub fn set_device(&mut self, dev: &Device) {
-        self.portable = self.portable || !dev.is_cpu();
         self.device = dev.clone();
     }
 
     /// Use the portable (tensor-op) kernels on the CPU too (how the GPU path is tested without a GPU).
     pub fn set_portable_kernels(&mut self, on: bool) {
-        self.portable = on || !self.device.is_cpu();
+        self.force_portable = on;
     }
 
     pub fn device(&self) -> &Device {
@@ -153,7 +152,7 @@ impl WeightStore {
     }
 
     pub fn portable_kernels(&self) -> bool {
-        self.portable
+        self.force_portable || !self.device.is_cpu()
     }
 
     /// Apply `t` to every tensor loaded from now on.
