@@ -85,31 +85,14 @@ impl SparseMoe {
         prec: Precision,
     ) -> Result<Self> {
         let mut moe = SparseMoe::new_lazy(ws, prefix, hidden, m, prec)?;
-        let e = m.num_experts;
-        let i = m.moe_intermediate_size;
-        moe.experts = if moe.layout == Layout::Fused {
-            let gate_up = ws.load(
-                &format!("{prefix}experts.gate_up_proj"),
-                &[e, 2 * i, hidden],
-                prec,
-            )?;
-            let down = ws.load(&format!("{prefix}experts.down_proj"), &[e, hidden, i], prec)?;
-            (0..e)
-                .map(|x| {
-                    let gu = gate_up.get(x)?;
-                    Expert::from_tensors(
-                        gu.narrow(0, 0, i)?,
-                        gu.narrow(0, i, i)?,
-                        down.get(x)?,
-                        prec,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            (0..e)
-                .map(|x| moe.load_expert(ws, x))
-                .collect::<Result<Vec<_>>>()?
-        };
+        // The whole bank as one contiguous range: a fused bank is one read per tensor.
+        let all: Vec<usize> = (0..m.num_experts).collect();
+        moe.experts = moe
+            .source()
+            .load(ws, &all)?
+            .into_iter()
+            .map(|(_, ex)| ex)
+            .collect();
         Ok(moe)
     }
 
