@@ -4,6 +4,35 @@ use std::path::{Path, PathBuf};
 /// Exit code for bad input or usage (the CLI contract: 0 pass, 1 gate failed, 2 bad input, 3 prompt rejected).
 pub const EXIT_BAD_INPUT: i32 = 2;
 
+/// The process exit code of every command: 0 pass, 1 gate failed, 2 bad input or usage, 3 prompt rejected
+/// (101 only for an internal error, a bug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    Pass,
+    GateFailed,
+    BadInput,
+    PromptRejected,
+    Internal,
+}
+
+impl ExitCode {
+    pub fn code(self) -> i32 {
+        match self {
+            ExitCode::Pass => 0,
+            ExitCode::GateFailed => 1,
+            ExitCode::BadInput => 2,
+            ExitCode::PromptRejected => 3,
+            ExitCode::Internal => 101,
+        }
+    }
+}
+
+impl serde::Serialize for ExitCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_i32(self.code())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file the user gave us is missing, malformed or inconsistent.
@@ -28,9 +57,12 @@ impl Error {
         Error::Usage(msg.into())
     }
     pub fn exit_code(&self) -> i32 {
+        self.exit().code()
+    }
+    pub fn exit(&self) -> ExitCode {
         match self {
-            Error::Input { .. } | Error::Usage(_) => EXIT_BAD_INPUT,
-            Error::Internal(_) => 101,
+            Error::Input { .. } | Error::Usage(_) => ExitCode::BadInput,
+            Error::Internal(_) => ExitCode::Internal,
         }
     }
 }

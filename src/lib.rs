@@ -10,6 +10,7 @@ pub mod import;
 pub mod model;
 pub mod oracle;
 pub mod oracle_cache;
+pub mod outputs;
 pub mod plan;
 pub mod quant;
 pub mod report;

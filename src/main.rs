@@ -42,7 +42,7 @@ fn main() {
         Command::Sweep(a) => commands::sweep::execute(a),
     };
     match result {
-        Ok(code) => std::process::exit(code),
+        Ok(code) => std::process::exit(code.code()),
         Err(e) => {
             eprintln!("qgate: error: {e}");
             std::process::exit(e.exit_code());

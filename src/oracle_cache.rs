@@ -2,6 +2,7 @@
 //! weights, tokens, dtype and qgate version from `oracles/`, or run the oracle and cache it there.
 use crate::capture::Capture;
 use crate::error::{Error, Result};
+use crate::gate::provenance::{self, Provenance};
 use crate::model::precision::Precision;
 use crate::model::weights::{resolve_model_dir, WeightStore};
 use crate::oracle::{plan_sha256, run_oracle, ExecOptions, OracleRequest};
@@ -42,18 +43,30 @@ pub fn model_dir_for(model: Option<&Path>, bundle_dir: Option<&Path>) -> Result<
 /// The `--oracle` values that name a dtype to run (anything else must be an oracle capture file).
 pub const ORACLE_DTYPES: [&str; 3] = ["bf16", "f32", "f16"];
 
+/// The oracle capture a run compares with, and what qgate could verify about where it came from.
+pub struct ResolvedOracle {
+    pub path: PathBuf,
+    pub provenance: Provenance,
+}
+
 /// `--oracle`: a dtype (run the oracle on `device`, or reuse its cached capture) or an existing
-/// oracle capture file.
+/// oracle capture file, whose provenance is checked (`gate::provenance`): against `--model`'s weights when
+/// given (the model's config is read, so a broken one is refused), else by its kind; `trust` accepts
+/// any capture and says so.
 pub fn resolve_oracle(
     oracle: &str,
     model: Option<&Path>,
     bundle_dir: Option<&Path>,
     plan: &Capture,
     device: &candle_core::Device,
-) -> Result<PathBuf> {
+    trust: bool,
+) -> Result<ResolvedOracle> {
     if ORACLE_DTYPES.contains(&oracle) {
         let exec = ExecOptions::from_args(device.clone(), None, false, false)?;
-        return oracle_capture_for(model, bundle_dir, oracle, plan, exec);
+        return Ok(ResolvedOracle {
+            path: oracle_capture_for(model, bundle_dir, oracle, plan, exec)?,
+            provenance: Provenance::ComputedHere,
+        });
     }
     let p = PathBuf::from(oracle);
     if !p.is_file() {
@@ -61,7 +74,20 @@ pub fn resolve_oracle(
             "--oracle `{oracle}` is neither a dtype (bf16, f32, f16) nor an existing oracle capture file"
         )));
     }
-    Ok(p)
+    let cap = Capture::open(&p)?;
+    let provenance = match model {
+        Some(m) => {
+            let dir = resolve_model_dir(&m.to_string_lossy())?;
+            crate::model::config::TextConfig::from_dir(&dir)?;
+            let hashes = WeightStore::open(&dir)?.weights_sha256()?;
+            provenance::check(&cap, Some((&dir, &hashes)), trust)?
+        }
+        None => provenance::check(&cap, None, trust)?,
+    };
+    Ok(ResolvedOracle {
+        path: p,
+        provenance,
+    })
 }
 
 pub fn oracle_capture_for(

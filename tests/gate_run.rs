@@ -194,9 +194,11 @@ impl Fx {
     fn run(&self, args: &[&str]) -> (i32, String, String) {
         let out = self.dir.path().join("out");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qgate"));
+        // the synthetic oracle is no qgate or HF capture: accepted only with --trust-oracle
         cmd.arg("run")
             .arg("--oracle")
             .arg(self.p("oracle"))
+            .arg("--trust-oracle")
             .arg("--out")
             .arg(&out);
         for a in args {
@@ -387,9 +389,11 @@ fn top_k_and_argmax_candidates_report_what_they_can_and_mismatches_exit_2() {
         "{err}"
     );
     let flips_only = d.join("flips-only.toml");
+    // (no rollouts in these captures: a rollout rule that cannot be applied would fail them)
     let pol = qgate::gate::policy::DEFAULT_POLICY
         .replace("min_cosine = 0.98", "")
-        .replace("max_mean_kl = 0.1", "");
+        .replace("max_mean_kl = 0.1", "")
+        .replace("rollout_prefix = \"full\"", "rollout_prefix = \"off\"");
     std::fs::write(&flips_only, pol).unwrap();
     let g = flips_only.display().to_string();
     let (code, _, err) = fx.run(&["--bundle", &topk, "--bundle", &argmax, "--gate", &g]);

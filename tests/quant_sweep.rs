@@ -1,9 +1,10 @@
 //! The simulator on the committed fixtures: the quantization ladder is ordered (f16 ≤ int8 ≤ int4 in
 //! confident flips, cosines the other way), and `qgate sweep`'s ladder report is snapshot-tested.
 use qgate::capture::{write_capture, Capture, CaptureMeta, SeqData};
-use qgate::commands::run::evaluate;
 use qgate::commands::simulate::{simulate, SimRequest};
+use qgate::gate::evaluate::{evaluate, Inputs};
 use qgate::gate::policy::Policy;
+use qgate::gate::provenance::Provenance;
 use qgate::gate::summary::Identity;
 use qgate::model::precision::Precision;
 use qgate::oracle::{run_oracle, OracleRequest};
@@ -94,7 +95,15 @@ fn ladder_is_ordered(model: &str) {
         .collect();
     let all: Vec<&Capture> = caps.iter().collect();
     let policy = Policy::load(None).unwrap();
-    let ev = evaluate(&oracle, &all, ids, all.len(), &policy).unwrap();
+    let ev = evaluate(Inputs {
+        oracle: &oracle,
+        provenance: Provenance::ComputedHere,
+        all: &all,
+        ids,
+        n_candidates: all.len(),
+        policy: &policy,
+    })
+    .unwrap();
     let c = &ev.run.candidates;
     let flips: Vec<usize> = c.iter().map(|x| x.introduced_confident_flips).collect();
     let cos_min: Vec<f64> = c.iter().map(|x| x.cosine.as_ref().unwrap().min).collect();

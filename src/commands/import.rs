@@ -1,5 +1,5 @@
 //! `qgate import --from npz|llm-runner|transcript FILE... --out CAPTURE [--plan PLAN]`.
-use crate::error::Result;
+use crate::error::{ExitCode, Result};
 use crate::import::{import, Format, ImportOptions, TranscriptSide};
 use std::path::PathBuf;
 
@@ -33,7 +33,14 @@ pub struct Args {
     pub transcript_side: TranscriptSide,
 }
 
-pub fn execute(args: Args) -> Result<i32> {
+pub fn execute(args: Args) -> Result<ExitCode> {
+    let inputs: Vec<&std::path::Path> = args
+        .files
+        .iter()
+        .map(|p| p.as_path())
+        .chain(args.plan.as_deref())
+        .collect();
+    crate::outputs::check_capture_out(&args.out, &inputs)?;
     let opts = ImportOptions {
         format: args.from,
         files: args.files,
@@ -54,5 +61,5 @@ pub fn execute(args: Args) -> Result<i32> {
         s.dtype,
         s.vocab_size
     );
-    Ok(0)
+    Ok(ExitCode::Pass)
 }

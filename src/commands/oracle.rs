@@ -1,6 +1,6 @@
 //! `qgate oracle`: run the HF-exact oracle over a plan and write a capture.
 use crate::capture::Capture;
-use crate::error::{Error, Result};
+use crate::error::{Error, ExitCode, Result};
 use crate::model::precision::Precision;
 use crate::model::weights::resolve_model_dir;
 use crate::oracle::{run_oracle, ExecOptions, OracleRequest};
@@ -43,7 +43,8 @@ pub struct Args {
     pub no_prefetch: bool,
 }
 
-pub fn execute(args: Args) -> Result<i32> {
+pub fn execute(args: Args) -> Result<ExitCode> {
+    crate::outputs::check_capture_out(&args.out, &[args.plan.as_path()])?;
     let precision = Precision::parse(&args.dtype).ok_or_else(|| {
         Error::usage(format!(
             "--dtype `{}`: expected f32, bf16 or f16",
@@ -77,5 +78,5 @@ pub fn execute(args: Args) -> Result<i32> {
         positions,
         out.display()
     );
-    Ok(0)
+    Ok(ExitCode::Pass)
 }

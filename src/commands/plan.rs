@@ -1,6 +1,6 @@
 //! `qgate plan`: tokenize text prompts (optionally through the model's own chat template) into a plan.
 use crate::capture::{write_capture, CaptureMeta, SeqData};
-use crate::error::Result;
+use crate::error::{ExitCode, Result};
 use crate::model::weights::resolve_model_dir;
 use crate::plan::{read_prompts, PromptTokenizer};
 use std::path::PathBuf;
@@ -21,7 +21,8 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-pub fn execute(args: Args) -> Result<i32> {
+pub fn execute(args: Args) -> Result<ExitCode> {
+    crate::outputs::check_capture_out(&args.out, &[args.prompts.as_path()])?;
     let dir = resolve_model_dir(&args.model)?;
     let tok = PromptTokenizer::load(&dir)?;
     let prompts = read_prompts(&args.prompts)?;
@@ -50,5 +51,5 @@ pub fn execute(args: Args) -> Result<i32> {
         seqs.len(),
         out.display()
     );
-    Ok(0)
+    Ok(ExitCode::Pass)
 }

@@ -1,18 +1,15 @@
-//! `qgate run`: compare candidate captures with the oracle, apply the gate policy, write the verdict and
-//! the reports. Exit codes: 0 pass, 1 gate failed, 2 bad input or usage, 3 prompt rejected.
+//! `qgate run`: parse the arguments, check every output path, resolve the oracle, call the gate
+//! (`gate::evaluate`) and write what it decided. Exit codes: 0 pass, 1 gate failed, 2 bad input or usage,
+//! 3 prompt rejected.
 use crate::capture::Capture;
-use crate::error::{Error, Result};
+use crate::error::{Error, ExitCode, Result};
 use crate::gate::bundle::{self, CandidateInput};
 use crate::gate::compare;
-use crate::gate::margin_rule;
-use crate::gate::metrics::{MarginSpace, OracleView, PositionMetrics};
+use crate::gate::evaluate::{evaluate, Evaluation, Inputs};
+use crate::gate::metrics::MarginSpace;
 use crate::gate::policy::Policy;
-use crate::gate::rollout;
-use crate::gate::stats;
-use crate::gate::summary::{self, Identity, Paired, Role, RolloutSummary, RunSummary};
-use crate::gate::verdict;
+use crate::gate::summary::Identity;
 use crate::report;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -53,6 +50,10 @@ pub struct Args {
     /// Print summary.json to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Accept an `--oracle FILE` that is not a qgate or HF oracle capture; the report says "oracle
+    /// provenance unverified".
+    #[arg(long)]
+    pub trust_oracle: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -103,31 +104,40 @@ fn tokenizer_for(args: &Args, inputs: &[CandidateInput]) -> Result<report::token
     Ok(report::tokens::TokenText::none())
 }
 
-pub fn execute(args: Args) -> Result<i32> {
+pub fn execute(args: Args) -> Result<ExitCode> {
     let mut policy = Policy::load(args.gate.as_deref())?;
     let space = args.margin_space.map(|s| match s {
         SpaceArg::Prob => MarginSpace::Prob,
         SpaceArg::Logit => MarginSpace::Logit,
     });
     policy.override_with(space, args.margin_floor, args.require_confident_prompt)?;
+    let device = crate::model::device::parse_device(&args.device)?;
 
     let mut inputs = Vec::new();
     for b in &args.bundle {
         inputs.extend(bundle::resolve(b)?);
     }
+    // every output path is checked before any work (the oracle may take hours)
+    let out = args.out.clone().unwrap_or_else(|| default_out(&inputs[0]));
+    crate::outputs::check_report_dir(&out)?;
+
     let caps: Vec<Capture> = inputs
         .iter()
         .map(|i| Capture::open(&i.capture))
         .collect::<Result<_>>()?;
-    let oracle_path = crate::oracle_cache::resolve_oracle(
+    let control = args.control.as_ref().map(Capture::open).transpose()?;
+    policy
+        .check_against_plan(caps[0].len())
+        .map_err(|m| Error::usage(format!("gate policy does not fit the plan: {m}")))?;
+    let resolved = crate::oracle_cache::resolve_oracle(
         &args.oracle,
         args.model.as_deref(),
         inputs[0].bundle_dir.as_deref(),
         &caps[0],
-        &crate::model::device::parse_device(&args.device)?,
+        &device,
+        args.trust_oracle,
     )?;
-    let oracle = Capture::open(&oracle_path)?;
-    let control = args.control.as_ref().map(Capture::open).transpose()?;
+    let oracle = Capture::open(&resolved.path)?;
     for c in caps.iter().chain(control.iter()) {
         compare::check_same_plan(&oracle, c)?;
     }
@@ -136,7 +146,33 @@ pub fn execute(args: Args) -> Result<i32> {
     if let Some(c) = &control {
         all.push(c);
     }
-    // identities (labels unique)
+    let ids = identities(&all, &inputs);
+    let mut ev = evaluate(Inputs {
+        oracle: &oracle,
+        provenance: resolved.provenance,
+        all: &all,
+        ids,
+        n_candidates: caps.len(),
+        policy: &policy,
+    })?;
+    ev.run.sim_vs_bundle =
+        crate::gate::sim_vs_bundle::pair_up(&all, &ev.compared, &ev.run.candidates);
+    let tt = tokenizer_for(&args, &inputs)?;
+    write_reports(&out, &mut ev, &oracle.plan(), &tt)?;
+    let run = ev.run;
+    let code = run.exit_code;
+    if args.json {
+        print!("{}", report::json::render(&run)?);
+    } else {
+        print!("{}", report::terminal::render(&run));
+        println!("reports: {}", out.display());
+    }
+    eprintln!("qgate: {}", run.verdict);
+    Ok(code)
+}
+
+/// Unique labels and what is known of each capture (bundle, mode, size).
+fn identities(all: &[&Capture], inputs: &[CandidateInput]) -> Vec<Identity> {
     let mut ids: Vec<Identity> = Vec::new();
     for (i, c) in all.iter().enumerate() {
         let input = inputs.get(i);
@@ -175,213 +211,44 @@ pub fn execute(args: Args) -> Result<i32> {
                 .or_else(|| size_from_meta(c)),
         });
     }
-
-    let mut ev = evaluate(&oracle, &all, ids, caps.len(), &policy)?;
-    ev.run.sim_vs_bundle =
-        crate::gate::sim_vs_bundle::pair_up(&all, &ev.compared, &ev.run.candidates);
-    let tt = tokenizer_for(&args, &inputs)?;
-    let out = args.out.clone().unwrap_or_else(|| default_out(&inputs[0]));
-    write_reports(&out, &ev, &oracle.plan(), &tt)?;
-    let run = ev.run;
-    let json = report::json::render(&run)?;
-    let code = run.exit_code;
-    if args.json {
-        print!("{json}");
-    } else {
-        print!("{}", report::terminal::render(&run));
-        println!("reports: {}", out.display());
-    }
-    eprintln!("qgate: {}", run.verdict);
-    Ok(code)
+    ids
 }
 
-/// A gated run: the summary every report renders, and the per-position data behind it.
-pub struct Evaluation {
-    pub run: RunSummary,
-    pub compared: Vec<compare::Compared>,
-    pub masks: Vec<Vec<bool>>,
-    pub views: Vec<(usize, usize, OracleView)>,
-}
+/// The files of a report directory.
+pub const REPORT_FILES: [&str; 4] = [
+    "report.md",
+    "positions.csv",
+    "summary.json",
+    "positions.svg",
+];
 
-/// Compare `all` (the first `n_candidates` gated, then the control if any) with the oracle, judge each
-/// against the policy and decide what ships. `ids` names each capture.
-pub fn evaluate(
-    oracle: &Capture,
-    all: &[&Capture],
-    ids: Vec<Identity>,
-    n_candidates: usize,
-    policy: &Policy,
-) -> Result<Evaluation> {
-    let (views, compared) = compare::compare(oracle, all, policy.margin_space)?;
-    let view_at: HashMap<(usize, usize), OracleView> =
-        views.iter().map(|v| ((v.0, v.1), v.2)).collect();
-    let control_top1 = (all.len() > n_candidates)
-        .then(|| margin_rule::control_top1(&compared[n_candidates].positions));
-    let mut sums = Vec::new();
-    for (i, c) in all.iter().enumerate() {
-        let role = if i < n_candidates {
-            Role::Candidate
-        } else {
-            Role::Control
-        };
-        let mut per_seq = Vec::new();
-        let mut reps = Vec::new();
-        for s in 0..oracle.len() {
-            let (ov, cv) = (oracle.seq(s), c.seq(s));
-            if let Some(cr) = &cv.rollout {
-                if let Some(sym) = verdict::repetition_symptom(s, cr, ov.rollout.as_deref()) {
-                    reps.push(sym);
-                }
-            }
-            if let (Some(or), Some(cr)) = (&ov.rollout, &cv.rollout) {
-                let last = ov.tokens.len() - 1;
-                let m0 = view_at.get(&(s, last)).map(|v| v.margin);
-                // Later steps: the oracle's own per-step margins, in the run's margin space.
-                let mut margins: Vec<Option<f64>> = match &ov.rollout_margin {
-                    Some(m) => m
-                        .iter()
-                        .map(|&(p, l)| {
-                            Some(if policy.margin_space == MarginSpace::Prob {
-                                p as f64
-                            } else {
-                                l as f64
-                            })
-                        })
-                        .collect(),
-                    None => vec![None; or.len()],
-                };
-                if let (Some(first), Some(m0)) = (margins.first_mut(), m0) {
-                    *first = Some(m0);
-                }
-                per_seq.push(rollout::compare(s, or, cr, &margins));
-            }
-        }
-        let rs = (!per_seq.is_empty()).then(|| RolloutSummary {
-            sequences_compared: per_seq.len(),
-            sequences_exact: per_seq.iter().filter(|r| r.is_exact()).count(),
-            min_exact_prefix: per_seq.iter().map(|r| r.exact_prefix).min().unwrap_or(0),
-            per_sequence: per_seq,
-        });
-        let ctl = if role == Role::Candidate {
-            control_top1.as_ref()
-        } else {
-            None
-        };
-        let mut s = summary::summarise(
-            ids[i].clone(),
-            role,
-            &compared[i].positions,
-            compared[i].not_compared,
-            policy,
-            ctl,
-            rs,
-        );
-        s.symptoms.extend(reps);
-        s.verdict = verdict::judge(&s, policy);
-        sums.push(s);
-    }
-
-    // paired comparisons on positions both have and the policy counts
-    let mut paired = Vec::new();
-    let masks: Vec<Vec<bool>> = compared
-        .iter()
-        .map(|c| summary::counted_mask(&c.positions, policy))
-        .collect();
-    let matched: Vec<HashMap<(usize, usize), bool>> = compared
-        .iter()
-        .zip(&masks)
-        .map(|(c, m)| {
-            c.positions
-                .iter()
-                .zip(m)
-                .filter(|(_, &k)| k)
-                .map(|(p, _)| ((p.seq, p.pos), p.matched))
-                .collect()
-        })
-        .collect();
-    for a in 0..all.len() {
-        for b in a + 1..all.len() {
-            let (mut ao, mut bo, mut n) = (0, 0, 0);
-            for (k, &ma) in &matched[a] {
-                if let Some(&mb) = matched[b].get(k) {
-                    n += 1;
-                    ao += (ma && !mb) as usize;
-                    bo += (mb && !ma) as usize;
-                }
-            }
-            if n > 0 {
-                paired.push(Paired {
-                    a: ids[a].label.clone(),
-                    b: ids[b].label.clone(),
-                    positions: n,
-                    test: stats::mcnemar(ao, bo),
-                });
-            }
-        }
-    }
-
-    let prompt = verdict::check_prompt(&views, policy);
-    let (code, line) = verdict::overall(&sums, &prompt, policy);
-    let plan = oracle.plan();
-    let run = RunSummary {
-        schema: summary::REPORT_SCHEMA,
-        qgate_version: env!("CARGO_PKG_VERSION"),
-        oracle: summary::OracleInfo {
-            capture: oracle.path.display().to_string(),
-            label: oracle.meta.label.clone(),
-            runtime: oracle.meta.runtime.clone(),
-            dtype: oracle.meta.dtype.clone(),
-        },
-        plan: summary::PlanInfo {
-            sequences: oracle.len(),
-            tokens: plan.iter().map(|t| t.len()).sum(),
-            oracle_rows: views.len(),
-            vocab_size: oracle.meta.vocab_size,
-        },
-        margin_space: policy.margin_space,
-        margin_floor: policy.margin_floor,
-        policy: policy.clone(),
-        prompt,
-        ship: verdict::ship_decision(&sums).map(|s| s.0),
-        ship_basis: verdict::ship_decision(&sums)
-            .map(|s| s.1.to_string())
-            .unwrap_or_default(),
-        ladder: None,
-        sim_vs_bundle: Vec::new(),
-        candidates: sums,
-        paired,
-        exit_code: code,
-        verdict: line,
-    };
-
-    Ok(Evaluation {
-        run,
-        compared,
-        masks,
-        views,
-    })
-}
-
-/// Write report.md, positions.csv, summary.json and positions.svg into `out`.
+/// Write report.md, positions.csv, summary.json (with the manifest of these files) and positions.svg
+/// into `out`.
 pub fn write_reports(
     out: &Path,
-    ev: &Evaluation,
+    ev: &mut Evaluation,
     plan: &[Vec<i64>],
     tt: &report::tokens::TokenText,
 ) -> Result<()> {
+    ev.run.report_files = REPORT_FILES.iter().map(|s| s.to_string()).collect();
     let (run, compared, masks, views) = (&ev.run, &ev.compared, &ev.masks, &ev.views);
     let policy = &run.policy;
     let md = report::markdown::render(run, plan, tt);
     let labels: Vec<String> = run.candidates.iter().map(|c| c.id.label.clone()).collect();
-    let csv_in: Vec<(&str, &[PositionMetrics], Vec<bool>)> = compared
+    let csv_in: Vec<report::csv::Rows<'_>> = compared
         .iter()
         .zip(masks)
+        .zip(&ev.judgements)
         .enumerate()
-        .map(|(i, (c, m))| (labels[i].as_str(), c.positions.as_slice(), m.clone()))
+        .map(|(i, ((c, m), j))| report::csv::Rows {
+            label: labels[i].as_str(),
+            positions: c.positions.as_slice(),
+            counted: m.as_slice(),
+            flips: j.as_slice(),
+        })
         .collect();
-    let csv = report::csv::render(&csv_in, policy.margin_floor);
-    let plot_in: Vec<(&str, &[PositionMetrics])> = csv_in.iter().map(|c| (c.0, c.1)).collect();
-    let svg = report::plot::render(views, &plot_in, policy.margin_floor)?;
+    let csv = report::csv::render(&csv_in);
+    let svg = report::plot::render(views, &csv_in, policy.margin_floor)?;
     let json = report::json::render(run)?;
     report::write::write_dir(
         out,

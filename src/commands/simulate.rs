@@ -2,7 +2,7 @@
 //! weight-only), default compute f16 as the GPU runtimes do. Writes a normal capture labelled with the
 //! scheme; its metadata records the exact spec, every skipped weight and the simulated bundle size.
 use crate::capture::Capture;
-use crate::error::{Error, Result};
+use crate::error::{Error, ExitCode, Result};
 use crate::model::config::TextConfig;
 use crate::model::precision::Precision;
 use crate::model::weights::{resolve_model_dir, WeightStore};
@@ -160,7 +160,8 @@ pub fn print_skipped(label: &str, r: &QuantReport) {
     }
 }
 
-pub fn execute(args: Args) -> Result<i32> {
+pub fn execute(args: Args) -> Result<ExitCode> {
+    crate::outputs::check_capture_out(&args.out, &[args.plan.as_path()])?;
     let compute = parse_compute(&args.compute)?;
     let sd = parse_scale_dtype(&args.scale_dtype)?;
     let mut scheme = Scheme::parse(&args.scheme)?;
@@ -192,5 +193,5 @@ pub fn execute(args: Args) -> Result<i32> {
         crate::report::markdown::human_size(o.report.size_bytes()),
         o.capture.display()
     );
-    Ok(0)
+    Ok(ExitCode::Pass)
 }

@@ -2,13 +2,16 @@
 //! control, and write one ladder report (the `qgate run` report writer) naming the smallest scheme that
 //! passes and why each smaller one was rejected. `--ablate int4` quantizes one component group at a time
 //! (rest at the base scheme) and names the sensitive components.
-use super::run::{evaluate, write_reports};
+use super::run::write_reports;
 use super::simulate::{parse_compute, parse_scale_dtype, print_skipped, simulate, SimRequest};
 use crate::capture::Capture;
-use crate::error::{Error, Result};
+use crate::error::{Error, ExitCode, Result};
 use crate::gate::compare;
+use crate::gate::evaluate::{evaluate, Inputs};
+use crate::gate::ladder;
+use crate::gate::outcome::{Ablation, Ladder, Rung};
 use crate::gate::policy::Policy;
-use crate::gate::summary::{Ablation, Identity, Ladder, Rejection, Role, Rung};
+use crate::gate::summary::Identity;
 use crate::model::weights::resolve_model_dir;
 use crate::quant::apply::QuantReport;
 use crate::quant::scheme::{Component, FloatDtype, Method, Scheme};
@@ -109,7 +112,7 @@ fn identity(s: &Sim) -> Identity {
     }
 }
 
-pub fn execute(args: Args) -> Result<i32> {
+pub fn execute(args: Args) -> Result<ExitCode> {
     let policy = Policy::load(args.gate.as_deref())?;
     let compute = parse_compute(&args.compute)?;
     let sd = parse_scale_dtype(&args.scale_dtype)?;
@@ -142,12 +145,7 @@ pub fn execute(args: Args) -> Result<i32> {
         .out
         .clone()
         .unwrap_or_else(|| Path::new("reports").join(format!("sweep-{}", safe(&model_name))));
-    if out.exists() && !(out.is_dir() && report::write::is_replaceable(&out)) {
-        return Err(Error::input(
-            &out,
-            "exists and is not a qgate report directory; refusing to replace it (choose another --out)",
-        ));
-    }
+    crate::outputs::check_report_dir(&out)?;
     let cap_dir = args.captures.clone().unwrap_or_else(|| {
         let mut n = out
             .file_name()
@@ -156,18 +154,23 @@ pub fn execute(args: Args) -> Result<i32> {
         n.push("-captures");
         out.with_file_name(n)
     });
+    crate::outputs::check_capture_dir(&cap_dir)?;
+    policy
+        .check_against_plan(plan.len())
+        .map_err(|m| Error::usage(format!("gate policy does not fit the plan: {m}")))?;
     std::fs::create_dir_all(&cap_dir).map_err(|e| crate::error::io_err(&cap_dir, e))?;
     let progress = std::io::stderr().is_terminal();
     let device = crate::model::device::parse_device(&args.device)?;
 
-    let oracle_path = crate::oracle_cache::resolve_oracle(
+    let resolved = crate::oracle_cache::resolve_oracle(
         &args.oracle,
         Some(&model_dir),
         None,
         &plan_cap,
         &device,
+        false,
     )?;
-    let oracle = Capture::open(&oracle_path)?;
+    let oracle = Capture::open(&resolved.path)?;
     compare::check_same_plan(&oracle, &plan_cap)?;
     let rollout = (0..oracle.len())
         .filter_map(|i| oracle.seq(i).rollout.map(|r| r.len()))
@@ -182,6 +185,7 @@ pub fn execute(args: Args) -> Result<i32> {
         }
         used.push(label.clone());
         let path = cap_dir.join(format!("{}.capture.safetensors", safe(&label)));
+        crate::outputs::check_capture_out(&path, &[args.plan.as_path(), resolved.path.as_path()])?;
         eprintln!("qgate: simulating {label} ({})…", scheme.spec());
         let o = simulate(SimRequest {
             model_dir: &model_dir,
@@ -218,33 +222,17 @@ pub fn execute(args: Args) -> Result<i32> {
         .chain(std::iter::once(&control))
         .map(identity)
         .collect();
-    let mut ev = evaluate(&oracle, &all, ids, sims.len(), &policy)?;
+    let mut ev = evaluate(Inputs {
+        oracle: &oracle,
+        provenance: resolved.provenance.clone(),
+        all: &all,
+        ids,
+        n_candidates: sims.len(),
+        policy: &policy,
+    })?;
 
     // why each scheme smaller than the one that ships was rejected
-    let ship_size = ev.run.ship.as_ref().and_then(|l| {
-        ev.run
-            .candidates
-            .iter()
-            .find(|c| &c.id.label == l)
-            .and_then(|c| c.id.size_bytes)
-    });
-    let mut rejected: Vec<Rejection> = ev
-        .run
-        .candidates
-        .iter()
-        .filter(|c| c.role == Role::Candidate && c.verdict.status != "pass")
-        .filter(|c| match (ship_size, c.id.size_bytes) {
-            (Some(ship), Some(sz)) => sz < ship,
-            _ => ship_size.is_none(),
-        })
-        .map(|c| Rejection {
-            label: c.id.label.clone(),
-            size_bytes: c.id.size_bytes,
-            failed_rule: c.verdict.failed_rule,
-            reason: c.verdict.reason.clone(),
-        })
-        .collect();
-    rejected.sort_by_key(|r| std::cmp::Reverse(r.size_bytes));
+    let rejected = ladder::rejected_smaller(&ev.run.candidates, ev.run.ship.as_deref());
 
     // ablation: one component group at a time
     let ablation = match &args.ablate {
@@ -278,17 +266,20 @@ pub fn execute(args: Args) -> Result<i32> {
                 .map(|v| identity(&v.1))
                 .chain(std::iter::once(identity(&control)))
                 .collect();
-            let aev = evaluate(&oracle, &all, ids, variants.len(), &policy)?;
+            let aev = evaluate(Inputs {
+                oracle: &oracle,
+                provenance: resolved.provenance.clone(),
+                all: &all,
+                ids,
+                n_candidates: variants.len(),
+                policy: &policy,
+            })?;
             let rows: Vec<(String, crate::gate::summary::CandidateSummary)> = variants
                 .iter()
                 .zip(aev.run.candidates)
                 .map(|(v, c)| (v.0.name().to_string(), c))
                 .collect();
-            let sensitive = rows
-                .iter()
-                .filter(|r| r.1.verdict.status != "pass")
-                .map(|r| r.0.clone())
-                .collect();
+            let sensitive = ladder::sensitive(&rows);
             Some(Ablation {
                 base: format!("{} ({})", base.label(), base.spec()),
                 method: method.canonical(),
@@ -323,22 +314,13 @@ pub fn execute(args: Args) -> Result<i32> {
         rejected_smaller: rejected,
         ablation,
     });
-    // A sweep passes when something ships: failing smaller schemes are its point.
-    let (code, line) = match &ev.run.ship {
-        Some(l) => (
-            crate::gate::verdict::EXIT_PASS,
-            format!("SHIP: {l} — the smallest scheme that passes the policy"),
-        ),
-        None => (
-            crate::gate::verdict::EXIT_GATE_FAILED,
-            "SHIP: none — no simulated scheme passes the policy".to_string(),
-        ),
-    };
+    let (code, line) =
+        ladder::sweep_verdict(ev.run.ship.as_deref(), ev.run.exit_code, &ev.run.verdict);
     ev.run.exit_code = code;
     ev.run.verdict = line;
     let tt = report::tokens::TokenText::load(&model_dir.join("tokenizer.json"))
         .unwrap_or_else(|_| report::tokens::TokenText::none());
-    write_reports(&out, &ev, &plan, &tt)?;
+    write_reports(&out, &mut ev, &plan, &tt)?;
     if args.json {
         print!("{}", report::json::render(&ev.run)?);
     } else {

@@ -144,10 +144,21 @@ pub fn compare(
                         continue;
                     }
                     let bad = |p: String| Error::input(&cands[ci].path, format!("seq.{s} position {t}: {p}"));
-                    let m = if let Some(cl) = &cv.logits {
+                    let mut m = if let Some(cl) = &cv.logits {
                         kernel::decode_row(cl, t, &mut sc.c);
                         let ps = kernel::pair_row(&sc.o, &sc.e, &ost, &sc.c);
-                        metrics::from_logits(s, t, ov, &ost, &otop, &ps, &sc.c)
+                        // a −inf-masked vocabulary tail is not garbage: judge the row over the ids before it
+                        // (unless the tail hides the oracle's top-1: then the row stays garbage)
+                        match (ps.finite, metrics::masked_tail(&sc.c)) {
+                            (false, Some(k)) if ov.top1 < k => {
+                                let mut ek = vec![0f32; k];
+                                let ostk = kernel::oracle_row(&sc.o[..k], &mut ek);
+                                let psk = kernel::pair_row(&sc.o[..k], &ek, &ostk, &sc.c[..k]);
+                                let otopk = kernel::top_k(&sc.o[..k], TOP_K_OVERLAP);
+                                metrics::from_logits(s, t, ov, &ostk, &otopk, &psk, &sc.c[..k], Some(k))
+                            }
+                            _ => metrics::from_logits(s, t, ov, &ost, &otop, &ps, &sc.c, None),
+                        }
                     } else if let (Some(ti), Some(tl)) = (&cv.top_ids, &cv.top_logits) {
                         sc.ids = ti.row(t);
                         sc.tl.resize(tl.cols, 0.0);
@@ -159,6 +170,7 @@ pub fn compare(
                         out.push(None);
                         continue;
                     };
+                    m.cand_oracle_logit = m.cand_top1.and_then(|c| sc.o.get(c).copied());
                     out.push(Some(m));
                 }
                 Ok((ov, out))
@@ -198,4 +210,16 @@ pub fn oracle_view_at(
     kernel::decode_row(&l, pos, &mut o);
     let st = kernel::oracle_row(&o, &mut e);
     st.finite.then(|| OracleView::from_stats(&st, space))
+}
+
+/// The oracle's logit of `token` at (seq, pos), if the oracle holds that row.
+pub fn oracle_logit_at(oracle: &Capture, seq: usize, pos: usize, token: i64) -> Option<f32> {
+    let s = oracle.seq(seq);
+    let l = s.logits?;
+    if pos >= l.rows || token < 0 || token as usize >= l.cols {
+        return None;
+    }
+    let mut o = vec![0f32; l.cols];
+    kernel::decode_row(&l, pos, &mut o);
+    o.get(token as usize).copied().filter(|x| x.is_finite())
 }

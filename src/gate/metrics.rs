@@ -69,6 +69,11 @@ pub enum RowHealth {
     Constant,
     /// argmax-only rows: nothing to check.
     Unchecked,
+    /// Finite, with a `−inf`-masked vocabulary tail (ids `from..V`, e.g. padding rows a runtime masks):
+    /// not garbage; the row's metrics are computed over ids `0..from`.
+    MaskedTail {
+        from: usize,
+    },
 }
 
 /// Rank (1-based) of the oracle's top-1 token among the candidate's scores.
@@ -106,6 +111,8 @@ pub struct PositionMetrics {
     pub health: RowHealth,
     /// `None` when the row is garbage (NaN/Inf or constant).
     pub cand_top1: Option<usize>,
+    /// The oracle's logit of `cand_top1` (the tie rule needs it), set by `compare`.
+    pub cand_oracle_logit: Option<f32>,
     pub matched: bool,
     pub rank: Option<Rank>,
     pub cosine: Option<f64>,
@@ -135,6 +142,7 @@ impl PositionMetrics {
             source,
             health,
             cand_top1: None,
+            cand_oracle_logit: None,
             matched: false,
             rank: None,
             cosine: None,
@@ -150,11 +158,23 @@ impl PositionMetrics {
     }
 }
 
+/// If every non-finite entry of `row` is `−inf` and together they form a suffix `k..len` (with at least two
+/// finite entries before it), the start `k` of that masked vocabulary tail.
+pub fn masked_tail(row: &[f32]) -> Option<usize> {
+    let k = row.iter().rposition(|x| *x != f32::NEG_INFINITY)? + 1;
+    if k == row.len() || k < 2 || row[..k].iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    Some(k)
+}
+
 fn overlap(a: &[usize], b: &[usize]) -> u32 {
     a.iter().filter(|x| b.contains(x)).count() as u32
 }
 
-/// Full-logits candidate row.
+/// Full-logits candidate row. With `masked_from = Some(k)` the candidate masked ids `k..V` to `−inf`, and
+/// `ost`, `oracle_top10`, `ps` and `cand_row` describe ids `0..k` only (the oracle renormalised there); the
+/// caller guarantees the oracle's top-1 is below `k`.
 #[allow(clippy::too_many_arguments)]
 pub fn from_logits(
     seq: usize,
@@ -164,6 +184,7 @@ pub fn from_logits(
     oracle_top10: &[usize],
     ps: &PairStats,
     cand_row: &[f32],
+    masked_from: Option<usize>,
 ) -> PositionMetrics {
     let health = if !ps.finite {
         RowHealth::NonFinite
@@ -175,6 +196,9 @@ pub fn from_logits(
     let mut m = PositionMetrics::bare(seq, pos, oracle, RowSource::Logits, health);
     if health != RowHealth::Ok {
         return m;
+    }
+    if let Some(from) = masked_from {
+        m.health = RowHealth::MaskedTail { from };
     }
     let v = cand_row.len() as f64;
     m.cand_top1 = Some(ps.argmax);

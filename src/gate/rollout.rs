@@ -1,6 +1,8 @@
 //! Free-running greedy rollouts (`seq.{i}.rollout` on both sides): exact prefix, first divergence and the
 //! oracle's margin there. The stop is a token too: EOS is compared like any other id, so a candidate that
-//! stops early (or runs on) diverges at that step.
+//! stops early with an EOS where the oracle goes on diverges at that step. A candidate rollout that simply
+//! holds fewer steps (the community's 8-token gates against a 16-step oracle) and agrees on all of them has
+//! not stopped: it is *shorter*, and is compared over the common length (`truncated`).
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -12,6 +14,9 @@ pub struct RolloutDivergence {
     /// Oracle margin at the divergence, when known (the oracle's row after the last prompt token for step
     /// 0, the oracle capture's `rollout_margin` for later steps); `None` = unknown.
     pub oracle_margin: Option<f64>,
+    /// Whether the divergence is a tie the oracle could not decide (`None`: not known). At step 0 the
+    /// margin rule's tie test on the oracle's row; later, the oracle's recorded margin below the floor.
+    pub tie: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -21,6 +26,9 @@ pub struct RolloutComparison {
     pub candidate_len: usize,
     pub exact_prefix: usize,
     pub divergence: Option<RolloutDivergence>,
+    /// The candidate's rollout is shorter than the oracle's and agrees on every step it holds: compared
+    /// over the common length only.
+    pub truncated: bool,
 }
 
 impl RolloutComparison {
@@ -44,11 +52,13 @@ pub fn compare(
         oracle_len: oracle.len(),
         candidate_len: cand.len(),
         exact_prefix: k.unwrap_or(n),
+        truncated: k.is_none() && cand.len() < oracle.len(),
         divergence: k.map(|k| RolloutDivergence {
             step: k,
             oracle_token: oracle[k],
             candidate_token: cand[k],
             oracle_margin: oracle_margins.get(k).copied().flatten(),
+            tie: None,
         }),
     }
 }

@@ -2,6 +2,7 @@
 //! same quantization scheme, say how far they agree and name "the simulation passes, the bundle fails"
 //! as a runtime lowering problem rather than a recipe problem.
 use super::compare::Compared;
+use super::decision::Status;
 use super::summary::CandidateSummary;
 use crate::capture::Capture;
 use crate::quant::scheme::Scheme;
@@ -17,8 +18,8 @@ pub struct SimBundlePair {
     /// Positions where both captures have a usable top-1.
     pub positions: usize,
     pub top1_agree: usize,
-    pub simulated_verdict: &'static str,
-    pub bundle_verdict: &'static str,
+    pub simulated_verdict: Status,
+    pub bundle_verdict: Status,
     pub finding: String,
 }
 
@@ -69,16 +70,17 @@ pub fn pair_up(
                 100.0 * agree as f64 / common.len() as f64
             };
             let finding = match (vs, vb) {
-                ("pass", "fail") => format!(
+                (Status::Pass, Status::Fail) => format!(
                     "the simulation of this scheme passes but the bundle fails ({pct:.1}% top-1 agreement): the \
                      runtime computes something the scheme does not (a lowering/delegate problem), not a recipe problem"
                 ),
-                ("fail", "pass") => format!(
+                (Status::Fail, Status::Pass) => format!(
                     "the bundle passes where the simulation fails ({pct:.1}% top-1 agreement): the bundle does not \
                      compute this scheme as simulated — check the export recipe"
                 ),
-                ("fail", "fail") => format!("both fail ({pct:.1}% top-1 agreement): the scheme itself does not survive"),
-                _ => format!("both pass; {pct:.1}% top-1 agreement"),
+                (Status::Fail, Status::Fail) => format!("both fail ({pct:.1}% top-1 agreement): the scheme itself does not survive"),
+                (Status::Pass, Status::Pass) => format!("both pass; {pct:.1}% top-1 agreement"),
+                _ => format!("not both judged; {pct:.1}% top-1 agreement"),
             };
             out.push(SimBundlePair {
                 simulated: cands[i].id.label.clone(),

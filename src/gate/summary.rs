@@ -1,9 +1,11 @@
 //! Everything a report shows, computed once from the compared positions (reports only format it).
-use super::margin_rule::{self, ControlTop1, Flip, FlipKind};
-use super::metrics::{PositionMetrics, RowHealth, RowSource};
-use super::policy::Policy;
+use super::decision::{Status, Verdict};
+use super::margin_rule::{self, ControlTop1, Flip, FlipKind, TieRule};
+use super::metrics::{OracleView, PositionMetrics, RowHealth, RowSource};
+use super::policy::{Policy, PositionsRule};
 use super::rollout::RolloutComparison;
 use super::stats;
+pub use super::symptoms::Symptom;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -81,13 +83,77 @@ fn distribution(values: &[(usize, f64)]) -> Option<Distribution> {
     })
 }
 
+/// What per-position data a capture holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataKind {
+    Logits,
+    TopK,
+    Argmax,
+    Mixed,
+    None,
+}
+
+impl DataKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataKind::Logits => "logits",
+            DataKind::TopK => "top_k",
+            DataKind::Argmax => "argmax",
+            DataKind::Mixed => "mixed",
+            DataKind::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for DataKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Coverage: how many of the plan's positions that the policy counts were compared (usable rows: garbage
+/// rows are not coverage). Under `positions = "last"`, one position per counted sequence.
 #[derive(Debug, Clone, Serialize)]
-pub struct Symptom {
-    /// "cosine_crater" | "collapse_after_position_0" | "degenerate_repetition"
-    pub kind: &'static str,
-    pub seq: usize,
-    pub pos: Option<usize>,
-    pub detail: String,
+pub struct Coverage {
+    pub planned: usize,
+    pub compared: usize,
+    /// `compared / planned`; `None` when the policy counts nothing.
+    pub fraction: Option<f64>,
+    /// Counted sequences of the plan with no usable compared row.
+    pub sequences_without_rows: Vec<usize>,
+}
+
+/// Coverage of `positions` (one candidate) against the oracle rows `views` under `policy`.
+pub fn coverage(
+    positions: &[PositionMetrics],
+    views: &[(usize, usize, OracleView)],
+    policy: &Policy,
+) -> Coverage {
+    use std::collections::BTreeSet;
+    let planned_seqs: BTreeSet<usize> = views
+        .iter()
+        .map(|v| v.0)
+        .filter(|&s| policy.counts_sequence(s))
+        .collect();
+    let usable: Vec<&PositionMetrics> = positions
+        .iter()
+        .filter(|m| policy.counts_sequence(m.seq) && !m.is_garbage())
+        .collect();
+    let seqs_with_rows: BTreeSet<usize> = usable.iter().map(|m| m.seq).collect();
+    let (planned, compared) = match policy.positions {
+        PositionsRule::All => (
+            views.iter().filter(|v| policy.counts_sequence(v.0)).count(),
+            usable.len(),
+        ),
+        PositionsRule::Last => (planned_seqs.len(), seqs_with_rows.len()),
+    };
+    Coverage {
+        planned,
+        compared,
+        fraction: (planned > 0).then(|| compared as f64 / planned as f64),
+        sequences_without_rows: planned_seqs.difference(&seqs_with_rows).copied().collect(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,21 +165,12 @@ pub struct RolloutSummary {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Verdict {
-    /// "pass" | "fail" | "control"
-    pub status: &'static str,
-    /// Name of the first failing rule (policy field name), if any.
-    pub failed_rule: Option<&'static str>,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
 pub struct CandidateSummary {
     #[serde(flatten)]
     pub id: Identity,
     pub role: Role,
-    /// "logits" | "top_k" | "argmax" | "mixed" | "none"
-    pub data: &'static str,
+    pub data: DataKind,
+    pub coverage: Coverage,
     pub positions_compared: usize,
     pub positions_not_compared: usize,
     pub positions_counted: usize,
@@ -135,6 +192,8 @@ pub struct CandidateSummary {
     /// Metric names that the candidate's data cannot support.
     pub not_computed: Vec<&'static str>,
     pub rollout: Option<RolloutSummary>,
+    /// Why no rollout was compared, when none was.
+    pub rollout_missing: Option<String>,
     pub symptoms: Vec<Symptom>,
     pub flips: Vec<Flip>,
     pub verdict: Verdict,
@@ -146,7 +205,7 @@ pub fn counted_mask(positions: &[PositionMetrics], policy: &Policy) -> Vec<bool>
         .iter()
         .map(|m| policy.counts_sequence(m.seq))
         .collect();
-    if policy.positions == "last" {
+    if policy.positions == PositionsRule::Last {
         for i in 0..positions.len() {
             let last_of_seq = positions
                 .get(i + 1)
@@ -157,12 +216,15 @@ pub fn counted_mask(positions: &[PositionMetrics], policy: &Policy) -> Vec<bool>
     mask
 }
 
-/// Build a candidate's summary (the verdict is filled in by `verdict::judge`).
+/// Build a candidate's summary (the verdict is filled in by `verdict::judge`). `views` are the oracle's
+/// rows (the plan's positions).
+#[allow(clippy::too_many_arguments)]
 pub fn summarise(
     id: Identity,
     role: Role,
     positions: &[PositionMetrics],
     not_compared: usize,
+    views: &[(usize, usize, OracleView)],
     policy: &Policy,
     control: Option<&ControlTop1>,
     rollout: Option<RolloutSummary>,
@@ -174,11 +236,11 @@ pub fn summarise(
         .filter(|(_, &c)| c)
         .map(|(m, _)| m)
         .collect();
-    let floor = policy.margin_floor;
+    let rule = TieRule::of(policy);
     let flips = {
         let keys: std::collections::HashSet<(usize, usize)> =
             counted.iter().map(|m| (m.seq, m.pos)).collect();
-        margin_rule::flips(positions, floor, control, |m| {
+        margin_rule::flips(positions, &rule, control, |m| {
             keys.contains(&(m.seq, m.pos))
         })
     };
@@ -264,10 +326,12 @@ pub fn summarise(
             RowSource::Argmax => "argmax",
         })
         .collect();
-    let data = match sources.len() {
-        0 => "none",
-        1 => sources.iter().next().copied().unwrap_or("none"),
-        _ => "mixed",
+    let data = match (sources.len(), sources.iter().next().copied()) {
+        (0, _) => DataKind::None,
+        (1, Some("logits")) => DataKind::Logits,
+        (1, Some("top_k")) => DataKind::TopK,
+        (1, _) => DataKind::Argmax,
+        _ => DataKind::Mixed,
     };
     let mut not_computed = Vec::new();
     if ok.is_empty() || cosine.is_none() {
@@ -302,6 +366,7 @@ pub fn summarise(
         id,
         role,
         data,
+        coverage: coverage(positions, views, policy),
         positions_compared: positions.len(),
         positions_not_compared: not_compared,
         positions_counted: n,
@@ -321,111 +386,16 @@ pub fn summarise(
         rank_of_oracle_top1_median,
         not_computed,
         rollout,
+        rollout_missing: None,
         symptoms: Vec::new(),
         flips,
         verdict: Verdict {
-            status: "fail",
+            status: Status::Fail,
             failed_rule: None,
-            reason: String::new(),
+            reason: "not judged yet".into(),
+            rules: Vec::new(),
         },
     };
-    s.symptoms = super::verdict::symptoms(positions, &mask);
+    s.symptoms = super::symptoms::row_symptoms(positions, &mask);
     s
-}
-
-pub const REPORT_SCHEMA: &str = "qgate-report/1";
-
-#[derive(Debug, Clone, Serialize)]
-pub struct OracleInfo {
-    pub capture: String,
-    pub label: String,
-    pub runtime: String,
-    pub dtype: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PlanInfo {
-    pub sequences: usize,
-    pub tokens: usize,
-    pub oracle_rows: usize,
-    pub vocab_size: usize,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Paired {
-    pub a: String,
-    pub b: String,
-    pub positions: usize,
-    #[serde(flatten)]
-    pub test: stats::McNemar,
-}
-
-/// The whole run: what summary.json holds and every report renders.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunSummary {
-    pub schema: &'static str,
-    pub qgate_version: &'static str,
-    pub oracle: OracleInfo,
-    pub plan: PlanInfo,
-    pub margin_space: super::metrics::MarginSpace,
-    pub margin_floor: f64,
-    pub policy: Policy,
-    pub prompt: super::verdict::PromptCheck,
-    /// Gated candidates in the order given, then the control (role "control") if any.
-    pub candidates: Vec<CandidateSummary>,
-    pub paired: Vec<Paired>,
-    pub ship: Option<String>,
-    /// How the ship decision was made ("smallest size", or the order given when sizes are unknown).
-    pub ship_basis: String,
-    pub exit_code: i32,
-    pub verdict: String,
-    /// `qgate sweep` only: the quantization ladder behind the ship decision.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ladder: Option<Ladder>,
-    /// Simulated and real captures of the same scheme in this run, and what their verdicts mean.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub sim_vs_bundle: Vec<super::sim_vs_bundle::SimBundlePair>,
-}
-
-/// One simulated scheme of a sweep.
-#[derive(Debug, Clone, Serialize)]
-pub struct Rung {
-    pub label: String,
-    pub alias: Option<String>,
-    /// The exact spec (`attn=…,gdn=…,mlp=…,head=…`).
-    pub spec: String,
-    pub size_bytes: u64,
-    /// Weights the scheme would quantize but leaves as they are (non-divisible dimensions).
-    pub skipped: Vec<String>,
-}
-
-/// Why a scheme smaller than the one that ships was not chosen.
-#[derive(Debug, Clone, Serialize)]
-pub struct Rejection {
-    pub label: String,
-    pub size_bytes: Option<u64>,
-    pub failed_rule: Option<&'static str>,
-    pub reason: String,
-}
-
-/// `--ablate`: one component group at a time at the ablation method, the rest at the base scheme.
-#[derive(Debug, Clone, Serialize)]
-pub struct Ablation {
-    pub base: String,
-    pub method: String,
-    /// (component, the variant's summary).
-    pub variants: Vec<(String, CandidateSummary)>,
-    /// Components whose variant fails the policy.
-    pub sensitive: Vec<String>,
-}
-
-/// The ladder a sweep reports: every scheme's spec, size and skipped weights, the compute dtype of the
-/// simulation, and the reasons the smaller schemes were rejected.
-#[derive(Debug, Clone, Serialize)]
-pub struct Ladder {
-    pub compute: String,
-    pub scale_dtype: String,
-    pub rungs: Vec<Rung>,
-    pub rejected_smaller: Vec<Rejection>,
-    pub ablation: Option<Ablation>,
 }

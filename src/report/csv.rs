@@ -1,5 +1,5 @@
 //! positions.csv: one row per (candidate, sequence, position), every metric; empty cell = not computed.
-use crate::gate::margin_rule::{classify, FlipKind};
+use crate::gate::margin_rule::FlipKind;
 use crate::gate::metrics::{PositionMetrics, RowHealth};
 use std::fmt::Write;
 
@@ -17,20 +17,30 @@ fn quote(s: &str) -> String {
     }
 }
 
-/// `cands`: (label, positions, counted mask).
-pub fn render(cands: &[(&str, &[PositionMetrics], Vec<bool>)], floor: f64) -> String {
+/// One capture's compared positions with what the gate decided about each.
+pub struct Rows<'a> {
+    pub label: &'a str,
+    pub positions: &'a [PositionMetrics],
+    /// Whether the policy counts each position.
+    pub counted: &'a [bool],
+    /// The gate's flip classification of each position.
+    pub flips: &'a [Option<FlipKind>],
+}
+
+pub fn render(cands: &[Rows<'_>]) -> String {
     let mut o = String::from(HEADER);
     o.push('\n');
-    for (label, ps, mask) in cands {
-        let l = quote(label);
-        for (m, &counted) in ps.iter().zip(mask) {
-            let flip = match classify(m, floor) {
+    for r in cands {
+        let l = quote(r.label);
+        for ((m, &counted), kind) in r.positions.iter().zip(r.counted).zip(r.flips) {
+            let flip = match kind {
                 Some(FlipKind::Confident) => "confident",
                 Some(FlipKind::Tie) => "tie",
                 None => "",
             };
             let row = match m.health {
                 RowHealth::Ok => "ok",
+                RowHealth::MaskedTail { .. } => "masked_tail",
                 RowHealth::NonFinite => "non_finite",
                 RowHealth::Constant => "constant",
                 RowHealth::Unchecked => "unchecked",

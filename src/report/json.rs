@@ -1,6 +1,6 @@
 //! summary.json: the run summary, schema `qgate-report/1` (field names are stable; add, never rename).
 use crate::error::{Error, Result};
-use crate::gate::summary::RunSummary;
+use crate::gate::outcome::RunSummary;
 
 pub fn render(s: &RunSummary) -> Result<String> {
     serde_json::to_string_pretty(s)

@@ -1,18 +1,21 @@
 //! report.md: the model-card table, the ship decision, every flip, and a llama.cpp-style KL / Δp block.
 //! Deterministic: no timestamps, fixed number formats, plan order.
 use super::tokens::TokenText;
+use crate::gate::decision::Status;
 use crate::gate::margin_rule::FlipKind;
 use crate::gate::metrics::MarginSpace;
-use crate::gate::summary::{CandidateSummary, Distribution, Ladder, Role, RunSummary};
+use crate::gate::outcome::{Ladder, RunSummary};
+use crate::gate::policy::Sequences;
+use crate::gate::summary::{CandidateSummary, DataKind, Distribution, Role};
 use std::fmt::Write;
 
 pub const NOT_COMPUTABLE: &str = "n/a";
 
 fn not_computable(c: &CandidateSummary) -> String {
     let what = match c.data {
-        "top_k" => "top-k",
-        "argmax" => "argmax-only",
-        "none" => "rollout-only",
+        DataKind::TopK => "top-k",
+        DataKind::Argmax => "argmax-only",
+        DataKind::None => "rollout-only",
         _ => "this",
     };
     format!("n/a — not computable from {what} capture")
@@ -43,10 +46,12 @@ fn label(c: &CandidateSummary) -> String {
 }
 
 fn verdict_cell(c: &CandidateSummary) -> String {
-    match c.verdict.status {
-        "pass" => "**PASS**".into(),
-        "control" => "control".into(),
-        _ => format!("**FAIL** ({})", c.verdict.failed_rule.unwrap_or("?")),
+    match (c.verdict.status, c.verdict.failed_rule) {
+        (Status::Pass, _) => "**PASS**".into(),
+        (Status::Control, _) => "control".into(),
+        (Status::NotJudged, _) => "not judged (prompt rejected)".into(),
+        (Status::Fail, Some(r)) => format!("**FAIL** ({r})"),
+        (Status::Fail, None) => "**FAIL**".into(),
     }
 }
 
@@ -54,10 +59,20 @@ fn rollout_cell(c: &CandidateSummary) -> String {
     match &c.rollout {
         None => "not compared".into(),
         Some(r) if r.sequences_compared == 0 => "not compared".into(),
-        Some(r) => format!(
-            "{}/{} exact (min prefix {})",
-            r.sequences_exact, r.sequences_compared, r.min_exact_prefix
-        ),
+        Some(r) => {
+            let short = r.per_sequence.iter().filter(|x| x.truncated).count();
+            format!(
+                "{}/{} exact (min prefix {}){}",
+                r.sequences_exact,
+                r.sequences_compared,
+                r.min_exact_prefix,
+                if short > 0 {
+                    format!("; {short} shorter, compared over the common length")
+                } else {
+                    String::new()
+                }
+            )
+        }
     }
 }
 
@@ -93,14 +108,43 @@ fn dist_block(out: &mut String, name: &str, d: &Distribution, scale: f64, unit: 
     w(out, &format!("Minimum {name}:"), d.min);
 }
 
+fn coverage_cell(c: &CandidateSummary) -> String {
+    match c.coverage.fraction {
+        Some(f) => format!(
+            "{}/{} ({:.1}%)",
+            c.coverage.compared,
+            c.coverage.planned,
+            100.0 * f
+        ),
+        None => "not computed".into(),
+    }
+}
+
+fn control_cell(f: &crate::gate::margin_rule::Flip, tt: &TokenText) -> String {
+    let chose = f
+        .control_token
+        .map(|t| format!("control chose {}", tt.token(t)))
+        .unwrap_or_else(|| "control has no row here".into());
+    match (f.kind, f.shared_with_control) {
+        (_, None) => "—".into(),
+        (FlipKind::Tie, _) => format!("n/a (tie); {chose}"),
+        (_, Some(true)) => format!("shared ({chose})"),
+        (_, Some(false)) => format!("introduced ({chose})"),
+    }
+}
+
 /// Render report.md. `plan` holds the token sequences (for decoded context).
 pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "# qgate report\n");
     let _ = writeln!(
         o,
-        "- Oracle: `{}` ({}, {}), capture `{}`",
-        s.oracle.label, s.oracle.dtype, s.oracle.runtime, s.oracle.capture
+        "- Oracle: `{}` ({}, {}), capture `{}` — provenance: {}",
+        s.oracle.label,
+        s.oracle.dtype,
+        s.oracle.runtime,
+        s.oracle.capture,
+        s.oracle.provenance.describe()
     );
     let _ = writeln!(
         o,
@@ -109,33 +153,38 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
     );
     let _ = writeln!(
         o,
-        "- Margin: {}; floor {} — a top-1 change at or above the floor is a **confident flip**, below it a **tie-flip** (passes)",
+        "- Margin: {}; floor {} — a top-1 change is a **tie-flip** (passes) only when the candidate's token is within the floor of the oracle's top-1 and within {} nats of it in the oracle's logits; any other change is a **confident flip**",
         margin_unit(s.margin_space),
-        s.margin_floor
+        s.margin_floor,
+        s.policy.tie_max_logit_gap
     );
     let p = &s.policy;
     let _ = writeln!(
         o,
-        "- Policy: max introduced confident flips {}, min cosine {}, max mean KL {}, rollout prefix {}, positions {}, sequences {}",
+        "- Policy: max introduced confident flips {}, min coverage {}, min cosine {}, max mean KL {}, rollout prefix {}, positions {}, sequences {}; failing symptoms: garbage rows {}, collapse {}, repetition {}",
         p.max_introduced_confident_flips,
+        p.min_coverage,
         p.min_cosine.map(|v| v.to_string()).unwrap_or("off".into()),
         p.max_mean_kl.map(|v| v.to_string()).unwrap_or("off".into()),
-        match &p.rollout_prefix {
-            crate::gate::policy::RolloutPrefix::Steps(n) => n.to_string(),
-            crate::gate::policy::RolloutPrefix::Word(w) => w.clone(),
+        p.rollout_prefix.describe(),
+        match p.positions {
+            crate::gate::policy::PositionsRule::All => "all",
+            crate::gate::policy::PositionsRule::Last => "last",
         },
-        p.positions,
         match &p.sequences {
-            crate::gate::policy::Sequences::List(l) => format!("{l:?}"),
-            crate::gate::policy::Sequences::Word(w) => w.clone(),
-        }
+            Sequences::List(l) => format!("{l:?}"),
+            Sequences::All => "all".into(),
+        },
+        if p.fail_on_garbage_rows { "on" } else { "off" },
+        if p.fail_on_collapse { "on" } else { "off" },
+        if p.fail_on_repetition { "on" } else { "off" },
     );
     let _ = writeln!(o, "\n## Verdict\n\n**{}**\n", s.verdict);
     let _ = match &s.ship {
         Some(l) => writeln!(
             o,
             "Ship decision: **{l}** — the smallest candidate that passes the policy ({}).\n",
-            s.ship_basis
+            s.ship_basis.map(|b| b.describe()).unwrap_or("")
         ),
         None => writeln!(
             o,
@@ -177,9 +226,9 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
     let _ = writeln!(o, "## Model card\n");
     let _ = writeln!(
         o,
-        "| candidate | size | exact | tie-flips | confident flips | introduced (vs control) | cosine min / mean | mean KL ± se | p99 KL | rollout | verdict |"
+        "| candidate | size | coverage | exact | tie-flips | confident flips | introduced (vs control) | cosine min / mean | mean KL ± se | p99 KL | rollout | verdict |"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for c in &s.candidates {
         let na = || NOT_COMPUTABLE.to_string();
         let cos = c
@@ -205,9 +254,10 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
         };
         let _ = writeln!(
             o,
-            "| {} | {} | {}/{} exact | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}/{} exact | {} | {} | {} | {} | {} | {} | {} | {} |",
             label(c),
             c.id.size_bytes.map(human_size).unwrap_or("unknown".into()),
+            coverage_cell(c),
             c.exact,
             c.positions_counted,
             c.tie_flips,
@@ -231,6 +281,13 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
             "- `{}`: {} ({} positions compared",
             c.id.label, c.verdict.reason, c.positions_compared
         );
+        if !c.coverage.sequences_without_rows.is_empty() {
+            let _ = write!(
+                o,
+                ", no compared row in sequence(s) {:?}",
+                c.coverage.sequences_without_rows
+            );
+        }
         if c.positions_not_compared > 0 {
             let _ = write!(
                 o,
@@ -316,7 +373,10 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
                 format!(
                     "- `{}`: {} at seq {}{at}: {}",
                     c.id.label,
-                    y.kind.replace('_', " "),
+                    serde_json::to_value(y.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(|x| x.replace('_', " ")))
+                        .unwrap_or_default(),
                     y.seq,
                     y.detail
                 )
@@ -348,7 +408,7 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
             let _ = writeln!(o, "No flips.\n");
             continue;
         }
-        let _ = writeln!(o, "| seq | pos | kind | context | oracle top-1 (p) | oracle top-2 (p) | candidate | margin | cosine | control |");
+        let _ = writeln!(o, "| seq | pos | kind | context | oracle top-1 (p) | oracle top-2 (p) | candidate (oracle p, gap) | margin | cosine | control |");
         let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
         for f in &c.flips {
             let ctx = plan
@@ -357,7 +417,7 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
                 .unwrap_or_default();
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} ({:.4}) | {} ({:.4}) | {} | {:.4} | {} | {} |",
+                "| {} | {} | {} | {} | {} ({:.4}) | {} ({:.4}) | {} ({}) | {:.4} | {} | {} |",
                 f.seq,
                 f.pos,
                 if f.kind == FlipKind::Confident {
@@ -371,16 +431,15 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
                 tt.token(f.oracle_top2),
                 f.oracle_p2,
                 tt.token(f.candidate_token),
+                match (f.oracle_p_candidate, f.oracle_logit_gap) {
+                    (Some(p), Some(g)) => format!("{p:.4}, {g:.2} nats"),
+                    _ => "unknown".into(),
+                },
                 f.margin,
                 f.cosine
                     .map(|x| format!("{x:.4}"))
                     .unwrap_or(NOT_COMPUTABLE.into()),
-                match (f.kind, f.shared_with_control) {
-                    (FlipKind::Tie, _) => "n/a (tie)",
-                    (_, Some(true)) => "shared",
-                    (_, Some(false)) => "introduced",
-                    (_, None) => "—",
-                }
+                control_cell(f, tt)
             );
         }
         let _ = writeln!(o);
@@ -393,6 +452,10 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
                 for x in &r.per_sequence {
                     let d = match &x.divergence {
                         None if x.oracle_len == x.candidate_len => "identical".to_string(),
+                        None if x.truncated => format!(
+                            "candidate rollout is shorter ({} of {} steps, no EOS) and agrees on all of them: compared over the common length",
+                            x.candidate_len, x.oracle_len
+                        ),
                         None => format!(
                             "no differing token; lengths differ (oracle {}, candidate {})",
                             x.oracle_len, x.candidate_len
@@ -489,7 +552,7 @@ fn ladder(o: &mut String, s: &RunSummary, l: &Ladder) {
         "| scheme | spec | size | confident flips | introduced (vs control) | cosine min | mean KL | verdict |"
     );
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
-    let mut rows: Vec<(&crate::gate::summary::Rung, &CandidateSummary)> = l
+    let mut rows: Vec<(&crate::gate::outcome::Rung, &CandidateSummary)> = l
         .rungs
         .iter()
         .filter_map(|r| {
@@ -540,13 +603,13 @@ fn ladder(o: &mut String, s: &RunSummary, l: &Ladder) {
                     r.label,
                     r.size_bytes.map(human_size).unwrap_or("unknown".into()),
                     r.reason,
-                    r.failed_rule.unwrap_or("?")
+                    r.failed_rule.map(|x| x.name()).unwrap_or("?")
                 );
             }
             let _ = writeln!(o);
         }
     }
-    let skipped: Vec<&crate::gate::summary::Rung> =
+    let skipped: Vec<&crate::gate::outcome::Rung> =
         l.rungs.iter().filter(|r| !r.skipped.is_empty()).collect();
     if !skipped.is_empty() {
         let _ = writeln!(

@@ -1,8 +1,9 @@
 //! positions.svg: centred cosine per candidate (top) and the oracle margin (bottom) over the plan's
 //! positions, with each candidate's flips marked (confident: filled, tie: hollow).
 use crate::error::{Error, Result};
-use crate::gate::margin_rule::{classify, FlipKind};
-use crate::gate::metrics::{OracleView, PositionMetrics};
+use crate::gate::margin_rule::FlipKind;
+use crate::gate::metrics::OracleView;
+use crate::report::csv::Rows;
 use plotters::prelude::*;
 use std::collections::HashMap;
 
@@ -15,10 +16,10 @@ const COLOURS: [RGBColor; 6] = [
     RGBColor(227, 119, 194),
 ];
 
-/// `views`: every oracle row in plan order; `cands`: (label, positions).
+/// `views`: every oracle row in plan order; `cands`: each capture's positions and the gate's flips.
 pub fn render(
     views: &[(usize, usize, OracleView)],
-    cands: &[(&str, &[PositionMetrics])],
+    cands: &[Rows<'_>],
     floor: f64,
 ) -> Result<String> {
     let err = |e: String| Error::Internal(format!("positions.svg: {e}"));
@@ -29,8 +30,8 @@ pub fn render(
         .collect();
     let n = views.len().max(2) as f64;
     let mut lo = 1.0f64;
-    for (_, ps) in cands {
-        for m in ps.iter() {
+    for r in cands {
+        for m in r.positions.iter() {
             if let Some(c) = m.cosine_centred {
                 lo = lo.min(c);
             }
@@ -54,9 +55,10 @@ pub fn render(
             .x_desc("position (plan order)")
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        for (ci, (label, ps)) in cands.iter().enumerate() {
-            let col = COLOURS[ci % COLOURS.len()];
-            let pts: Vec<(f64, f64)> = ps
+        for (ci, r) in cands.iter().enumerate() {
+            let (label, col) = (r.label, COLOURS[ci % COLOURS.len()]);
+            let pts: Vec<(f64, f64)> = r
+                .positions
                 .iter()
                 .filter_map(|m| Some((*index.get(&(m.seq, m.pos))? as f64, m.cosine_centred?)))
                 .collect();
@@ -97,11 +99,10 @@ pub fn render(
             RED.mix(0.5).stroke_width(1),
         ))
         .map_err(|e| err(e.to_string()))?;
-        for (ci, (_, ps)) in cands.iter().enumerate() {
+        for (ci, r) in cands.iter().enumerate() {
             let col = COLOURS[ci % COLOURS.len()];
-            for m in ps.iter() {
-                let (Some(kind), Some(&i)) = (classify(m, floor), index.get(&(m.seq, m.pos)))
-                else {
+            for (m, kind) in r.positions.iter().zip(r.flips) {
+                let (Some(kind), Some(&i)) = (*kind, index.get(&(m.seq, m.pos))) else {
                     continue;
                 };
                 let style = if kind == FlipKind::Confident {

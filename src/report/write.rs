@@ -1,21 +1,9 @@
 //! Atomic report directories: files go to a temporary directory beside `--out`, which is then renamed into
-//! place. An existing report directory (one holding a qgate summary.json) is replaced; anything else that is
-//! not empty is left alone and reported.
+//! place. An existing directory is replaced only when it holds nothing but a previous qgate report's own
+//! files (`crate::outputs`); anything else is refused before any work and again here.
 use crate::error::{io_err, Error, Result};
+use crate::outputs;
 use std::path::Path;
-
-/// Whether `write_dir` may replace `dir` (empty, or a qgate report directory).
-pub fn is_replaceable(dir: &Path) -> bool {
-    let Ok(mut rd) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    if rd.next().is_none() {
-        return true;
-    }
-    std::fs::read_to_string(dir.join("summary.json"))
-        .map(|t| t.contains(crate::gate::summary::REPORT_SCHEMA))
-        .unwrap_or(false)
-}
 
 pub fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     let parent = match out.parent() {
@@ -23,12 +11,8 @@ pub fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
         _ => std::path::PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| io_err(&parent, e))?;
-    if out.exists() && !(out.is_dir() && is_replaceable(out)) {
-        return Err(Error::input(
-            out,
-            "exists and is not a qgate report directory; refusing to replace it (choose another --out)",
-        ));
-    }
+    // checked before the work started; checked again in case something changed meanwhile
+    outputs::check_report_dir(out)?;
     let tmp = tempfile::Builder::new()
         .prefix(".qgate-report-")
         .tempdir_in(&parent)
@@ -37,8 +21,9 @@ pub fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
         let p = tmp.path().join(name);
         std::fs::write(&p, bytes).map_err(|e| io_err(&p, e))?;
     }
-    let staged = tmp.keep();
     if out.exists() {
+        // move the previous report aside (one rename), put the new one in place, then delete only the
+        // files the previous report's manifest lists
         let old = tempfile::Builder::new()
             .prefix(".qgate-old-report-")
             .tempdir_in(&parent)
@@ -46,15 +31,29 @@ pub fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
         let old_path = old.keep();
         std::fs::remove_dir(&old_path).map_err(|e| io_err(&old_path, e))?;
         std::fs::rename(out, &old_path).map_err(|e| io_err(out, e))?;
+        let staged = tmp.keep();
         if let Err(e) = std::fs::rename(&staged, out) {
             let _ = std::fs::rename(&old_path, out);
-            let _ = std::fs::remove_dir_all(&staged);
-            return Err(io_err(out, e));
+            return Err(Error::input(
+                out,
+                format!(
+                    "cannot put the new report in place ({e}); it is in {}",
+                    staged.display()
+                ),
+            ));
         }
-        std::fs::remove_dir_all(&old_path).map_err(|e| io_err(&old_path, e))?;
-    } else if let Err(e) = std::fs::rename(&staged, out) {
-        let _ = std::fs::remove_dir_all(&staged);
-        return Err(io_err(out, e));
+        outputs::remove_previous_report(&old_path)?;
+    } else {
+        let staged = tmp.keep();
+        if let Err(e) = std::fs::rename(&staged, out) {
+            return Err(Error::input(
+                out,
+                format!(
+                    "cannot put the report in place ({e}); it is in {}",
+                    staged.display()
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -1,0 +1,165 @@
+//! Where qgate may write, checked **before** any expensive work (an oracle run, a simulation): qgate never
+//! replaces what it did not write.
+//!
+//! - A report directory (`run --out`, `sweep --out`) may be replaced only when it is absent, empty, or holds
+//!   nothing but the files a previous qgate report listed in its `summary.json` manifest (`report_files`;
+//!   reports written before the manifest existed: its four fixed file names). Anything else in it — the
+//!   user's notes, the capture being gated, a sub-directory — refuses the run (exit 2, naming the entry).
+//! - A capture file (`--out` of oracle, simulate, import, plan) may replace an existing file only when that
+//!   file is itself a qgate capture, and never one of the run's own inputs.
+use crate::error::{io_err, Error, Result};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// The files reports wrote before summary.json carried a manifest.
+const LEGACY_REPORT_FILES: [&str; 4] = [
+    "report.md",
+    "positions.csv",
+    "summary.json",
+    "positions.svg",
+];
+
+/// The files a previous qgate report in `dir` says it wrote, or why `dir` is not such a report.
+fn manifest(dir: &Path) -> std::result::Result<BTreeSet<String>, String> {
+    let p = dir.join("summary.json");
+    let text = std::fs::read_to_string(&p)
+        .map_err(|_| "it holds files and no qgate summary.json".to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|_| "its summary.json is not a qgate report".to_string())?;
+    if v.get("schema").and_then(|s| s.as_str()) != Some(crate::gate::outcome::REPORT_SCHEMA) {
+        return Err("its summary.json is not a qgate report".into());
+    }
+    let mut files: BTreeSet<String> = match v.get("report_files").and_then(|f| f.as_array()) {
+        Some(a) => a
+            .iter()
+            .filter_map(|x| x.as_str())
+            .filter(|n| !n.contains('/') && !n.contains('\\') && *n != ".." && *n != ".")
+            .map(str::to_string)
+            .collect(),
+        None => LEGACY_REPORT_FILES.iter().map(|s| s.to_string()).collect(),
+    };
+    files.insert("summary.json".into());
+    Ok(files)
+}
+
+/// Why `dir` (an existing directory) may not be replaced by a report, if it may not.
+pub fn why_not_replaceable(dir: &Path) -> Option<String> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => return Some(format!("cannot be read ({e})")),
+    };
+    let entries: Vec<std::fs::DirEntry> = rd.filter_map(|e| e.ok()).collect();
+    if entries.is_empty() {
+        return None;
+    }
+    let ours = match manifest(dir) {
+        Ok(m) => m,
+        Err(why) => return Some(why),
+    };
+    let mut foreign: Vec<String> = entries
+        .iter()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let plain_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+            !(plain_file && ours.contains(&name))
+        })
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    if foreign.is_empty() {
+        return None;
+    }
+    foreign.sort();
+    let n = foreign.len();
+    foreign.truncate(3);
+    Some(format!(
+        "it holds {n} entr{} qgate did not write ({}{})",
+        if n == 1 { "y" } else { "ies" },
+        foreign.join(", "),
+        if n > 3 { ", …" } else { "" }
+    ))
+}
+
+/// Check a report directory before any work: absent (its parent can be created), or replaceable.
+pub fn check_report_dir(out: &Path) -> Result<()> {
+    if out.exists() || out.is_symlink() {
+        if !out.is_dir() || out.is_symlink() {
+            return Err(Error::input(
+                out,
+                "exists and is not a directory; refusing to replace it (choose another --out)",
+            ));
+        }
+        if let Some(why) = why_not_replaceable(out) {
+            return Err(Error::input(
+                out,
+                format!("refusing to replace this directory: {why}; qgate only replaces its own reports (choose another --out, or move those files)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Remove a previous report that `check_report_dir` accepted: only the files its manifest lists, then the
+/// (then empty) directory. Anything that appeared meanwhile is left where it is.
+pub fn remove_previous_report(dir: &Path) -> Result<()> {
+    let ours = manifest(dir).unwrap_or_default();
+    for name in &ours {
+        let p = dir.join(name);
+        if p.is_file() && !p.is_symlink() {
+            std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+        }
+    }
+    std::fs::remove_dir(dir).map_err(|e| {
+        Error::input(
+            dir,
+            format!("the previous report was moved here and could not be removed entirely ({e}); nothing of yours was deleted"),
+        )
+    })
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Check a capture output path before any work: not one of `inputs`, and either absent or an existing
+/// qgate capture (which is then replaced atomically).
+pub fn check_capture_out(out: &Path, inputs: &[&Path]) -> Result<()> {
+    if let Some(i) = inputs.iter().find(|i| same_file(out, i)) {
+        return Err(Error::input(
+            out,
+            format!(
+                "is also an input of this run ({}); choose another --out",
+                i.display()
+            ),
+        ));
+    }
+    if out.is_dir() {
+        return Err(Error::input(
+            out,
+            "is a directory; --out names the capture file to write",
+        ));
+    }
+    if out.exists() && crate::capture::Capture::open(out).is_err() {
+        return Err(Error::input(
+            out,
+            "exists and is not a qgate capture; refusing to replace it (choose another --out)",
+        ));
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if parent.exists() && !parent.is_dir() {
+            return Err(Error::input(parent, "is not a directory"));
+        }
+    }
+    Ok(())
+}
+
+/// A directory qgate will create files in (`sweep --captures`): absent, or a directory; the captures it
+/// writes there are checked one by one with [`check_capture_out`].
+pub fn check_capture_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::input(dir, "exists and is not a directory"));
+    }
+    Ok(dir.to_path_buf())
+}

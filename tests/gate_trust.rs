@@ -1,0 +1,846 @@
+//! "A verdict that cannot be fooled, and no data lost": every way a hostile tester got `qgate run` to say
+//! PASS, or to delete files it had not written, planted from the committed HF fixtures
+//! (`fixtures/hf/dense-gva-untied.*`: 3 sequences of 1, 17 and 150 tokens, 168 positions, vocabulary 384,
+//! written by HF transformers 5.23.0). Each test fails on the code before the fix and passes after.
+use qgate::capture::{write_capture, Capture, CaptureMeta, FloatKind, SeqData};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const MODEL: &str = "dense-gva-untied";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+fn hf(dtype: &str) -> PathBuf {
+    root().join(format!("fixtures/hf/{MODEL}.{dtype}.capture.safetensors"))
+}
+fn model_dir() -> PathBuf {
+    root().join(format!("fixtures/models/{MODEL}"))
+}
+
+/// One sequence of a capture, read whole.
+struct Seq {
+    tokens: Vec<i64>,
+    logits: Vec<Vec<f32>>,
+    rollout: Option<Vec<i64>>,
+}
+
+fn read(path: &Path) -> Vec<Seq> {
+    let c = Capture::open(path).unwrap();
+    (0..c.len())
+        .map(|i| {
+            let s = c.seq(i);
+            let logits = match &s.logits {
+                Some(l) => (0..l.rows).map(|r| l.row(r)).collect(),
+                None => Vec::new(),
+            };
+            Seq {
+                tokens: s.tokens.clone(),
+                logits,
+                rollout: s.rollout.clone(),
+            }
+        })
+        .collect()
+}
+
+const V: usize = 384;
+
+fn logits_seq(tokens: &[i64], rows: &[Vec<f32>], rollout: Option<Vec<i64>>) -> SeqData {
+    SeqData {
+        tokens: tokens.to_vec(),
+        logits: (!rows.is_empty()).then(|| (rows.len(), V, rows.concat())),
+        logits_kind: Some(FloatKind::F32),
+        rollout,
+        ..Default::default()
+    }
+}
+
+fn write(path: &Path, label: &str, runtime: &str, seqs: &[SeqData]) -> String {
+    write_capture(path, &CaptureMeta::new(label, runtime, "f32", V), seqs).unwrap();
+    path.display().to_string()
+}
+
+fn argmax(r: &[f32]) -> usize {
+    let mut best = 0;
+    for (j, &x) in r.iter().enumerate() {
+        if x > r[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+/// Token ids of a row sorted by logit, highest first.
+fn ranked(r: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..r.len()).collect();
+    idx.sort_by(|&a, &b| r[b].total_cmp(&r[a]).then(a.cmp(&b)));
+    idx
+}
+
+/// Softmax margin p1 − p2 of a row.
+fn prob_margin(r: &[f32]) -> f64 {
+    let rk = ranked(r);
+    let m = r[rk[0]] as f64;
+    let z: f64 = r.iter().map(|&x| ((x as f64) - m).exp()).sum();
+    (1.0 - ((r[rk[1]] as f64) - m).exp()) / z
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn qgate(args: &[&str], cache: &Path) -> Run {
+    let o = Command::new(env!("CARGO_BIN_EXE_qgate"))
+        .args(args)
+        .env("QGATE_ORACLE_CACHE", cache)
+        .output()
+        .unwrap();
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&o.stderr).to_string(),
+    }
+}
+
+struct Fx {
+    dir: tempfile::TempDir,
+    oracle: Vec<Seq>,
+}
+
+impl Fx {
+    fn new() -> Fx {
+        Fx {
+            dir: tempfile::tempdir().unwrap(),
+            oracle: read(&hf("f32")),
+        }
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.p(name).display().to_string()
+    }
+    /// A policy file: the release policy with `(from, to)` replacements.
+    fn policy(&self, name: &str, edits: &[(&str, &str)]) -> String {
+        let mut t = qgate::gate::policy::DEFAULT_POLICY.to_string();
+        for (a, b) in edits {
+            assert!(t.contains(a), "{a}");
+            t = t.replace(a, b);
+        }
+        std::fs::write(self.p(name), t).unwrap();
+        self.s(name)
+    }
+    /// A flips-only policy: no cosine / KL (argmax-only candidates), rollouts and collapse off.
+    fn flips_only(&self) -> String {
+        self.policy(
+            "flips-only.toml",
+            &[
+                ("min_cosine = 0.98", ""),
+                ("max_mean_kl = 0.1", ""),
+                ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
+                ("fail_on_collapse = true", "fail_on_collapse = false"),
+            ],
+        )
+    }
+    /// `qgate run` against the HF f32 capture as the oracle.
+    fn run(&self, extra: &[&str]) -> Run {
+        let oracle = hf("f32").display().to_string();
+        let out = self.s("out");
+        let mut a = vec!["run", "--oracle", oracle.as_str(), "--out", out.as_str()];
+        a.extend_from_slice(extra);
+        qgate(&a, &self.p("cache"))
+    }
+    fn summary(&self) -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(self.p("out/summary.json")).unwrap()).unwrap()
+    }
+    fn report(&self) -> String {
+        std::fs::read_to_string(self.p("out/report.md")).unwrap()
+    }
+    /// Argmax-only candidate: the oracle's top-1 everywhere except where `pick` says otherwise.
+    fn argmax_capture(
+        &self,
+        name: &str,
+        pick: &dyn Fn(usize, usize, &[f32]) -> Option<usize>,
+    ) -> String {
+        let seqs: Vec<SeqData> = self
+            .oracle
+            .iter()
+            .enumerate()
+            .map(|(s, q)| SeqData {
+                tokens: q.tokens.clone(),
+                argmax: Some(
+                    q.logits
+                        .iter()
+                        .enumerate()
+                        .map(|(t, r)| pick(s, t, r).unwrap_or_else(|| argmax(r)) as i64)
+                        .collect(),
+                ),
+                rollout: q.rollout.clone(),
+                ..Default::default()
+            })
+            .collect();
+        write(&self.p(name), name, "coreai", &seqs)
+    }
+}
+
+// 1. Uncovered rows count as nothing.
+#[test]
+fn coverage_is_a_rule_and_llm_runner_rows_pass() {
+    let fx = Fx::new();
+    // HF's bf16 logits with the oracle's own rollouts (HF's bf16 rollout departs from the f32 one at a
+    // step whose oracle margin this HF capture does not record, which would fail the rollout rule first)
+    let mut bf16 = read(&hf("bf16"));
+    for (b, o) in bf16.iter_mut().zip(&fx.oracle) {
+        b.rollout = o.rollout.clone();
+    }
+    // one logits row of 168 planned positions (the hostile capture passed as `1/1 exact`)
+    let one: Vec<SeqData> = bf16
+        .iter()
+        .enumerate()
+        .map(|(s, q)| {
+            let rows = if s == 2 {
+                q.logits[..1].to_vec()
+            } else {
+                Vec::new()
+            };
+            logits_seq(&q.tokens, &rows, q.rollout.clone())
+        })
+        .collect();
+    let one = write(
+        &fx.p("one-row.capture.safetensors"),
+        "one-row",
+        "coreai",
+        &one,
+    );
+    let r = fx.run(&["--bundle", &one]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("coverage 1/168 = 0.6% of the planned positions < min_coverage 90.0%")
+            && r.stderr.contains("sequence(s) with no compared row: 0, 1")
+            && r.stderr.contains("[min_coverage]"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stdout.contains("0.6%"),
+        "terminal shows coverage: {}",
+        r.stdout
+    );
+    assert!(fx.report().contains("| 1/168 (0.6%) |"), "{}", fx.report());
+
+    // llm-runner's T−1 rows per sequence (the 1-token sequence has none): 165/168 passes the default
+    let t1: Vec<SeqData> = bf16
+        .iter()
+        .map(|q| {
+            logits_seq(
+                &q.tokens,
+                &q.logits[..q.logits.len() - 1],
+                q.rollout.clone(),
+            )
+        })
+        .collect();
+    let t1 = write(
+        &fx.p("t-minus-1.capture.safetensors"),
+        "t-minus-1",
+        "llm-runner",
+        &t1,
+    );
+    let r = fx.run(&["--bundle", &t1]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let s = fx.summary();
+    assert_eq!(s["candidates"][0]["coverage"]["compared"], 165);
+    assert_eq!(s["candidates"][0]["coverage"]["planned"], 168);
+    assert_eq!(
+        s["candidates"][0]["coverage"]["sequences_without_rows"],
+        serde_json::json!([0])
+    );
+    assert!(fx.report().contains("no compared row in sequence(s) [0]"));
+}
+
+// 2. A "tie-flip" may be any token.
+#[test]
+fn a_tie_is_only_between_near_top_tokens() {
+    let fx = Fx::new();
+    let pol = fx.flips_only();
+    let below: usize = fx
+        .oracle
+        .iter()
+        .flat_map(|q| q.logits.iter())
+        .filter(|r| prob_margin(r) < 0.1)
+        .count();
+    assert!(below > 50, "the fixture has many flat positions ({below})");
+    // at every position below the floor, the oracle's rank-200 token (p ≈ 1e-4)
+    let far = fx.argmax_capture("rank200.capture.safetensors", &|_, _, r| {
+        (prob_margin(r) < 0.1).then(|| ranked(r)[199])
+    });
+    let r = fx.run(&["--bundle", &far, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("{below} confident flip(s) > 0 allowed")),
+        "{}",
+        r.stderr
+    );
+    let s = fx.summary();
+    assert_eq!(s["candidates"][0]["tie_flips"], 0);
+    assert_eq!(s["candidates"][0]["confident_flips"], below);
+
+    // the oracle's own top-2 where it is within 1 nat and the floor: those are ties, and pass
+    let near = fx.argmax_capture("near.capture.safetensors", &|_, _, r| {
+        let rk = ranked(r);
+        (prob_margin(r) < 0.1 && r[rk[0]] - r[rk[1]] <= 1.0).then(|| rk[1])
+    });
+    let r = fx.run(&["--bundle", &near, "--gate", &pol]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let ties = fx.summary()["candidates"][0]["tie_flips"].as_u64().unwrap();
+    assert!(ties > 20, "{ties}");
+    let reason = fx.summary()["candidates"][0]["verdict"]["reason"].to_string();
+    assert!(reason.contains(&format!("{ties} tie-flip(s)")), "{reason}");
+    // the logit gap is part of the rule: with a gap of 0 nats none of those changes is a tie
+    let wide = fx.policy(
+        "tight-gap.toml",
+        &[
+            ("min_cosine = 0.98", ""),
+            ("max_mean_kl = 0.1", ""),
+            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
+            ("tie_max_logit_gap = 1.0", "tie_max_logit_gap = 0.0"),
+        ],
+    );
+    let r = fx.run(&["--bundle", &near, "--gate", &wide]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+}
+
+/// 12 confident flips to the oracle's top-2 at positions where the oracle's margin is at least 0.2
+/// (the first `n` such positions).
+fn twelve_flips(fx: &Fx, name: &str, n: usize) -> String {
+    let mut at: Vec<(usize, usize)> = Vec::new();
+    for (s, q) in fx.oracle.iter().enumerate().rev() {
+        for (t, r) in q.logits.iter().enumerate() {
+            if prob_margin(r) >= 0.2 && at.len() < n {
+                at.push((s, t));
+            }
+        }
+    }
+    assert_eq!(at.len(), n);
+    fx.argmax_capture(name, &move |s, t, r| {
+        if at.contains(&(s, t)) {
+            Some(ranked(r)[1])
+        } else {
+            None
+        }
+    })
+}
+
+// 3. The control is trusted blindly.
+#[test]
+fn a_control_must_earn_its_role() {
+    let fx = Fx::new();
+    let pol = fx.flips_only();
+    let cand = twelve_flips(&fx, "cand.capture.safetensors", 12);
+    let r = fx.run(&["--bundle", &cand, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("12 confident flip(s)"), "{}", r.stderr);
+    std::fs::remove_dir_all(fx.p("out")).unwrap(); // this test's own report
+                                                   // the same path as control
+    let r = fx.run(&["--bundle", &cand, "--gate", &pol, "--control", &cand]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a candidate cannot be its own control"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    // a relabelled copy
+    let copy = fx.s("fp16-control.capture.safetensors");
+    let seqs: Vec<SeqData> = {
+        let c = Capture::open(&cand).unwrap();
+        (0..c.len())
+            .map(|i| SeqData {
+                tokens: c.seq(i).tokens,
+                argmax: c.seq(i).argmax,
+                rollout: c.seq(i).rollout,
+                ..Default::default()
+            })
+            .collect()
+    };
+    write(Path::new(&copy), "fp16", "coreai", &seqs);
+    let r = fx.run(&["--bundle", &cand, "--gate", &pol, "--control", &copy]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("fp16-control.capture.safetensors: control is identical to the candidate"),
+        "{}",
+        r.stderr
+    );
+    // a near copy (one more change): its own confident flips refuse it
+    let near = twelve_flips(&fx, "near-copy.capture.safetensors", 13);
+    let r = fx.run(&["--bundle", &cand, "--gate", &pol, "--control", &near]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "refused as control: 13 confident flip(s) of its own against the oracle > 1 allowed"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(!fx.p("out").exists(), "no report for a refused run");
+    // a real control (HF's f16 run) is accepted, and attribution records what it chose
+    let f16 = hf("f16").display().to_string();
+    let r = fx.run(&["--bundle", &cand, "--gate", &pol, "--control", &f16]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let s = fx.summary();
+    let flips = s["candidates"][0]["flips"].as_array().unwrap();
+    assert!(flips
+        .iter()
+        .filter(|f| f["kind"] == "confident")
+        .all(|f| f["control_token"].is_u64() && f["shared_with_control"] == false));
+    assert!(
+        fx.report().contains("introduced (control chose "),
+        "{}",
+        fx.report()
+    );
+}
+
+// 4. `--oracle FILE` accepts any capture.
+#[test]
+fn the_oracle_must_prove_where_it_came_from() {
+    let fx = Fx::new();
+    let pol = fx.flips_only();
+    let cand = twelve_flips(&fx, "cand.capture.safetensors", 12);
+    let cache = fx.p("cache");
+    let out = fx.s("out");
+    let run = |oracle: &str, extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--oracle",
+            oracle,
+            "--bundle",
+            cand.as_str(),
+            "--gate",
+            pol.as_str(),
+            "--out",
+            out.as_str(),
+        ];
+        a.extend_from_slice(extra);
+        qgate(&a, &cache)
+    };
+    // the candidate as its own oracle, even with --trust-oracle
+    let r = run(&cand, &["--trust-oracle"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a capture cannot be its own oracle"),
+        "{}",
+        r.stderr
+    );
+    // a relabelled copy claiming to be HF's: the same data is refused too
+    let fake = fx.s("fake-oracle.capture.safetensors");
+    std::fs::copy(&cand, &fake).unwrap();
+    let r = run(&fake, &["--trust-oracle"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    // another bundle's capture (full logits, runtime coreai) is no oracle without --trust-oracle
+    let bf16 = read(&hf("bf16"));
+    let other: Vec<SeqData> = bf16
+        .iter()
+        .map(|q| logits_seq(&q.tokens, &q.logits, q.rollout.clone()))
+        .collect();
+    let other = write(
+        &fx.p("other-bundle.capture.safetensors"),
+        "int8",
+        "coreai",
+        &other,
+    );
+    let r = run(&other, &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("is not a qgate or HF oracle capture (runtime `coreai`"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&other, &["--trust-oracle"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(std::fs::read_to_string(fx.p("out/report.md"))
+        .unwrap()
+        .contains("oracle provenance unverified"));
+    // --model is no longer ignored: HF's capture records no weights hashes
+    let hf32 = hf("f32").display().to_string();
+    let m = model_dir().display().to_string();
+    let r = run(&hf32, &["--model", &m]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("records no weights sha256") && r.stderr.contains(MODEL),
+        "{}",
+        r.stderr
+    );
+    // … and a broken config is refused
+    let broken = fx.p("broken-model");
+    std::fs::create_dir(&broken).unwrap();
+    for e in std::fs::read_dir(model_dir()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+    }
+    std::fs::write(broken.join("config.json"), "{\"model_type\": ").unwrap();
+    let r = run(&hf32, &["--model", &broken.display().to_string()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("config.json"), "{}", r.stderr);
+    // a qgate oracle capture is verified against --model's weights; another model's are refused
+    let oc = fx.s("qgate-oracle.capture.safetensors");
+    let plan = root().join("fixtures/plans/tiny.plan.safetensors");
+    let _ = plan;
+    let o = qgate(
+        &[
+            "oracle",
+            "--model",
+            &m,
+            "--dtype",
+            "f32",
+            "--plan",
+            &hf32,
+            "--out",
+            &oc,
+            "--rollout",
+            "4",
+        ],
+        &cache,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r = run(&oc, &["--model", &m]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(std::fs::read_to_string(fx.p("out/report.md"))
+        .unwrap()
+        .contains("weights sha256 verified against --model"));
+    let other_model = root()
+        .join("fixtures/models/dense-vl-tied")
+        .display()
+        .to_string();
+    let r = run(&oc, &["--model", &other_model]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("computed from other weights than --model"),
+        "{}",
+        r.stderr
+    );
+}
+
+// 5. Data loss.
+#[test]
+fn a_report_directory_holding_user_files_is_never_replaced() {
+    let fx = Fx::new();
+    let bf16 = hf("bf16").display().to_string();
+    let r = fx.run(&["--bundle", &bf16]);
+    assert!(r.code == 0 || r.code == 1, "{}", r.stderr);
+    let s = fx.summary();
+    assert_eq!(
+        s["report_files"],
+        serde_json::json!([
+            "report.md",
+            "positions.csv",
+            "summary.json",
+            "positions.svg"
+        ])
+    );
+    // a second run replaces the directory holding only qgate's report
+    let r = fx.run(&["--bundle", &bf16]);
+    assert!(r.code == 0 || r.code == 1, "{}", r.stderr);
+    // the user's notes and the very capture being gated, beside the report
+    std::fs::write(fx.p("out/notes.md"), "my notes").unwrap();
+    let gated = fx.p("out/candidate.capture.safetensors");
+    std::fs::copy(hf("bf16"), &gated).unwrap();
+    let m = model_dir().display().to_string();
+    let o = qgate(
+        &[
+            "run",
+            "--oracle",
+            "f32",
+            "--model",
+            &m,
+            "--bundle",
+            &gated.display().to_string(),
+            "--out",
+            &fx.s("out"),
+        ],
+        &fx.p("cache"),
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("refusing to replace this directory: it holds 2 entries qgate did not write (candidate.capture.safetensors, notes.md)"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(fx.p("out/notes.md")).unwrap(),
+        "my notes"
+    );
+    assert!(gated.is_file() && fx.p("out/summary.json").is_file());
+    // refused before any work: the oracle never ran, nothing was cached
+    assert!(
+        !fx.p("cache").exists() || std::fs::read_dir(fx.p("cache")).unwrap().next().is_none(),
+        "the oracle ran before --out was checked"
+    );
+    // a report from before the manifest (four fixed names) is still replaceable; a sub-directory is not
+    std::fs::remove_file(fx.p("out/notes.md")).unwrap();
+    std::fs::remove_file(&gated).unwrap();
+    let mut legacy = fx.summary();
+    legacy.as_object_mut().unwrap().remove("report_files");
+    std::fs::write(fx.p("out/summary.json"), legacy.to_string()).unwrap();
+    let r = fx.run(&["--bundle", &bf16]);
+    assert!(r.code == 0 || r.code == 1, "{}", r.stderr);
+    std::fs::create_dir(fx.p("out/plots")).unwrap();
+    let r = fx.run(&["--bundle", &bf16]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(fx.p("out/plots").is_dir());
+    // capture outputs: an existing non-capture file is never replaced, nor an input
+    let notes = fx.p("notes.txt");
+    std::fs::write(&notes, "keep me").unwrap();
+    let plan = root()
+        .join("fixtures/plans/tiny.plan.safetensors")
+        .display()
+        .to_string();
+    let o = qgate(
+        &[
+            "oracle",
+            "--model",
+            &m,
+            "--dtype",
+            "f32",
+            "--plan",
+            &plan,
+            "--out",
+            &notes.display().to_string(),
+        ],
+        &fx.p("cache"),
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("exists and is not a qgate capture"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "keep me");
+    let o = qgate(
+        &[
+            "oracle", "--model", &m, "--dtype", "f32", "--plan", &plan, "--out", &plan,
+        ],
+        &fx.p("cache"),
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("is also an input of this run"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn rules_that_cannot_be_applied_fail_and_bad_policies_exit_2() {
+    let fx = Fx::new();
+    let bf16 = read(&hf("bf16"));
+    // a candidate without a rollout does not skip rollout_prefix = "full"
+    let no_roll: Vec<SeqData> = bf16
+        .iter()
+        .map(|q| logits_seq(&q.tokens, &q.logits, None))
+        .collect();
+    let no_roll = write(
+        &fx.p("no-rollout.capture.safetensors"),
+        "no-rollout",
+        "coreai",
+        &no_roll,
+    );
+    let r = fx.run(&["--bundle", &no_roll]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("rollout_prefix = full required by the policy but not applied: the candidate holds no rollout"),
+        "{}",
+        r.stderr
+    );
+    // sequences = [99]: exit 2 before anything is compared
+    let pol = fx.policy("seq99.toml", &[("sequences = \"all\"", "sequences = [99]")]);
+    let r = fx.run(&["--bundle", &no_roll, "--gate", &pol]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("sequences lists index 99, but the plan has 3 sequence(s)"),
+        "{}",
+        r.stderr
+    );
+    // exit 3: no candidate is reported as passing
+    let f16 = hf("f16").display().to_string();
+    let r = fx.run(&["--bundle", &f16, "--require-confident-prompt", "--json"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let s: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(s["candidates"][0]["verdict"]["status"], "not_judged");
+    assert!(s["ship"].is_null());
+    assert_eq!(s["exit_code"], 3);
+}
+
+// The false FAIL every user of the community's 8-token gates hit.
+#[test]
+fn a_shorter_rollout_without_eos_is_compared_over_the_common_length() {
+    let fx = Fx::new();
+    // HF's bf16 logits; the rollout: the oracle's first 8 steps (the community's 8-token gate)
+    let mut bf16 = read(&hf("bf16"));
+    for (b, o) in bf16.iter_mut().zip(&fx.oracle) {
+        b.rollout = o.rollout.clone();
+    }
+    let eight: Vec<SeqData> = bf16
+        .iter()
+        .map(|q| {
+            let r = q.rollout.as_ref().unwrap();
+            logits_seq(&q.tokens, &q.logits, Some(r[..r.len().min(8)].to_vec()))
+        })
+        .collect();
+    let eight = write(
+        &fx.p("eight.capture.safetensors"),
+        "eight-steps",
+        "coreai",
+        &eight,
+    );
+    let pol = fx.policy(
+        "no-kl.toml",
+        &[("max_mean_kl = 0.1", ""), ("min_cosine = 0.98", "")],
+    );
+    let r = fx.run(&["--bundle", &eight, "--gate", &pol]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        fx.report().contains("compared over the common length"),
+        "{}",
+        fx.report()
+    );
+    // a real divergence still fails: step 2 of seq 2 replaced by a token the oracle ranks 100th
+    let mut div: Vec<SeqData> = bf16
+        .iter()
+        .map(|q| {
+            let r = q.rollout.as_ref().unwrap();
+            logits_seq(&q.tokens, &q.logits, Some(r[..r.len().min(8)].to_vec()))
+        })
+        .collect();
+    div[2].rollout.as_mut().unwrap()[0] = ranked(fx.oracle[2].logits.last().unwrap())[99] as i64;
+    let div = write(&fx.p("div.capture.safetensors"), "div", "coreai", &div);
+    let r = fx.run(&["--bundle", &div, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("rollout of seq 2 diverges at step 0"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
+    let fx = Fx::new();
+    // collapse: position 0 agrees, every later position flips; a lenient flip limit would let it pass
+    let lenient = fx.policy(
+        "lenient.toml",
+        &[
+            ("min_cosine = 0.98", ""),
+            ("max_mean_kl = 0.1", ""),
+            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
+            (
+                "max_introduced_confident_flips = 0",
+                "max_introduced_confident_flips = 1000",
+            ),
+        ],
+    );
+    let collapsed = fx.argmax_capture("collapse.capture.safetensors", &|_, t, r| {
+        (t > 0).then(|| ranked(r)[5])
+    });
+    let r = fx.run(&["--bundle", &collapsed, "--gate", &lenient]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("[collapse]"), "{}", r.stderr);
+    let off = fx.policy(
+        "lenient-no-collapse.toml",
+        &[
+            ("min_cosine = 0.98", ""),
+            ("max_mean_kl = 0.1", ""),
+            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
+            (
+                "max_introduced_confident_flips = 0",
+                "max_introduced_confident_flips = 1000",
+            ),
+            ("fail_on_collapse = true", "fail_on_collapse = false"),
+        ],
+    );
+    let r = fx.run(&["--bundle", &collapsed, "--gate", &off]);
+    assert_eq!(r.code, 0, "the switch turns the rule off: {}", r.stderr);
+    // degenerate repetition in the rollout (the oracle's does not repeat)
+    let seqs: Vec<SeqData> = read(&hf("bf16"))
+        .iter()
+        .map(|q| logits_seq(&q.tokens, &q.logits, Some(vec![7; 10])))
+        .collect();
+    let rep = write(&fx.p("rep.capture.safetensors"), "rep", "coreai", &seqs);
+    let norollout = fx.policy(
+        "no-roll.toml",
+        &[("rollout_prefix = \"full\"", "rollout_prefix = \"off\"")],
+    );
+    let r = fx.run(&["--bundle", &rep, "--gate", &norollout]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("degenerate repetition in seq 0")
+            && r.stderr.contains("[degenerate_repetition]"),
+        "{}",
+        r.stderr
+    );
+    // a −inf-masked vocabulary tail (the ids above every oracle top-1) is not garbage; −inf inside the
+    // vocabulary is
+    let k = fx
+        .oracle
+        .iter()
+        .flat_map(|q| q.logits.iter().map(|r| argmax(r)))
+        .max()
+        .unwrap()
+        + 1;
+    assert!(k <= V - 2, "the fixture leaves a tail to mask ({k})");
+    let mut bf16 = read(&hf("bf16"));
+    for (b, o) in bf16.iter_mut().zip(&fx.oracle) {
+        b.rollout = o.rollout.clone();
+    }
+    let masked: Vec<SeqData> = bf16
+        .iter()
+        .map(|q| {
+            let rows: Vec<Vec<f32>> = q
+                .logits
+                .iter()
+                .map(|r| {
+                    let mut r = r.clone();
+                    for x in &mut r[k..] {
+                        *x = f32::NEG_INFINITY;
+                    }
+                    r
+                })
+                .collect();
+            logits_seq(&q.tokens, &rows, q.rollout.clone())
+        })
+        .collect();
+    let masked_p = write(
+        &fx.p("masked.capture.safetensors"),
+        "masked",
+        "coreai",
+        &masked,
+    );
+    let r = fx.run(&["--bundle", &masked_p]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let s = fx.summary();
+    assert_eq!(s["candidates"][0]["garbage"]["non_finite_rows"], 0);
+    assert!(s["candidates"][0]["cosine"]["min"].as_f64().unwrap() > 0.98);
+    let csv = std::fs::read_to_string(fx.p("out/positions.csv")).unwrap();
+    assert!(csv.lines().filter(|l| l.ends_with(",masked_tail")).count() == 168);
+    let mut holes = masked;
+    holes[1].logits.as_mut().unwrap().2[5] = f32::NEG_INFINITY;
+    let holes = write(
+        &fx.p("holes.capture.safetensors"),
+        "holes",
+        "coreai",
+        &holes,
+    );
+    let r = fx.run(&["--bundle", &holes]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("garbage logits: 1 NaN/Inf row(s)"),
+        "{}",
+        r.stderr
+    );
+}
