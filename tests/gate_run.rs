@@ -224,6 +224,26 @@ impl Fx {
 #[test]
 fn planted_counts_control_attribution_and_report_snapshot() {
     let fx = Fx::new();
+    // the synthetic control has 2 confident flips of its own in 22 positions: more than the default
+    // 1 % (at least 1) allows, so it is refused …
+    let (code, _, err) = fx.run(&[
+        "--bundle",
+        &fx.p("flips-int4"),
+        "--control",
+        &fx.p("control-fp16"),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("refused as control: 2 confident flip(s)"), "{err}");
+    // … and accepted by a policy that allows 2
+    let pol = fx.dir.path().join("control-2.toml");
+    std::fs::write(
+        &pol,
+        qgate::gate::policy::DEFAULT_POLICY.replace(
+            "max_control_confident_flips = \"1%\"",
+            "max_control_confident_flips = 2",
+        ),
+    )
+    .unwrap();
     let (code, _, err) = fx.run(&[
         "--bundle",
         &fx.p("flips-int4"),
@@ -231,6 +251,8 @@ fn planted_counts_control_attribution_and_report_snapshot() {
         &fx.p("good-int8"),
         "--control",
         &fx.p("control-fp16"),
+        "--gate",
+        &pol.display().to_string(),
     ]);
     assert_eq!(code, 1, "{err}");
     let s = fx.summary();
@@ -287,14 +309,18 @@ fn good_candidate_passes_and_without_control_all_confident_flips_count() {
         fx.summary()["candidates"][0]["introduced_confident_flips"],
         2
     );
-    // the same planted flips are tie-flips under a floor above their margin
-    // (the swapped rows then fail the next rule, min cosine)
+    // a floor above every margin does not make far tokens ties: the planted swaps at confident
+    // positions put the oracle's top-2 3 nats below its top-1 (> tie_max_logit_gap), so they stay
+    // confident; only the two 0.05-nat swaps are ties
     let (code, _, err) = fx.run(&["--bundle", &fx.p("flips-int4"), "--margin-floor", "0.95"]);
     assert_eq!(code, 1, "{err}");
     let s = fx.summary();
-    assert_eq!(s["candidates"][0]["tie_flips"], 4);
-    assert_eq!(s["candidates"][0]["confident_flips"], 0);
-    assert_eq!(s["candidates"][0]["verdict"]["failed_rule"], "min_cosine");
+    assert_eq!(s["candidates"][0]["tie_flips"], 2);
+    assert_eq!(s["candidates"][0]["confident_flips"], 2);
+    assert_eq!(
+        s["candidates"][0]["verdict"]["failed_rule"],
+        "max_introduced_confident_flips"
+    );
     // prompt validation: three oracle positions are ties
     let (code, _, err) = fx.run(&["--bundle", &fx.p("good-int8"), "--require-confident-prompt"]);
     assert_eq!(code, 3, "{err}");
