@@ -233,7 +233,10 @@ fn planted_counts_control_attribution_and_report_snapshot() {
         &fx.p("control-fp16"),
     ]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("refused as control: 2 confident flip(s)"), "{err}");
+    assert!(
+        err.contains("refused as control: 2 confident flip(s)"),
+        "{err}"
+    );
     // … and accepted by a policy that allows 2
     let pol = fx.dir.path().join("control-2.toml");
     std::fs::write(

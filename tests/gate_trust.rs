@@ -104,6 +104,9 @@ fn qgate(args: &[&str], cache: &Path) -> Run {
     }
 }
 
+/// At (sequence, position, oracle row): the token the planted candidate picks, or `None` for the oracle's.
+type Pick = dyn Fn(usize, usize, &[f32]) -> Option<usize>;
+
 struct Fx {
     dir: tempfile::TempDir,
     oracle: Vec<Seq>,
@@ -159,11 +162,7 @@ impl Fx {
         std::fs::read_to_string(self.p("out/report.md")).unwrap()
     }
     /// Argmax-only candidate: the oracle's top-1 everywhere except where `pick` says otherwise.
-    fn argmax_capture(
-        &self,
-        name: &str,
-        pick: &dyn Fn(usize, usize, &[f32]) -> Option<usize>,
-    ) -> String {
+    fn argmax_capture(&self, name: &str, pick: &Pick) -> String {
         let seqs: Vec<SeqData> = self
             .oracle
             .iter()

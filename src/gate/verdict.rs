@@ -201,10 +201,12 @@ fn rollout_prefix(s: &CandidateSummary, policy: &Policy) -> Check {
                     c.seq, d.step, c.exact_prefix
                 ));
             }
-            None => return Check::Fail(format!(
+            None => {
+                return Check::Fail(format!(
                 "rollout of seq {} runs past the oracle's end: exact prefix {} < required {need}",
                 c.seq, c.exact_prefix
-            )),
+            ))
+            }
         }
     }
     Check::Pass

@@ -10,8 +10,11 @@ pub struct Rope {
     prec: Precision,
     /// The last tables made, keyed by (start, T, device): every attention layer of a forward asks for the
     /// same ones, and at T = 4096 each set is ~0.5M sin/cos on the host.
-    last: std::sync::Mutex<Option<(usize, usize, candle_core::DeviceLocation, Tensor, Tensor)>>,
+    last: std::sync::Mutex<Option<TableKey>>,
 }
+
+/// (start, T, device, sin, cos) of the last tables made.
+type TableKey = (usize, usize, candle_core::DeviceLocation, Tensor, Tensor);
 
 impl Rope {
     pub fn new(theta: f64, rotary_dim: usize, prec: Precision) -> Rope {
