@@ -217,7 +217,9 @@ impl Fx {
     }
     fn report(&self) -> String {
         let t = std::fs::read_to_string(self.dir.path().join("out/report.md")).unwrap();
+        let date = self.summary()["date"].as_str().unwrap().to_string();
         t.replace(&self.dir.path().display().to_string(), "<tmp>")
+            .replace(&format!(" on {date} (UTC)"), " on <date> (UTC)")
     }
 }
 

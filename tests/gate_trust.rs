@@ -843,3 +843,76 @@ fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
         r.stderr
     );
 }
+
+// The ship decision is by size, never by the order the candidates were given in; report.md drops into
+// a model card (starts at `##`, no local paths, ids in code spans, provenance of every number).
+#[test]
+fn ship_by_size_only_and_a_report_fit_for_a_model_card() {
+    let fx = Fx::new();
+    let (f16, bf16) = (
+        hf("f16").display().to_string(),
+        hf("bf16").display().to_string(),
+    );
+    let pol = fx.policy(
+        "no-roll.toml",
+        &[("rollout_prefix = \"full\"", "rollout_prefix = \"off\"")],
+    );
+    let r = fx.run(&["--bundle", &f16, "--bundle", &bf16, "--gate", &pol]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("ship: not decided") && r.stderr.contains("hf-f16, hf-bf16"),
+        "{}",
+        r.stderr
+    );
+    assert!(fx.summary()["ship"].is_null());
+    let r = fx.run(&[
+        "--bundle",
+        &f16,
+        "--bundle",
+        &bf16,
+        "--gate",
+        &pol,
+        "--size",
+        "hf-f16=2MB",
+        "--size",
+        "hf-bf16=1.5MB",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("ship: hf-bf16 (smallest size)"),
+        "{}",
+        r.stderr
+    );
+    let r = fx.run(&["--bundle", &f16, "--gate", &pol, "--size", "int9=1MB"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("no candidate is labelled `int9` (labels: hf-f16)"),
+        "{}",
+        r.stderr
+    );
+    let md = fx.report();
+    assert!(md.starts_with("## qgate report\n"), "{md}");
+    assert!(!md.lines().any(|l| l.starts_with("# ")), "{md}");
+    let tmp = fx.dir.path().display().to_string();
+    let fixtures = root().display().to_string();
+    assert!(
+        !md.contains(&tmp) && !md.contains(&fixtures),
+        "local paths in report.md"
+    );
+    let plan = qgate::oracle::plan_sha256(&Capture::open(hf("f32")).unwrap().plan());
+    assert!(md.contains(&format!("- Plan: sha256 `{plan}`")), "{md}");
+    assert!(
+        md.contains(&format!("- qgate {} on 20", env!("CARGO_PKG_VERSION"))),
+        "{md}"
+    );
+    // token ids never appear bare (GitHub would link `#123` to an issue)
+    for l in md.lines().filter(|l| l.starts_with('|')) {
+        let bare = l
+            .split('`')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 0)
+            .any(|(_, part)| part.contains('#'));
+        assert!(!bare, "bare #id outside a code span: {l}");
+    }
+}

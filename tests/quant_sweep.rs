@@ -181,8 +181,8 @@ fn sweep_ladder_report_snapshot() {
         .join("sweep-captures/int4lin.capture.safetensors")
         .is_file());
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    let start = md.find("## Verdict").unwrap();
-    let end = md.find("## Model card").unwrap();
+    let start = md.find("### Verdict").unwrap();
+    let end = md.find("### Model card").unwrap();
     insta::assert_snapshot!("sweep_ladder", &md[start..end]);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();

@@ -50,6 +50,10 @@ pub struct Args {
     /// Print summary.json to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// The size of a candidate, `LABEL=SIZE` (e.g. `int8=402MB`), when its bundle directory or capture
+    /// metadata does not give it; the ship decision is by size and never by argument order.
+    #[arg(long = "size", value_name = "LABEL=SIZE")]
+    pub sizes: Vec<String>,
     /// Accept an `--oracle FILE` that is not a qgate or HF oracle capture; the report says "oracle
     /// provenance unverified".
     #[arg(long)]
@@ -129,6 +133,29 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     policy
         .check_against_plan(caps[0].len())
         .map_err(|m| Error::usage(format!("gate policy does not fit the plan: {m}")))?;
+    let mut all: Vec<&Capture> = caps.iter().collect();
+    if let Some(c) = &control {
+        all.push(c);
+    }
+    let mut ids = identities(&all, &inputs);
+    for spec in &args.sizes {
+        let (label, size) = spec
+            .split_once('=')
+            .and_then(|(l, s)| Some((l, crate::oracle::parse_bytes(s)?)))
+            .ok_or_else(|| {
+                Error::usage(format!(
+                    "--size `{spec}`: expected LABEL=SIZE, such as int8=402MB or int4=1.2GiB"
+                ))
+            })?;
+        let Some(id) = ids.iter_mut().find(|i| i.label == label) else {
+            let known: Vec<&str> = ids.iter().map(|i| i.label.as_str()).collect();
+            return Err(Error::usage(format!(
+                "--size `{spec}`: no candidate is labelled `{label}` (labels: {})",
+                known.join(", ")
+            )));
+        };
+        id.size_bytes = Some(size);
+    }
     let resolved = crate::oracle_cache::resolve_oracle(
         &args.oracle,
         args.model.as_deref(),
@@ -142,11 +169,6 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         compare::check_same_plan(&oracle, c)?;
     }
 
-    let mut all: Vec<&Capture> = caps.iter().collect();
-    if let Some(c) = &control {
-        all.push(c);
-    }
-    let ids = identities(&all, &inputs);
     let mut ev = evaluate(Inputs {
         oracle: &oracle,
         provenance: resolved.provenance,

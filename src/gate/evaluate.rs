@@ -208,9 +208,16 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
         }
     }
     let (code, line) = verdict::overall(&sums, &prompt, policy);
-    let ship = (!prompt.rejected)
-        .then(|| verdict::ship_decision(&sums))
-        .flatten();
+    let decision = verdict::ship_decision(&sums);
+    let ship_note = if prompt.rejected {
+        "ship: none — the prompt was rejected".to_string()
+    } else {
+        decision.describe()
+    };
+    let ship = match (prompt.rejected, decision) {
+        (false, verdict::Ship::Decided(l, how)) => Some((l, how)),
+        _ => None,
+    };
     let plan = oracle.plan();
     let run = RunSummary {
         schema: REPORT_SCHEMA,
@@ -221,18 +228,28 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
             runtime: oracle.meta.runtime.clone(),
             dtype: oracle.meta.dtype.clone(),
             provenance,
+            model: oracle_model(oracle),
+            weights_sha256: oracle_weights(oracle),
+            device: oracle
+                .meta
+                .extra
+                .get("device")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
         },
         plan: PlanInfo {
             sequences: oracle.len(),
             tokens: plan.iter().map(|t| t.len()).sum(),
             oracle_rows: views.len(),
             vocab_size: oracle.meta.vocab_size,
+            sha256: crate::oracle::plan_sha256(&plan),
         },
         margin_space: policy.margin_space,
         margin_floor: policy.margin_floor,
         policy: policy.clone(),
         prompt,
         ship: ship.as_ref().map(|s| s.0.clone()),
+        ship_note,
         ship_basis: ship.map(|s| s.1),
         ladder: None,
         sim_vs_bundle: Vec::new(),
@@ -240,6 +257,7 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
         paired,
         exit_code: code,
         verdict: line,
+        date: utc_date(std::time::SystemTime::now()),
         report_files: Vec::new(),
     };
     Ok(Evaluation {
@@ -249,6 +267,84 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
         judgements,
         views,
     })
+}
+
+/// The model an oracle capture names: qgate's `model_dir` (its last component) or HF's `model`.
+fn oracle_model(oracle: &Capture) -> Option<String> {
+    let e = &oracle.meta.extra;
+    if let Some(d) = e.get("model_dir").and_then(|v| v.as_str()) {
+        return std::path::Path::new(d)
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string());
+    }
+    e.get("model").and_then(|v| v.as_str()).map(str::to_string)
+}
+
+/// One sha256 for the oracle's weights: the file's own for a single file, else the hash of the sorted
+/// `file=sha;` lines.
+fn oracle_weights(oracle: &Capture) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let arr = oracle.meta.extra.get("weights_sha256")?.as_array()?;
+    let mut files: Vec<(String, String)> = arr
+        .iter()
+        .filter_map(|v| {
+            Some((
+                v.get("file")?.as_str()?.to_string(),
+                v.get("sha256")?.as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    files.sort();
+    match files.len() {
+        0 => None,
+        1 => Some(files[0].1.clone()),
+        _ => {
+            let mut h = Sha256::new();
+            for (f, s) in &files {
+                h.update(format!("{f}={s};"));
+            }
+            Some(hex::encode(h.finalize()))
+        }
+    }
+}
+
+/// `YYYY-MM-DD` (UTC) of a time (days-from-civil inverse, Howard Hinnant's algorithm).
+pub fn utc_date(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(UNIX_EPOCH), "1970-01-01");
+        // 2026-11-30T07:34:11Z
+        assert_eq!(
+            utc_date(UNIX_EPOCH + Duration::from_secs(1_796_024_051)),
+            "2026-11-30"
+        );
+        // 2000-02-29 (leap day of a century leap year)
+        assert_eq!(
+            utc_date(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29"
+        );
+    }
 }
 
 /// McNemar tests between every two captures on the positions both have and the policy counts.

@@ -16,6 +16,12 @@ pub struct OracleInfo {
     pub runtime: String,
     pub dtype: String,
     pub provenance: super::provenance::Provenance,
+    /// The model the oracle ran on, as its capture names it (directory name or HF id), if recorded.
+    pub model: Option<String>,
+    /// sha256 of the weights (one file: its hash; several: the hash of `file=sha;` lines), if recorded.
+    pub weights_sha256: Option<String>,
+    /// Where the oracle ran (`cpu`, `cuda:0`), if recorded.
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -24,6 +30,8 @@ pub struct PlanInfo {
     pub tokens: usize,
     pub oracle_rows: usize,
     pub vocab_size: usize,
+    /// `oracle::plan_sha256` of the plan's tokens.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,10 +58,14 @@ pub struct RunSummary {
     pub candidates: Vec<CandidateSummary>,
     pub paired: Vec<Paired>,
     pub ship: Option<String>,
+    /// The ship decision in words (also when nothing ships, or it could not be decided).
+    pub ship_note: String,
     /// How the ship decision was made.
     pub ship_basis: Option<super::verdict::ShipBasis>,
     pub exit_code: ExitCode,
     pub verdict: String,
+    /// UTC date of the run (YYYY-MM-DD).
+    pub date: String,
     /// `qgate sweep` only: the quantization ladder behind the ship decision.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ladder: Option<Ladder>,

@@ -335,40 +335,72 @@ pub fn check_prompt(views: &[(usize, usize, OracleView)], policy: &Policy) -> Pr
     }
 }
 
-/// How the ship decision was made.
+/// How the ship decision was made. It is never the order the candidates were given in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ShipBasis {
     /// The smallest passing candidate by size (every passing candidate's size is known).
     SmallestSize,
-    /// Sizes unknown: the first passing candidate in the order given.
-    OrderGiven,
+    /// The only candidate that passes.
+    OnlyOnePasses,
 }
 
 impl ShipBasis {
     pub fn describe(self) -> &'static str {
         match self {
             ShipBasis::SmallestSize => "smallest size",
-            ShipBasis::OrderGiven => "first passing in the order given; sizes unknown",
+            ShipBasis::OnlyOnePasses => "the only candidate that passes",
         }
     }
 }
 
-/// The smallest passing candidate: by size when every passing candidate's size is known, else the first
-/// passing one in the order given.
-pub fn ship_decision(cands: &[CandidateSummary]) -> Option<(String, ShipBasis)> {
+/// What ships.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ship {
+    Decided(String, ShipBasis),
+    /// Several candidates pass and these (labels) have no known size: qgate does not guess.
+    SizesUnknown(Vec<String>),
+    NothingPasses,
+}
+
+impl Ship {
+    pub fn describe(&self) -> String {
+        match self {
+            Ship::Decided(l, how) => format!("ship: {l} ({})", how.describe()),
+            Ship::SizesUnknown(l) => format!(
+                "ship: not decided — {} candidates pass and the size of {} is unknown (give bundle directories, size_bytes in the capture metadata, or --size LABEL=SIZE)",
+                l.len().max(2),
+                l.join(", ")
+            ),
+            Ship::NothingPasses => "ship: none".into(),
+        }
+    }
+}
+
+/// The smallest passing candidate by size, when every passing candidate's size is known (or only one
+/// passes); never the order the candidates were given in.
+pub fn ship_decision(cands: &[CandidateSummary]) -> Ship {
     let passing: Vec<&CandidateSummary> = cands
         .iter()
         .filter(|c| c.verdict.status == Status::Pass)
         .collect();
-    if passing.is_empty() {
-        return None;
-    }
-    if passing.iter().all(|c| c.id.size_bytes.is_some()) {
-        let best = passing.iter().min_by_key(|c| c.id.size_bytes)?;
-        Some((best.id.label.clone(), ShipBasis::SmallestSize))
-    } else {
-        Some((passing[0].id.label.clone(), ShipBasis::OrderGiven))
+    match passing.as_slice() {
+        [] => Ship::NothingPasses,
+        [only] => Ship::Decided(only.id.label.clone(), ShipBasis::OnlyOnePasses),
+        _ => {
+            let unknown: Vec<String> = passing
+                .iter()
+                .filter(|c| c.id.size_bytes.is_none())
+                .map(|c| c.id.label.clone())
+                .collect();
+            if !unknown.is_empty() {
+                return Ship::SizesUnknown(unknown);
+            }
+            match passing.iter().min_by_key(|c| c.id.size_bytes) {
+                Some(best) => Ship::Decided(best.id.label.clone(), ShipBasis::SmallestSize),
+                None => Ship::NothingPasses,
+            }
+        }
     }
 }
 
@@ -396,11 +428,7 @@ pub fn overall(
             ),
         );
     }
-    let ship = ship_decision(cands);
-    let ship_txt = match &ship {
-        Some((l, how)) => format!("ship: {l} ({})", how.describe()),
-        None => "ship: none".into(),
-    };
+    let ship_txt = ship_decision(cands).describe();
     let gated: Vec<&CandidateSummary> =
         cands.iter().filter(|c| c.role == Role::Candidate).collect();
     let failed: Vec<&&CandidateSummary> = gated

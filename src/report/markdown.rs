@@ -133,23 +133,57 @@ fn control_cell(f: &crate::gate::margin_rule::Flip, tt: &TokenText) -> String {
     }
 }
 
+/// The last component of a path: reports carry no local paths.
+fn file_name(p: &str) -> String {
+    std::path::Path::new(p)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| p.to_string())
+}
+
+/// Every Markdown heading one level down (`#` → `##`), so report.md starts at `##`.
+fn shift_headings(md: String) -> String {
+    let mut out = String::with_capacity(md.len() + 64);
+    let mut fenced = false;
+    for line in md.split_inclusive('\n') {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        }
+        if !fenced && line.starts_with('#') && line.trim_start_matches('#').starts_with(' ') {
+            out.push('#');
+        }
+        out.push_str(line);
+    }
+    out
+}
+
 /// Render report.md. `plan` holds the token sequences (for decoded context).
 pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
     let mut o = String::new();
+    // Headings start at `#`; `shift_headings` moves them to `##` so the report drops into a model card.
     let _ = writeln!(o, "# qgate report\n");
     let _ = writeln!(
         o,
-        "- Oracle: `{}` ({}, {}), capture `{}` — provenance: {}",
+        "- qgate {} on {} (UTC); model `{}`, weights sha256 `{}`",
+        s.qgate_version,
+        s.date,
+        s.oracle.model.as_deref().unwrap_or("not recorded"),
+        s.oracle.weights_sha256.as_deref().unwrap_or("not recorded")
+    );
+    let _ = writeln!(
+        o,
+        "- Oracle: `{}` ({}, {}, device {}), capture `{}` — provenance: {}",
         s.oracle.label,
         s.oracle.dtype,
         s.oracle.runtime,
-        s.oracle.capture,
+        s.oracle.device.as_deref().unwrap_or("not recorded"),
+        file_name(&s.oracle.capture),
         s.oracle.provenance.describe()
     );
     let _ = writeln!(
         o,
-        "- Plan: {} sequence(s), {} tokens, {} oracle rows, vocabulary {}",
-        s.plan.sequences, s.plan.tokens, s.plan.oracle_rows, s.plan.vocab_size
+        "- Plan: sha256 `{}`, {} sequence(s), {} tokens, {} oracle rows, vocabulary {}",
+        s.plan.sha256, s.plan.sequences, s.plan.tokens, s.plan.oracle_rows, s.plan.vocab_size
     );
     let _ = writeln!(
         o,
@@ -183,13 +217,10 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
     let _ = match &s.ship {
         Some(l) => writeln!(
             o,
-            "Ship decision: **{l}** — the smallest candidate that passes the policy ({}).\n",
+            "Ship decision: **{l}** ({}).\n",
             s.ship_basis.map(|b| b.describe()).unwrap_or("")
         ),
-        None => writeln!(
-            o,
-            "Ship decision: **none** — no candidate passes the policy.\n"
-        ),
+        None => writeln!(o, "Ship decision: {}.\n", s.ship_note),
     };
 
     if let Some(l) = &s.ladder {
@@ -524,7 +555,7 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
             }
         }
     }
-    o
+    shift_headings(o)
 }
 
 fn short_metrics(c: &CandidateSummary) -> (String, String) {

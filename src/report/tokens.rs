@@ -1,4 +1,5 @@
-//! Token ids to readable text, when a tokenizer is available (else `#id`).
+//! Token ids to readable text, when a tokenizer is available (else the id). Ids are always inside a code
+//! span (`` `#335` ``), so GitHub and the Hugging Face hub do not turn them into issue links.
 use std::path::Path;
 
 pub struct TokenText {
@@ -39,11 +40,11 @@ impl TokenText {
         let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
         t.decode(&ids, false).ok()
     }
-    /// One token: `"text" (#id)` or `#id`.
+    /// One token: `` `text` `#id` `` or `` `#id` ``.
     pub fn token(&self, id: usize) -> String {
         match self.decode(&[id as i64]) {
-            Some(s) => format!("`{}` #{id}", escape(&s)),
-            None => format!("#{id}"),
+            Some(s) => format!("`{}` `#{id}`", escape(&s)),
+            None => format!("`#{id}`"),
         }
     }
     /// The last few tokens up to and including `pos` (the context the prediction follows).
@@ -53,7 +54,7 @@ impl TokenText {
         match self.decode(&tokens[start..end]) {
             Some(s) => format!("…{}", escape(&s)),
             None => format!(
-                "…{}",
+                "`…{}`",
                 tokens[start..end]
                     .iter()
                     .map(|t| format!("#{t}"))
