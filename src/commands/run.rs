@@ -270,7 +270,18 @@ pub fn write_reports(
         })
         .collect();
     let csv = report::csv::render(&csv_in);
-    let svg = report::plot::render(views, &csv_in, policy.margin_floor)?;
+    let svg = report::plot::render(
+        views,
+        &csv_in,
+        &report::plot::Lines {
+            floor: policy.margin_floor,
+            min_cosine: policy.min_cosine,
+            margin_unit: match policy.margin_space {
+                MarginSpace::Prob => "probability",
+                MarginSpace::Logit => "nats",
+            },
+        },
+    )?;
     let json = report::json::render(run)?;
     report::write::write_dir(
         out,
