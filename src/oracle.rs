@@ -432,9 +432,16 @@ pub fn unused_warning(
     if u.unexpected.len() > SHOWN {
         names.push_str(&format!(", … ({} more)", u.unexpected.len() - SHOWN));
     }
+    let n = u.unexpected.len();
+    let counted = if n == 1 {
+        "1 checkpoint tensor was".to_string()
+    } else {
+        format!("{n} checkpoint tensors were")
+    };
     Some(format!(
-        "{} checkpoint tensors were NOT used by the model{hint}: {names}. The oracle runs without them,          as HF transformers does (\"Some weights of the model checkpoint were not used\"); the names are in          the capture's metadata (unused_tensors)",
-        u.unexpected.len()
+        "{counted} NOT used by the model{hint}: {names}. The oracle runs without them, as HF \
+         transformers does (\"Some weights of the model checkpoint were not used\"); the names are in \
+         the capture's metadata (unused_tensors)"
     ))
 }
 
@@ -595,7 +602,6 @@ fn run_streamed(
         bar.set_message(format!("layer {}/{n_layers}", l + 1));
         bar.inc(1);
     })?;
-    announce_unused(ws, cfg); // every layer has been read once now
     let hidden = st.final_norm(&xs)?;
     drop(xs);
     let mut last: Vec<Vec<f32>> = ids.iter().map(|_| vec![0f32; v]).collect();
@@ -625,6 +631,7 @@ fn run_streamed(
     )?;
     bar.finish_and_clear();
     drop(hidden);
+    announce_unused(ws, cfg); // every layer and the head have been read once now
     if req.rollout == 0 {
         return Ok(ids.iter().map(|_| Rollout::default()).collect());
     }

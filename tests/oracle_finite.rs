@@ -476,7 +476,7 @@ fn a_complete_checkpoint_reports_nothing_unused_and_a_stray_tensor_is_named() {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("1 checkpoint tensors were NOT used") && err.contains(&stray),
+        err.contains("1 checkpoint tensor was NOT used") && err.contains(&stray),
         "{err}"
     );
     assert_eq!(meta(&out)["unused_tensors"], serde_json::json!([stray]));
