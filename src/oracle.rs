@@ -380,17 +380,19 @@ pub fn announce_unused(ws: &WeightStore, cfg: &TextConfig) {
 
 /// The one line about tensors a text decoder is expected to leave unread.
 pub fn ignored_note(u: &crate::model::weights::UnusedTensors) -> Option<String> {
+    let count =
+        |n: usize, what: &str| format!("{n} {what} tensor{}", if n == 1 { "" } else { "s" });
     let mut parts = Vec::new();
     if u.vision_tower > 0 {
         parts.push(format!(
-            "{} vision-tower tensors ignored (text decoder only)",
-            u.vision_tower
+            "{} ignored (text decoder only)",
+            count(u.vision_tower, "vision-tower")
         ));
     }
     if u.mtp_head > 0 {
         parts.push(format!(
-            "{} MTP-head tensors ignored (HF does not build the MTP head)",
-            u.mtp_head
+            "{} ignored (HF does not build the MTP head)",
+            count(u.mtp_head, "MTP-head")
         ));
     }
     (!parts.is_empty()).then(|| parts.join("; "))

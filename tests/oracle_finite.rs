@@ -164,7 +164,7 @@ fn nan_weight_is_refused_in_memory_and_streamed_naming_the_layer() {
         expect_refused(
             &o,
             &[
-                "non-finite values (NaN/Inf) first appear in the output of layer 2 (linear_attention",
+                "non-finite values (NaN/Inf) first appear in the output of layer 2 of 4 (0-based; linear_attention",
                 QKV2,
                 "holds NaN",
                 "nothing written",
@@ -192,7 +192,7 @@ fn inf_in_a_full_attention_layer_is_named() {
         expect_refused(
             &o,
             &[
-                "layer 1 (full_attention",
+                "layer 1 of 5 (0-based; full_attention",
                 name,
                 "holds Inf",
                 "checkpoint is broken",
@@ -266,7 +266,7 @@ fn portable_kernels_refuse_non_finite_too() {
         let mut cache = model.new_cache();
         let err = model.forward(&tokens, &mut cache).unwrap_err().to_string();
         assert!(
-            err.contains("layer 3 (full_attention")
+            err.contains("layer 3 of 4 (0-based; full_attention")
                 && err.contains("layers.3.mlp.up_proj.weight` holds NaN"),
             "portable={portable}: {err}"
         );
@@ -275,7 +275,10 @@ fn portable_kernels_refuse_non_finite_too() {
             .hidden_states(&tokens, &mut cache)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("layer 3 (full_attention"), "{err}");
+        assert!(
+            err.contains("layer 3 of 4 (0-based; full_attention"),
+            "{err}"
+        );
     }
 }
 
@@ -295,7 +298,10 @@ fn simulate_refuses_non_finite() {
         .arg(&out)
         .output()
         .unwrap();
-    expect_refused(&o, &["layer 3 (linear_attention", name, "holds NaN"]);
+    expect_refused(
+        &o,
+        &["layer 3 of 5 (0-based; linear_attention", name, "holds NaN"],
+    );
     assert!(!out.exists());
 
     // A finite checkpoint whose fake quantization overflows: a weight of 1e7 gives a per-block int8
@@ -319,7 +325,7 @@ fn simulate_refuses_non_finite() {
     expect_refused(
         &o,
         &[
-            "layer 3 (linear_attention",
+            "layer 3 of 5 (0-based; linear_attention",
             "fake quantization",
             "simulated quantization is broken",
         ],
@@ -349,7 +355,10 @@ fn run_with_oracle_dtype_caches_nothing_for_a_broken_checkpoint() {
         .env("QGATE_ORACLE_CACHE", &cache)
         .output()
         .unwrap();
-    expect_refused(&o, &["layer 2 (linear_attention", QKV2, "holds NaN"]);
+    expect_refused(
+        &o,
+        &["layer 2 of 4 (0-based; linear_attention", QKV2, "holds NaN"],
+    );
     let cached = files_under(&cache);
     assert!(cached.is_empty(), "the oracle cache holds {cached:?}");
     assert!(!report.join("report.md").exists());
@@ -420,7 +429,8 @@ fn unused_layer_tensors_are_warned_about_and_recorded() {
         assert_eq!(note.len(), 1, "{err}");
         assert!(
             note[0].contains(&format!(
-                "{vision} vision-tower tensors ignored (text decoder only)"
+                "{vision} vision-tower tensor{} ignored (text decoder only)",
+                if vision == 1 { "" } else { "s" }
             )) && note[0].contains(&format!("{mtp} MTP-head tensors ignored")),
             "{}",
             note[0]

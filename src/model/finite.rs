@@ -68,8 +68,8 @@ impl Origin {
                 };
                 (
                     format!(
-                        "layer {l} ({kind}, `{prefix}layers.{l}.*`, of layers 0..{})",
-                        cfg.layer_types.len().saturating_sub(1)
+                        "layer {l} of {} (0-based; {kind}, `{prefix}layers.{l}.*`)",
+                        cfg.layer_types.len()
                     ),
                     vec![format!("{prefix}layers.{l}.")],
                 )
