@@ -41,7 +41,7 @@ fn shard_of(dir: &Path, tensor: &str) -> PathBuf {
         if p.extension().is_some_and(|x| x == "safetensors") {
             let bytes = std::fs::read(&p).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            if st.names().iter().any(|n| *n == tensor) {
+            if st.names().contains(&tensor) {
                 return p;
             }
         }
