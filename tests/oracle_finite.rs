@@ -49,16 +49,17 @@ fn shard_of(dir: &Path, tensor: &str) -> PathBuf {
     panic!("{tensor} is in no shard of {}", dir.display());
 }
 
-/// Rewrite the checkpoint file holding `tensor` with `f(name, dtype, bytes)` applied to every tensor
+/// A new payload for a stored tensor (`name`, dtype, bytes), or `None` to keep it.
+type Edit<'a> = &'a dyn Fn(&str, safetensors::Dtype, &[u8]) -> Option<Vec<u8>>;
+/// A tensor to add: name, dtype, shape, bytes.
+type Added = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrite the checkpoint `file` with `f(name, dtype, bytes)` applied to every tensor
 /// (returning `None` keeps it as is); `extra` tensors are added.
-fn rewrite(
-    file: &Path,
-    f: &dyn Fn(&str, safetensors::Dtype, &[u8]) -> Option<Vec<u8>>,
-    extra: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-) {
+fn rewrite(file: &Path, f: Edit, extra: Vec<Added>) {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+    let mut owned: Vec<Added> = st
         .tensors()
         .into_iter()
         .map(|(n, v)| {
