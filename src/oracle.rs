@@ -273,6 +273,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     } else {
         ws.set_streaming(true); // positioned reads: the checkpoint stays out of the resident set
         let model = Model::from_store(cfg.clone(), &ws, req.precision)?;
+        announce_unused(&ws, &cfg);
         run_in_memory(req, &model, &mut spill)?
     };
     let label = format!("oracle-{}", req.precision.name());
@@ -301,6 +302,7 @@ pub fn run_model(
     more: serde_json::Map<String, serde_json::Value>,
 ) -> Result<PathBuf> {
     check_plan(req.plan)?;
+    announce_unused(ws, &model.cfg);
     let mut spill = tempfile::tempfile().map_err(|e| io_err(std::env::temp_dir(), e))?;
     let rollouts = run_in_memory(req, model, &mut spill)?;
     write_capture_from_spill(
@@ -350,6 +352,101 @@ fn run_in_memory(
     Ok(rollouts)
 }
 
+/// Names of unused checkpoint tensors kept in a capture's metadata (`unused_tensors`; the count is
+/// `unused_tensors_count`).
+pub const UNUSED_NAMES_KEPT: usize = 100;
+
+/// Say which stored tensors the model did not read, once per checkpoint and process (a sweep's
+/// simulations load the same checkpoint again): a vision tower and an MTP head in one note (a text
+/// decoder never reads them, as in HF), anything else as a warning. HF transformers also loads a
+/// checkpoint with tensors its config has no place for, warning "Some weights of the model checkpoint
+/// were not used", so this is a warning and not an error; the names are in the capture's metadata.
+pub fn announce_unused(ws: &WeightStore, cfg: &TextConfig) {
+    static SEEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    if let Ok(mut seen) = SEEN.lock() {
+        if seen.contains(&ws.dir) {
+            return;
+        }
+        seen.push(ws.dir.clone());
+    }
+    let u = ws.unused();
+    if let Some(line) = ignored_note(&u) {
+        eprintln!("qgate: note: {line}");
+    }
+    if let Some(line) = unused_warning(&u, cfg, &ws.decoder_prefix) {
+        eprintln!("qgate: warning: {}: {line}", ws.dir.display());
+    }
+}
+
+/// The one line about tensors a text decoder is expected to leave unread.
+pub fn ignored_note(u: &crate::model::weights::UnusedTensors) -> Option<String> {
+    let count =
+        |n: usize, what: &str| format!("{n} {what} tensor{}", if n == 1 { "" } else { "s" });
+    let mut parts = Vec::new();
+    if u.vision_tower > 0 {
+        parts.push(format!(
+            "{} ignored (text decoder only)",
+            count(u.vision_tower, "vision-tower")
+        ));
+    }
+    if u.mtp_head > 0 {
+        parts.push(format!(
+            "{} ignored (HF does not build the MTP head)",
+            count(u.mtp_head, "MTP-head")
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// The one-line warning about stored tensors the model did not read (none: `None`).
+pub fn unused_warning(
+    u: &crate::model::weights::UnusedTensors,
+    cfg: &TextConfig,
+    decoder_prefix: &str,
+) -> Option<String> {
+    if u.unexpected.is_empty() {
+        return None;
+    }
+    let n_layers = cfg.layer_types.len();
+    let beyond = u
+        .unexpected
+        .iter()
+        .filter_map(|n| {
+            let rest = n.strip_prefix(decoder_prefix)?.strip_prefix("layers.")?;
+            rest.split('.').next()?.parse::<usize>().ok()
+        })
+        .filter(|&l| l >= n_layers)
+        .max();
+    let hint = match beyond {
+        Some(last) => format!(
+            " (config.json declares {n_layers} layers, the checkpoint holds layers up to {last}: is the config right?)"
+        ),
+        None => String::new(),
+    };
+    const SHOWN: usize = 4;
+    let mut names = u
+        .unexpected
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if u.unexpected.len() > SHOWN {
+        names.push_str(&format!(", … ({} more)", u.unexpected.len() - SHOWN));
+    }
+    let n = u.unexpected.len();
+    let counted = if n == 1 {
+        "1 checkpoint tensor was".to_string()
+    } else {
+        format!("{n} checkpoint tensors were")
+    };
+    Some(format!(
+        "{counted} NOT used by the model{hint}: {names}. The oracle runs without them, as HF \
+         transformers does (\"Some weights of the model checkpoint were not used\"); the names are in \
+         the capture's metadata (unused_tensors)"
+    ))
+}
+
 /// Header first, then each sequence's tokens, logits (copied from the spill), rollout and its margins.
 #[allow(clippy::too_many_arguments)]
 fn write_capture_from_spill(
@@ -391,6 +488,25 @@ fn write_capture_from_spill(
         "reference".into(),
         "HF transformers 5.23.0 eager forward; torch fallbacks for causal conv and delta rule"
             .into(),
+    );
+    let unused = ws.unused();
+    extra.insert(
+        "unused_tensors".into(),
+        unused
+            .unexpected
+            .iter()
+            .take(UNUSED_NAMES_KEPT)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+    );
+    extra.insert(
+        "unused_tensors_count".into(),
+        unused.unexpected.len().into(),
+    );
+    extra.insert(
+        "ignored_tensors".into(),
+        serde_json::json!({ "vision_tower": unused.vision_tower, "mtp_head": unused.mtp_head }),
     );
     extra.extend(more);
 
@@ -517,6 +633,7 @@ fn run_streamed(
     )?;
     bar.finish_and_clear();
     drop(hidden);
+    announce_unused(ws, cfg); // every layer and the head have been read once now
     if req.rollout == 0 {
         return Ok(ids.iter().map(|_| Rollout::default()).collect());
     }

@@ -116,8 +116,10 @@ pub fn oracle_capture_for(
     for (f, s) in &weights {
         h.update(format!("{f}={s};"));
     }
+    // `oracle=2`: the oracle refuses non-finite values; a capture cached by an earlier build (which could
+    // hold NaN logits of a broken checkpoint) is never reused.
     h.update(format!(
-        "plan={plan_hash};dtype={};rollout={rollout};qgate={}",
+        "plan={plan_hash};dtype={};rollout={rollout};qgate={};oracle=2",
         precision.name(),
         env!("CARGO_PKG_VERSION")
     ));

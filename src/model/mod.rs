@@ -8,6 +8,7 @@ pub mod delta_rule_portable;
 pub mod device;
 pub mod expf;
 pub mod f32_gemm;
+pub mod finite;
 pub mod gated_deltanet;
 pub mod linear;
 pub mod mlp;
@@ -25,6 +26,7 @@ use crate::error::{Error, Result};
 use attention::{GatedAttention, KvCache};
 use candle_core::{Device, Tensor};
 use config::{LayerKind, TextConfig};
+use finite::{FiniteCheck, Origin, Stage};
 use gated_deltanet::{GatedDeltaNet, GdnCache};
 use mlp::{linear, LinearWeight, Mlp};
 use moe::SparseMoe;
@@ -167,6 +169,8 @@ pub struct Model {
     rope: Rope,
     /// The portable (tensor-op) kernels (`device`).
     portable: bool,
+    /// The checkpoint, for reporting non-finite values (`finite`).
+    origin: Origin,
 }
 
 impl Model {
@@ -268,6 +272,7 @@ impl Model {
             head,
             rope,
             portable: ws.portable_kernels(),
+            origin: Origin::of(ws, prec),
         })
     }
 
@@ -278,10 +283,16 @@ impl Model {
 
     /// Run `tokens` (positions `cache.seen ..`) through the decoder; returns logits `[T, V]` (f32 holding
     /// model-dtype values). An empty cache takes HF's prefill path (chunked delta rule); a single token
-    /// after a prefill takes the recurrent path.
+    /// after a prefill takes the recurrent path. Non-finite values anywhere are an error naming the
+    /// first stage that produced them (`finite`).
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
-        let hidden = self.hidden_states(tokens, cache)?;
-        self.logits(&hidden)
+        let report = |stage| self.nonfinite(stage);
+        let mut check = FiniteCheck::new(self.portable, &report);
+        let hidden = self.hidden_states_checked(tokens, cache, None, &mut check)?;
+        let logits = self.logits(&hidden)?;
+        check.check(Stage::Head, &logits)?;
+        check.finish()?;
+        Ok(logits)
     }
 
     /// Final-normed hidden states `[T, H]`.
@@ -295,7 +306,26 @@ impl Model {
         &self,
         tokens: &[u32],
         cache: &mut Cache,
+        trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let report = |stage| self.nonfinite(stage);
+        let mut check = FiniteCheck::new(self.portable, &report);
+        let hidden = self.hidden_states_checked(tokens, cache, trace, &mut check)?;
+        check.finish()?;
+        Ok(hidden)
+    }
+
+    /// The error for non-finite values first seen at `stage`.
+    fn nonfinite(&self, stage: Stage) -> Error {
+        self.origin.error(&self.cfg, None, stage)
+    }
+
+    fn hidden_states_checked(
+        &self,
+        tokens: &[u32],
+        cache: &mut Cache,
         mut trace: Option<&mut Vec<Tensor>>,
+        check: &mut FiniteCheck,
     ) -> Result<Tensor> {
         let v = self.cfg.vocab_size;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= v) {
@@ -319,14 +349,18 @@ impl Model {
                 return Err(Error::Internal("no embedding kept for an f32 head".into()))
             }
         };
+        check.check(Stage::Embedding, &x)?;
         for (l, lc) in cache.layers.iter_mut().enumerate() {
             x = self.layer_forward(l, &x, lc)?;
+            check.check(Stage::Layer(l), &x)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.push(x.clone());
             }
         }
         cache.seen += tokens.len();
-        self.norm.forward(&x)
+        let hidden = self.norm.forward(&x)?;
+        check.check(Stage::FinalNorm, &hidden)?;
+        Ok(hidden)
     }
 
     /// One decoder layer on the residual stream `x: [T, H]` (pre-norm mixer and feed-forward, each added

@@ -121,6 +121,20 @@ impl SparseMoe {
             }
             Layout::PerExpert
         };
+        // The bank is part of the model even where streaming reads only the routed experts.
+        match layout {
+            Layout::Fused => {
+                ws.claim(&fused);
+                ws.claim(&format!("{prefix}experts.down_proj"));
+            }
+            Layout::PerExpert => {
+                for x in 0..e {
+                    for w in ["gate_proj", "up_proj", "down_proj"] {
+                        ws.claim(&format!("{prefix}experts.{x}.{w}.weight"));
+                    }
+                }
+            }
+        }
         Ok(SparseMoe {
             router: ws.load_linear(&format!("{prefix}gate.weight"), &[e, hidden], prec)?,
             experts: Vec::new(),

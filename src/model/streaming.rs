@@ -15,6 +15,7 @@
 //! first), i.e. for the 27B an MLP (1.07 GB f32) plus a mixer, or two head chunks; the hidden states
 //! `[T, H]` of every sequence and their caches.
 use super::config::TextConfig;
+use super::finite::{FiniteCheck, Origin, Stage};
 use super::linear::LinearWeight;
 use super::moe::Expert;
 use super::norms::RmsNormZeroCentred;
@@ -64,6 +65,8 @@ pub struct Streamer<'a> {
     embed_name: String,
     head_rows: usize,
     prefetch: bool,
+    /// The checkpoint, for reporting non-finite values (`finite`).
+    origin: Origin,
 }
 
 impl<'a> Streamer<'a> {
@@ -110,7 +113,21 @@ impl<'a> Streamer<'a> {
                 head_rows.max(1)
             },
             prefetch: true,
+            origin: Origin::of(ws, prec),
         })
+    }
+
+    /// The error for non-finite values first seen at `stage`.
+    fn nonfinite(&self, stage: Stage) -> crate::error::Error {
+        self.origin.error(self.cfg, Some(self.ws), stage)
+    }
+
+    /// A check of one streamed stage (or the stages of one `layers` call) in order.
+    fn finite_check<'r>(
+        &self,
+        report: &'r dyn Fn(Stage) -> crate::error::Error,
+    ) -> FiniteCheck<'r> {
+        FiniteCheck::new(self.ws.portable_kernels(), report)
     }
 
     /// Load the next layer's weights (and the next head chunk) on a background thread while the
@@ -140,7 +157,12 @@ impl<'a> Streamer<'a> {
                     .load_rows(&self.embed_name, &[v, h], t as usize, 1, self.prec)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&rows, 0)?)
+        let x = Tensor::cat(&rows, 0)?;
+        let report = |stage| self.nonfinite(stage);
+        let mut check = self.finite_check(&report);
+        check.check(Stage::Embedding, &x)?;
+        check.finish()?;
+        Ok(x)
     }
 
     /// Push every sequence's residual stream `xs[s]` (`[T_s, H]`, positions `caches[s].seen ..`) through
@@ -158,9 +180,12 @@ impl<'a> Streamer<'a> {
         if xs.len() != caches.len() {
             return Err(Error::Internal("one cache per sequence expected".into()));
         }
+        let report = |stage| self.nonfinite(stage);
+        let mut check = self.finite_check(&report);
         with_loader(self.prefetch, |ld| {
-            self.layers_with(ld, xs, caches, keep, on_layer)
+            self.layers_with(ld, xs, caches, keep, on_layer, &mut check)
         })?;
+        check.finish()?;
         for (x, cache) in xs.iter().zip(caches.iter_mut()) {
             cache.seen += x.dim(0)?;
         }
@@ -194,6 +219,7 @@ impl<'a> Streamer<'a> {
         caches: &mut [Cache],
         keep: bool,
         on_layer: &mut dyn FnMut(usize, LayerTiming),
+        check: &mut FiniteCheck,
     ) -> Result<()> {
         let p = self.prec;
         self.submit_layer(ld, 0);
@@ -277,6 +303,7 @@ impl<'a> Streamer<'a> {
             drop(ffn);
             for (x, y) in xs.iter_mut().zip(ys) {
                 *x = p.round(&(&*x + y)?)?;
+                check.check(Stage::Layer(l), x)?;
             }
             tm.total_s = start.elapsed().as_secs_f64();
             on_layer(l, tm);
@@ -286,7 +313,18 @@ impl<'a> Streamer<'a> {
 
     /// The final norm of each residual stream.
     pub fn final_norm(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
-        xs.iter().map(|x| self.norm.forward(x)).collect()
+        let report = |stage| self.nonfinite(stage);
+        let mut check = self.finite_check(&report);
+        let hidden = xs
+            .iter()
+            .map(|x| {
+                let h = self.norm.forward(x)?;
+                check.check(Stage::FinalNorm, &h)?;
+                Ok(h)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        check.finish()?;
+        Ok(hidden)
     }
 
     /// The head over the vocabulary in chunks: for each chunk (ascending) and each sequence,
@@ -298,6 +336,7 @@ impl<'a> Streamer<'a> {
         sink: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
         on_chunk: &mut dyn FnMut(usize),
     ) -> Result<()> {
+        let report = |stage| self.nonfinite(stage);
         with_loader(self.prefetch, |ld| {
             for c in 0..self.head_chunks() {
                 ld.submit(Box::new(move || self.head_chunk(c)));
@@ -316,6 +355,10 @@ impl<'a> Streamer<'a> {
                     } else {
                         logits
                     };
+                    // Checked before the sink sees it (one probe read back per chunk on a device).
+                    let mut check = self.finite_check(&report);
+                    check.check(Stage::Head, &logits)?;
+                    check.finish()?;
                     sink(s, first, &logits)?;
                 }
                 drop(w);

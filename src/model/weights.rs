@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::Dtype;
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A change applied to every weight after it is widened to f32 and before it is rounded to the compute
 /// precision (the quantization simulator's fake-quantization). The oracle itself never sets one.
@@ -50,6 +50,20 @@ pub struct WeightStore {
     device: Device,
     /// The portable (tensor-op) kernels even on the CPU (a GPU always uses them).
     force_portable: bool,
+    /// Names of the tensors the model read or claimed (`claim`): the rest were not used (`unused`).
+    used: Mutex<HashSet<String>>,
+}
+
+/// Checkpoint tensors the model did not read, sorted by what HF does with them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnusedTensors {
+    /// `model.visual.*`: the vision tower of a VL checkpoint (the text decoder never reads it).
+    pub vision_tower: usize,
+    /// `mtp.*`: the multi-token-prediction head (HF never builds it: `_keys_to_ignore_on_load_unexpected`).
+    pub mtp_head: usize,
+    /// Everything else, sorted: tensors a text decoder of this config should have used (HF warns "Some
+    /// weights of the model checkpoint were not used" and proceeds).
+    pub unexpected: Vec<String>,
 }
 
 impl WeightStore {
@@ -134,7 +148,88 @@ impl WeightStore {
             transform: None,
             device: Device::Cpu,
             force_portable: false,
+            used: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Count `full` as used by the model without reading it (a lazily loaded expert bank: streaming
+    /// reads only the experts some token routes to).
+    pub fn claim(&self, full: &str) {
+        if let Ok(mut u) = self.used.lock() {
+            u.insert(full.to_string());
+        }
+    }
+
+    /// The stored tensors that nothing read or claimed so far (call it once the model is loaded, or once
+    /// a streamed pass has gone through every layer).
+    pub fn unused(&self) -> UnusedTensors {
+        let used = match self.used.lock() {
+            Ok(u) => u.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let mut out = UnusedTensors::default();
+        for name in self.entries.keys().filter(|n| !used.contains(*n)) {
+            if name.starts_with("model.visual.") {
+                out.vision_tower += 1;
+            } else if name.starts_with("mtp.") {
+                out.mtp_head += 1;
+            } else {
+                out.unexpected.push(name.clone());
+            }
+        }
+        out.unexpected.sort();
+        out
+    }
+
+    /// Whether a transform (the simulator's fake quantization) changes the weights as they load.
+    pub fn has_transform(&self) -> bool {
+        self.transform.is_some()
+    }
+
+    /// The stored tensors accepted by `pick` (sorted by name) that hold a NaN or an infinity, with which
+    /// (`"NaN"` when there is any, else `"Inf"`). Reads the checkpoint as stored, before any transform;
+    /// tensors that cannot be read, or are not F32/BF16/F16, are passed over.
+    pub fn nonfinite_tensors(&self, pick: impl Fn(&str) -> bool) -> Vec<(String, &'static str)> {
+        let mut names: Vec<&String> = self.entries.keys().filter(|n| pick(n)).collect();
+        names.sort();
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for name in names {
+            let e = &self.entries[name];
+            let size = match e.dtype {
+                Dtype::F32 => 4,
+                Dtype::BF16 | Dtype::F16 => 2,
+                _ => continue,
+            };
+            let (mut nan, mut inf) = (false, false);
+            let mut at = e.start;
+            while at < e.end && !nan {
+                // whole elements per piece (READ_PIECE is a multiple of 4)
+                let take = READ_PIECE.min(e.end - at) / size * size;
+                if take == 0 {
+                    break;
+                }
+                let Ok(piece) = self.raw_into(name, e.file, at, take, &mut buf) else {
+                    break;
+                };
+                let (n, i) = scan_nonfinite(piece, e.dtype);
+                nan |= n;
+                inf |= i;
+                at += take;
+            }
+            if nan || inf {
+                out.push((name.clone(), if nan { "NaN" } else { "Inf" }));
+            }
+        }
+        out
+    }
+
+    fn mark_used(&self, full: &str) {
+        if let Ok(mut u) = self.used.lock() {
+            if !u.contains(full) {
+                u.insert(full.to_string());
+            }
+        }
     }
 
     /// Put every tensor loaded from now on on `dev`; a non-CPU device implies the portable kernels.
@@ -276,6 +371,7 @@ impl WeightStore {
             .entries
             .get(full)
             .ok_or_else(|| Error::input(&self.primary, format!("missing tensor `{full}`")))?;
+        self.mark_used(full);
         if e.shape != shape {
             return Err(Error::input(
                 self.file_of(full),
@@ -363,6 +459,7 @@ impl WeightStore {
         if let (Some((disk, dt)), Some(e), None) = (want, self.entries.get(&full), &self.transform)
         {
             if e.dtype == disk && e.shape == shape {
+                self.mark_used(&full);
                 let bytes = self.raw(&full, e.file, e.start, e.end)?;
                 return Ok(Tensor::from_raw_buffer(&bytes, dt, shape, &Device::Cpu)?
                     .to_device(&self.device)?);
@@ -485,6 +582,30 @@ impl WeightStore {
         let _ = (full, buf);
         Ok(&self.files[file].1[start..start + len])
     }
+}
+
+/// Whether little-endian F32/BF16/F16 `bytes` hold a NaN, an infinity.
+fn scan_nonfinite(bytes: &[u8], dtype: Dtype) -> (bool, bool) {
+    let (mut nan, mut inf) = (false, false);
+    match dtype {
+        Dtype::F32 => {
+            for c in bytes.chunks_exact(4) {
+                let b = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7FFF_FFFF;
+                nan |= b > 0x7F80_0000;
+                inf |= b == 0x7F80_0000;
+            }
+        }
+        Dtype::BF16 | Dtype::F16 => {
+            let exp: u16 = if dtype == Dtype::BF16 { 0x7F80 } else { 0x7C00 };
+            for c in bytes.chunks_exact(2) {
+                let b = u16::from_le_bytes([c[0], c[1]]) & 0x7FFF;
+                nan |= b > exp;
+                inf |= b == exp;
+            }
+        }
+        _ => {}
+    }
+    (nan, inf)
 }
 
 /// Little-endian F32/BF16/F16 bytes to f32 (exact) into `out` (`bytes.len() / size` elements), in
