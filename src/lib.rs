@@ -11,5 +11,6 @@ pub mod model;
 pub mod oracle;
 pub mod oracle_cache;
 pub mod plan;
+pub mod progress;
 pub mod quant;
 pub mod report;

@@ -53,6 +53,9 @@ pub struct Args {
     /// Print summary.json to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the verdict as JUnit XML (one testcase per candidate × gate rule) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -182,6 +185,7 @@ pub fn execute(args: Args) -> Result<i32> {
     let tt = tokenizer_for(&args, &inputs)?;
     let out = args.out.clone().unwrap_or_else(|| default_out(&inputs[0]));
     write_reports(&out, &ev, &oracle.plan(), &tt)?;
+    report::ci::write(&ev.run, args.junit.as_deref())?;
     let run = ev.run;
     let json = report::json::render(&run)?;
     let code = run.exit_code;
