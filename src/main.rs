@@ -35,7 +35,7 @@ const FOOTER: &str = concat!(
 struct Cli {
     /// No progress output (neither terminal bars nor the timestamped progress lines written when stderr
     /// is not a terminal).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, display_order = 900)]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
@@ -90,14 +90,16 @@ fn main() {
         Err(e) => {
             // --help and --version are not errors; a usage error under --json also goes to stdout as JSON.
             if e.use_stderr() && raw_wants_json(&argv) {
+                // The message without clap's usage and hint: the lines before the first blank one.
                 let text = e.to_string();
-                let first = text
+                let message = text
                     .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim_start_matches("error: ")
-                    .to_string();
-                println!("{}", json_error(&first, e.exit_code(), None));
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let message = message.trim_start_matches("error: ");
+                println!("{}", json_error(message, e.exit_code(), None));
             }
             e.exit();
         }

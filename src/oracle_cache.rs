@@ -33,11 +33,7 @@ pub fn cache_dir_from(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathB
 /// The per-user cache directory: `$XDG_CACHE_HOME` (when absolute) or `~/.cache` on Linux and other
 /// Unixes, `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows.
 pub fn platform_cache_dir(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
-    let abs = |k: &str| {
-        env(k)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    };
+    let abs = |k: &str| env(k).map(PathBuf::from).filter(|p| p.is_absolute());
     if cfg!(windows) {
         return abs("LOCALAPPDATA");
     }

@@ -66,6 +66,9 @@ fn readme_points_to_the_reference_and_names_every_command() {
     let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
     assert!(readme.contains("docs/cli.md"));
     for c in commands(&help(&["--help"])) {
-        assert!(readme.contains(&format!("qgate {c} ")), "README lacks `qgate {c}`");
+        assert!(
+            readme.contains(&format!("qgate {c} ")),
+            "README lacks `qgate {c}`"
+        );
     }
 }

@@ -36,9 +36,19 @@ pub fn step_summary(run: &Value) -> String {
     let _ = writeln!(
         o,
         "oracle `{}` ({}), margin floor {} ({} space)\n",
-        cell(run.pointer("/oracle/capture").and_then(Value::as_str).unwrap_or("")),
-        cell(run.pointer("/oracle/dtype").and_then(Value::as_str).unwrap_or("")),
-        run.get("margin_floor").map(|v| v.to_string()).unwrap_or_default(),
+        cell(
+            run.pointer("/oracle/capture")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        ),
+        cell(
+            run.pointer("/oracle/dtype")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        ),
+        run.get("margin_floor")
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
         cell(s(run, "margin_space")),
     );
     o.push_str("| candidate | exact | tie-flips | confident | introduced | min cos | mean KL | verdict |\n");
@@ -58,7 +68,11 @@ pub fn step_summary(run: &Value) -> String {
         };
         let status = s(&c["verdict"], "status");
         let verdict = match c.pointer("/verdict/failed_rule").and_then(Value::as_str) {
-            Some(r) => format!("**{}** ({r}): {}", status.to_uppercase(), s(&c["verdict"], "reason")),
+            Some(r) => format!(
+                "**{}** ({r}): {}",
+                status.to_uppercase(),
+                s(&c["verdict"], "reason")
+            ),
             None => status.to_uppercase(),
         };
         let _ = writeln!(
@@ -76,7 +90,12 @@ pub fn step_summary(run: &Value) -> String {
         );
     }
     if let Some(ship) = run.get("ship").and_then(Value::as_str) {
-        let _ = writeln!(o, "\nships: **{}** ({})", cell(ship), cell(s(run, "ship_basis")));
+        let _ = writeln!(
+            o,
+            "\nships: **{}** ({})",
+            cell(ship),
+            cell(s(run, "ship_basis"))
+        );
     }
     o.push('\n');
     o
@@ -116,7 +135,11 @@ pub fn annotations(run: &Value) -> Vec<String> {
         out.push(format!(
             "::{level} title={}::{}",
             prop(&title),
-            data(&format!("{} — {}", s(c, "label"), s(&c["verdict"], "reason")))
+            data(&format!(
+                "{} — {}",
+                s(c, "label"),
+                s(&c["verdict"], "reason")
+            ))
         ));
     }
     let code = run.get("exit_code").and_then(Value::as_i64);
@@ -152,8 +175,9 @@ pub fn emit(run: &RunSummary) -> Result<()> {
             .map_err(|e| {
                 Error::input(&path, format!("GITHUB_STEP_SUMMARY: cannot append ({e})"))
             })?;
-        f.write_all(step_summary(&v).as_bytes())
-            .map_err(|e| Error::input(&path, format!("GITHUB_STEP_SUMMARY: cannot append ({e})")))?;
+        f.write_all(step_summary(&v).as_bytes()).map_err(|e| {
+            Error::input(&path, format!("GITHUB_STEP_SUMMARY: cannot append ({e})"))
+        })?;
     }
     if actions {
         let mut e = std::io::stderr().lock();
@@ -193,7 +217,10 @@ mod tests {
         let md = step_summary(&run());
         assert!(md.starts_with("### ❌ qgate run: FAIL: int4 fails"), "{md}");
         assert!(md.contains("| int4\\|x | 10/12 | 1 | 1 | 1 | 0.9500 | n/a | **FAIL** (max_introduced_confident_flips): 1 confident flip(s) > 0 allowed (first at seq 0 pos 3: 50% more) |"), "{md}");
-        assert!(md.contains("| int8 | 12/12 | 0 | 0 | 0 | n/a | n/a | PASS |"), "{md}");
+        assert!(
+            md.contains("| int8 | 12/12 | 0 | 0 | 0 | n/a | n/a | PASS |"),
+            "{md}"
+        );
         assert!(md.contains("ships: **int8** (smallest size)"), "{md}");
     }
 

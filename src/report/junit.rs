@@ -19,7 +19,11 @@ use std::path::Path;
 
 /// The gate's rules in the order `gate::verdict::judge` applies them, and whether the policy enables each.
 fn rules(policy: &Value) -> Vec<&'static str> {
-    let mut r = vec!["garbage_rows", "positions", "max_introduced_confident_flips"];
+    let mut r = vec![
+        "garbage_rows",
+        "positions",
+        "max_introduced_confident_flips",
+    ];
     if !policy.get("min_cosine").is_none_or(Value::is_null) {
         r.push("min_cosine");
     }
@@ -106,10 +110,7 @@ fn cases(run: &Value) -> Vec<Case> {
             ("pass", _) => {
                 for r in &order {
                     if *r == "rollout_prefix" && c.get("rollout").is_none_or(Value::is_null) {
-                        out.push(case(
-                            r,
-                            Outcome::Skipped("no rollouts to compare".into()),
-                        ));
+                        out.push(case(r, Outcome::Skipped("no rollouts to compare".into())));
                     } else {
                         out.push(case(r, Outcome::Pass));
                     }
@@ -157,7 +158,12 @@ fn cases(run: &Value) -> Vec<Case> {
         }
     }
     let rejected = run.pointer("/prompt/rejected").and_then(Value::as_bool) == Some(true);
-    if rejected || policy.get("require_confident_prompt").and_then(Value::as_bool) == Some(true) {
+    if rejected
+        || policy
+            .get("require_confident_prompt")
+            .and_then(Value::as_bool)
+            == Some(true)
+    {
         let below = run
             .pointer("/prompt/below_floor")
             .map(|v| v.to_string())
@@ -255,18 +261,37 @@ pub fn render_value(run: &Value) -> String {
     let props = [
         ("schema", s(run, "schema").to_string()),
         ("qgate_version", s(run, "qgate_version").to_string()),
-        ("oracle", run.pointer("/oracle/capture").and_then(Value::as_str).unwrap_or("").to_string()),
-        ("oracle_dtype", run.pointer("/oracle/dtype").and_then(Value::as_str).unwrap_or("").to_string()),
-        ("ship", run.get("ship").and_then(Value::as_str).unwrap_or("none").to_string()),
-        ("exit_code", run.get("exit_code").map(|v| v.to_string()).unwrap_or_default()),
+        (
+            "oracle",
+            run.pointer("/oracle/capture")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        ),
+        (
+            "oracle_dtype",
+            run.pointer("/oracle/dtype")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        ),
+        (
+            "ship",
+            run.get("ship")
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_string(),
+        ),
+        (
+            "exit_code",
+            run.get("exit_code")
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+        ),
         ("verdict", s(run, "verdict").to_string()),
     ];
     for (k, v) in props {
-        let _ = writeln!(
-            x,
-            "      <property name=\"{k}\" value=\"{}\"/>",
-            escape(&v)
-        );
+        let _ = writeln!(x, "      <property name=\"{k}\" value=\"{}\"/>", escape(&v));
     }
     x.push_str("    </properties>\n");
     for c in &cs {
@@ -312,7 +337,10 @@ pub fn write(path: &Path, run: &RunSummary) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write as _;
     if path.is_dir() {
-        return Err(Error::input(path, "is a directory; --junit takes a file name"));
+        return Err(Error::input(
+            path,
+            "is a directory; --junit takes a file name",
+        ));
     }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -353,12 +381,24 @@ mod tests {
             ]
         });
         let x = render_value(&run);
-        // 4 rules (max_mean_kl is off) × 2 candidates + the control
-        assert!(x.contains("tests=\"9\" failures=\"1\" errors=\"0\" skipped=\"2\""), "{x}");
-        assert!(x.contains("classname=\"int4 &lt;a&amp;b&gt;\" name=\"positions\"/>"), "{x}");
-        assert!(x.contains("<failure type=\"min_cosine\" message=\"min cosine 0.9 &lt; 0.98\">"), "{x}");
+        // 5 rules (max_mean_kl is off) × 2 candidates + the control
+        assert!(
+            x.contains("tests=\"11\" failures=\"1\" errors=\"0\" skipped=\"2\""),
+            "{x}"
+        );
+        assert!(
+            x.contains("classname=\"int4 &lt;a&amp;b&gt;\" name=\"positions\"/>"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<failure type=\"min_cosine\" message=\"min cosine 0.9 &lt; 0.98\">"),
+            "{x}"
+        );
         assert!(x.contains("name=\"rollout_prefix\">\n      <skipped message=\"not evaluated: rule min_cosine failed first\"/>"), "{x}");
-        assert!(x.contains("classname=\"int8\" name=\"rollout_prefix\"/>"), "{x}");
+        assert!(
+            x.contains("classname=\"int8\" name=\"rollout_prefix\"/>"),
+            "{x}"
+        );
         assert!(!x.contains("max_mean_kl"), "{x}");
     }
 
@@ -372,9 +412,20 @@ mod tests {
             ]
         });
         let x = render_value(&run);
-        assert!(x.contains("name=\"qgate sweep\" tests=\"5\" failures=\"1\" errors=\"0\" skipped=\"4\""), "{x}");
-        assert!(x.contains("<skipped message=\"rejected by the sweep (positions): none\"/>"), "{x}");
-        assert!(x.contains("<failure type=\"no_scheme_ships\" message=\"SHIP: none\">"), "{x}");
+        assert!(
+            x.contains(
+                "name=\"qgate sweep\" tests=\"6\" failures=\"1\" errors=\"0\" skipped=\"4\""
+            ),
+            "{x}"
+        );
+        assert!(
+            x.contains("<skipped message=\"rejected by the sweep (positions): none\"/>"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<failure type=\"no_scheme_ships\" message=\"SHIP: none\">"),
+            "{x}"
+        );
     }
 
     #[test]

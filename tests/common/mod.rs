@@ -12,7 +12,8 @@ pub fn repo() -> PathBuf {
 /// The published `qgate-report/1` JSON Schema.
 pub fn report_schema() -> Value {
     let p = repo().join("docs/qgate-report-1.schema.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).expect("schema file")).expect("schema is JSON")
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("schema file"))
+        .expect("schema is JSON")
 }
 
 /// Every way `summary` breaks the published schema (empty when it validates). The validator is `boon`
@@ -23,7 +24,9 @@ pub fn schema_errors(summary: &Value) -> Vec<String> {
     let mut schemas = boon::Schemas::new();
     let mut compiler = boon::Compiler::new();
     compiler.set_default_draft(boon::Draft::V2020_12);
-    compiler.add_resource(url, report_schema()).expect("schema resource");
+    compiler
+        .add_resource(url, report_schema())
+        .expect("schema resource");
     let idx = compiler
         .compile(url, &mut schemas)
         .expect("the schema itself is valid draft 2020-12");
@@ -137,22 +140,37 @@ pub fn assert_junit_matches_summary(cases: &[Case], summary: &Value) {
         match (status, sweep) {
             ("fail", false) => {
                 assert_eq!(failures.len(), 1, "{label}: {mine:?}");
-                assert_eq!(failures[0].kind, c["verdict"]["failed_rule"].as_str().unwrap());
-                assert_eq!(failures[0].name, c["verdict"]["failed_rule"].as_str().unwrap());
-                assert_eq!(failures[0].message, c["verdict"]["reason"].as_str().unwrap());
+                assert_eq!(
+                    failures[0].kind,
+                    c["verdict"]["failed_rule"].as_str().unwrap()
+                );
+                assert_eq!(
+                    failures[0].name,
+                    c["verdict"]["failed_rule"].as_str().unwrap()
+                );
+                assert_eq!(
+                    failures[0].message,
+                    c["verdict"]["reason"].as_str().unwrap()
+                );
             }
             ("fail", true) => {
                 assert!(failures.is_empty(), "{label}: {mine:?}");
                 let rule = c["verdict"]["failed_rule"].as_str().unwrap();
-                assert!(mine
-                    .iter()
-                    .any(|k| k.name == rule && k.outcome == "skipped" && k.message.contains("rejected")));
+                assert!(mine.iter().any(|k| k.name == rule
+                    && k.outcome == "skipped"
+                    && k.message.contains("rejected")));
             }
             ("pass", _) => {
                 assert!(failures.is_empty(), "{label}: {mine:?}");
-                assert!(mine.iter().any(|k| k.outcome == "pass"), "{label}: {mine:?}");
+                assert!(
+                    mine.iter().any(|k| k.outcome == "pass"),
+                    "{label}: {mine:?}"
+                );
             }
-            _ => assert!(mine.iter().all(|k| k.outcome == "skipped"), "{label}: {mine:?}"),
+            _ => assert!(
+                mine.iter().all(|k| k.outcome == "skipped"),
+                "{label}: {mine:?}"
+            ),
         }
     }
 }
