@@ -48,7 +48,7 @@ fn stored_inputs_behave() {
 
 fn header_file(dir: &Path, name: &str, header: &str, data: &[u8]) -> PathBuf {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut b = (h.len() as u64).to_le_bytes().to_vec();

@@ -91,7 +91,7 @@ pub fn codes(block: &[f32], bits: u8, clip: bool, sd: ScaleDtype) -> (Vec<i32>, 
 
 /// Whether a weight whose last dimension is `cols` can be quantized with this spec.
 pub fn divisible(spec: &LinearSpec, cols: usize) -> bool {
-    spec.block.is_none_or(|b| cols % b == 0)
+    spec.block.is_none_or(|b| cols.is_multiple_of(b))
 }
 
 /// Fake-quantize a row-major matrix with `cols` columns (any number of leading dimensions: every row of
