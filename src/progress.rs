@@ -86,11 +86,6 @@ impl Progress {
         }))))
     }
 
-    /// No output (tests, library callers).
-    pub fn hidden() -> Progress {
-        Progress(Inner::Hidden)
-    }
-
     pub fn inc(&self, n: u64) {
         match &self.0 {
             Inner::Hidden => {}

@@ -117,12 +117,12 @@ fn cases(run: &Value) -> Vec<Case> {
                 }
             }
             ("fail", Some(rule)) => {
+                // A rule this writer does not know the place of is reported first, and nothing as passed.
                 let at = order.iter().position(|r| *r == rule);
-                let mut names: Vec<&str> = order.clone();
-                if at.is_none() {
-                    // A rule this writer does not know the place of: report it first and nothing as passed.
-                    names.insert(0, rule);
-                }
+                let names: Vec<&str> = match at {
+                    Some(_) => order.clone(),
+                    None => std::iter::once(rule).chain(order.iter().copied()).collect(),
+                };
                 let at = at.unwrap_or(0);
                 for (i, r) in names.iter().enumerate() {
                     let outcome = if *r == rule {
@@ -134,7 +134,7 @@ fn cases(run: &Value) -> Vec<Case> {
                                 message: reason.clone(),
                             }
                         }
-                    } else if i < at && names.len() == order.len() {
+                    } else if i < at {
                         Outcome::Pass
                     } else {
                         Outcome::Skipped(format!("not evaluated: rule {rule} failed first"))
@@ -334,7 +334,7 @@ pub fn write(path: &Path, run: &RunSummary) -> Result<()> {
 }
 
 /// Write `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write as _;
     if path.is_dir() {
         return Err(Error::input(
@@ -424,6 +424,26 @@ mod tests {
         );
         assert!(
             x.contains("<failure type=\"no_scheme_ships\" message=\"SHIP: none\">"),
+            "{x}"
+        );
+    }
+
+    #[test]
+    fn a_rule_of_unknown_place_fails_and_nothing_is_claimed_passed() {
+        let run = json!({
+            "policy": policy(), "verdict": "FAIL",
+            "candidates": [
+                {"label": "c", "role": "candidate", "capture": "x",
+                 "verdict": {"status": "fail", "failed_rule": "coverage", "reason": "too few"}}
+            ]
+        });
+        let x = render_value(&run);
+        assert!(
+            x.contains("tests=\"6\" failures=\"1\" errors=\"0\" skipped=\"5\""),
+            "{x}"
+        );
+        assert!(
+            x.contains("name=\"coverage\">\n      <failure type=\"coverage\" message=\"too few\">"),
             "{x}"
         );
     }
