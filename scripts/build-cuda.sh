@@ -41,7 +41,20 @@ fi
 
 # libcuda stub: every cu* entry point cudarc declares, as an empty function, SONAME libcuda.so.1.
 if [ ! -e "$TK/lib/stubs/libcuda.so" ]; then
-  CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -n 1)
+  # cudarc's sources are in the cargo registry only once something downloaded them: on a fresh clone and a
+  # fresh ~/.cargo nothing has, so fetch the locked dependencies first (unpacks them into registry/src).
+  cargo fetch --locked
+  # The cudarc version Cargo.lock pins (candle-core's cuda feature pulls it in).
+  CUDARC_VERSION=$(awk '/^name = "cudarc"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' Cargo.lock)
+  if [ -z "$CUDARC_VERSION" ]; then
+    echo "[build-cuda] Cargo.lock names no cudarc: is the cuda feature's dependency tree locked?" >&2
+    exit 2
+  fi
+  CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$CUDARC_VERSION" 2>/dev/null | tail -n 1)
+  if [ -z "$CUDARC" ] || [ ! -f "$CUDARC/src/driver/sys/mod.rs" ]; then
+    echo "[build-cuda] cudarc $CUDARC_VERSION sources not found under ${CARGO_HOME:-$HOME/.cargo}/registry/src after cargo fetch" >&2
+    exit 2
+  fi
   mkdir -p "$TK/lib/stubs"
   grep -hoE '^\s+fn cu[A-Za-z0-9_]+\(' "$CUDARC/src/driver/sys/mod.rs" | sed -E 's/^\s+fn //; s/\($//' \
     | sort -u | awk '{print "void " $1 "(void) {}"}' > "$TK/lib/stubs/libcuda_stub.c"

@@ -12,5 +12,6 @@ pub mod oracle;
 pub mod oracle_cache;
 pub mod outputs;
 pub mod plan;
+pub mod progress;
 pub mod quant;
 pub mod report;

@@ -714,34 +714,12 @@ fn run_streamed(
     Ok(out)
 }
 
-fn layer_bar(enabled: bool, total: u64, msg: &'static str) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {prefix} {msg} [{bar:30}] {pos}/{len} layers+head chunks, {elapsed} elapsed, ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_prefix(msg);
-    bar
+fn layer_bar(enabled: bool, total: u64, msg: &'static str) -> crate::progress::Progress {
+    crate::progress::Progress::new(enabled, total, msg, "layers+head chunks")
 }
 
-pub fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {msg} [{bar:30}] {pos}/{len} positions, ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message("oracle");
-    bar
+pub fn progress_bar(enabled: bool, total: u64) -> crate::progress::Progress {
+    crate::progress::Progress::new(enabled, total, "oracle", "positions")
 }
 
 #[cfg(test)]

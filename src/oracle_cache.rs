@@ -1,5 +1,6 @@
 //! `qgate run --oracle <dtype>`: find the model, then reuse a cached oracle capture for exactly these
-//! weights, tokens, dtype and qgate version from `oracles/`, or run the oracle and cache it there.
+//! weights, tokens, dtype and qgate version from the oracle cache ([`cache_dir`]), or run the oracle and
+//! cache it there.
 use crate::capture::Capture;
 use crate::error::{Error, Result};
 use crate::gate::provenance::{self, Provenance};
@@ -7,14 +8,40 @@ use crate::model::precision::Precision;
 use crate::model::weights::{resolve_model_dir, WeightStore};
 use crate::oracle::{plan_sha256, run_oracle, ExecOptions, OracleRequest};
 use sha2::{Digest, Sha256};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// Where cached oracle runs live: `$QGATE_ORACLE_CACHE`, else `oracles/` in the working directory.
+/// The environment variable that overrides the oracle cache location.
+pub const CACHE_ENV: &str = "QGATE_ORACLE_CACHE";
+
+/// Where cached oracle runs live: `$QGATE_ORACLE_CACHE` when set, else `qgate/oracles` in the platform's
+/// cache directory ([`platform_cache_dir`]), never the working directory.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("QGATE_ORACLE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("oracles"))
+    cache_dir_from(&|k| std::env::var_os(k))
+}
+
+/// [`cache_dir`] with the environment given as a lookup (tests).
+pub fn cache_dir_from(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(p) = env(CACHE_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    match platform_cache_dir(env) {
+        Some(c) => c.join("qgate").join("oracles"),
+        // No home directory at all (a bare container): the system temporary directory, not the cwd.
+        None => std::env::temp_dir().join("qgate").join("oracles"),
+    }
+}
+
+/// The per-user cache directory: `$XDG_CACHE_HOME` (when absolute) or `~/.cache` on Linux and other
+/// Unixes, `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows.
+pub fn platform_cache_dir(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let abs = |k: &str| env(k).map(PathBuf::from).filter(|p| p.is_absolute());
+    if cfg!(windows) {
+        return abs("LOCALAPPDATA");
+    }
+    if cfg!(target_os = "macos") {
+        return abs("HOME").map(|h| h.join("Library").join("Caches"));
+    }
+    abs("XDG_CACHE_HOME").or_else(|| abs("HOME").map(|h| h.join(".cache")))
 }
 
 /// The model directory for the oracle: `--model`, else the bundle's `metadata.json` `source.hf_model_id`
@@ -164,7 +191,58 @@ pub fn oracle_capture_for(
         plan: &tokens,
         rollout,
         out: &path,
-        progress: std::io::stderr().is_terminal(),
+        progress: crate::progress::enabled(),
         exec,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn env(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<OsString> {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn the_override_wins() {
+        let e = env(&[("QGATE_ORACLE_CACHE", "/ci/oracles"), ("HOME", "/home/u")]);
+        assert_eq!(cache_dir_from(&e), PathBuf::from("/ci/oracles"));
+    }
+
+    #[test]
+    #[cfg(all(unix, not(target_os = "macos")))]
+    fn xdg_then_home_never_the_working_directory() {
+        let e = env(&[("XDG_CACHE_HOME", "/x/cache"), ("HOME", "/home/u")]);
+        assert_eq!(cache_dir_from(&e), PathBuf::from("/x/cache/qgate/oracles"));
+        let e = env(&[("XDG_CACHE_HOME", "relative"), ("HOME", "/home/u")]);
+        assert_eq!(
+            cache_dir_from(&e),
+            PathBuf::from("/home/u/.cache/qgate/oracles")
+        );
+        let e = env(&[("QGATE_ORACLE_CACHE", ""), ("HOME", "/home/u")]);
+        assert_eq!(
+            cache_dir_from(&e),
+            PathBuf::from("/home/u/.cache/qgate/oracles")
+        );
+        let none = env(&[]);
+        let d = cache_dir_from(&none);
+        assert!(d.is_absolute(), "{}", d.display());
+        assert!(d.starts_with(std::env::temp_dir()), "{}", d.display());
+    }
+
+    #[test]
+    #[cfg(target_os = "macos")]
+    fn macos_library_caches() {
+        let e = env(&[("HOME", "/Users/u"), ("XDG_CACHE_HOME", "/x")]);
+        assert_eq!(
+            cache_dir_from(&e),
+            PathBuf::from("/Users/u/Library/Caches/qgate/oracles")
+        );
+    }
 }

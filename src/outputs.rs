@@ -163,3 +163,30 @@ pub fn check_capture_dir(dir: &Path) -> Result<PathBuf> {
     }
     Ok(dir.to_path_buf())
 }
+
+/// Check a `--junit FILE` path before any work: not a directory, and its parent (if named) a directory or
+/// absent. An existing JUnit file is replaced (temp file + rename), as CI systems expect.
+pub fn check_junit_out(out: &Path) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::input(
+            out,
+            "is a directory; --junit names the XML file to write",
+        ));
+    }
+    if out.exists() {
+        let head = std::fs::read(out).map_err(|e| io_err(out, e))?;
+        let text = String::from_utf8_lossy(&head[..head.len().min(4096)]);
+        if !text.contains("<testsuites") && !text.contains("<testsuite") {
+            return Err(Error::input(
+                out,
+                "exists and is not a JUnit XML file; refusing to replace it (choose another --junit)",
+            ));
+        }
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if parent.exists() && !parent.is_dir() {
+            return Err(Error::input(parent, "is not a directory"));
+        }
+    }
+    Ok(())
+}

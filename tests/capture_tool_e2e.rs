@@ -2,6 +2,8 @@
 //! runtime) and a recorded `llm-runner` JSON sample, imported, are both read and gated by `qgate run`
 //! against a real oracle run on the same plan. The stub's and the sample's logits come from toy models, not
 //! from the fixture checkpoint, so the verdict must be a FAIL with every position compared.
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -16,7 +18,10 @@ fn qgate(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 fn summary(dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+    let v =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    common::assert_valid_summary(&v);
+    v
 }
 
 #[test]

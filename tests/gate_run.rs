@@ -1,4 +1,6 @@
 //! `qgate run` end to end on synthesised captures with planted flips, garbage rows and craters.
+mod common;
+
 use qgate::capture::{write_capture, CaptureMeta, FloatKind, SeqData};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -213,7 +215,9 @@ impl Fx {
     }
     fn summary(&self) -> serde_json::Value {
         let t = std::fs::read_to_string(self.dir.path().join("out/summary.json")).unwrap();
-        serde_json::from_str(&t).unwrap()
+        let v = serde_json::from_str(&t).unwrap();
+        common::assert_valid_summary(&v);
+        v
     }
     fn report(&self) -> String {
         let t = std::fs::read_to_string(self.dir.path().join("out/report.md")).unwrap();

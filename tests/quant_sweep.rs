@@ -1,5 +1,7 @@
 //! The simulator on the committed fixtures: the quantization ladder is ordered (f16 ≤ int8 ≤ int4 in
 //! confident flips, cosines the other way), and `qgate sweep`'s ladder report is snapshot-tested.
+mod common;
+
 use qgate::capture::{write_capture, Capture, CaptureMeta, SeqData};
 use qgate::commands::simulate::{simulate, SimRequest};
 use qgate::gate::evaluate::{evaluate, Inputs};
@@ -152,8 +154,11 @@ fn sweep_ladder_report_snapshot() {
         release.replace("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
     )
     .unwrap();
+    let junit = tmp.path().join("sweep.junit.xml");
     let o = Command::new(env!("CARGO_BIN_EXE_qgate"))
         .env("QGATE_ORACLE_CACHE", tmp.path().join("oracles"))
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .env_remove("GITHUB_ACTIONS")
         .args(["sweep", "--model"])
         .arg(fixture("models/dense-gva-untied"))
         .arg("--plan")
@@ -170,6 +175,8 @@ fn sweep_ladder_report_snapshot() {
         .arg(&gate)
         .arg("--out")
         .arg(&out)
+        .arg("--junit")
+        .arg(&junit)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -188,4 +195,15 @@ fn sweep_ladder_report_snapshot() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(json["ship"], "int8hu-headsym");
     assert_eq!(json["ladder"]["rejected_smaller"][0]["label"], "int4lin");
+    common::assert_valid_summary(&json);
+    // JUnit: the rejected rungs are skipped with their reason, the sweep's `ship` testcase passes
+    let cases = common::parse_junit(&std::fs::read_to_string(&junit).unwrap());
+    common::assert_junit_matches_summary(&cases, &json);
+    assert!(cases.iter().all(|c| c.outcome != "failure"), "{cases:?}");
+    assert!(cases
+        .iter()
+        .any(|c| c.classname == "sweep" && c.name == "ship" && c.outcome == "pass"));
+    assert!(cases.iter().any(|c| c.classname == "int4lin"
+        && c.outcome == "skipped"
+        && c.message.contains("rejected")));
 }

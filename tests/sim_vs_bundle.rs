@@ -1,5 +1,7 @@
 //! `qgate run` with a simulated capture and a real bundle's capture of the same scheme names the case
 //! "the simulation passes, the bundle fails" as a runtime (lowering) problem.
+mod common;
+
 use qgate::capture::{write_capture, Capture, FloatKind, SeqData};
 use std::path::PathBuf;
 use std::process::Command;
@@ -76,6 +78,7 @@ fn simulation_passes_bundle_fails_is_named_a_lowering_problem() {
         String::from_utf8_lossy(&r.stderr)
     );
     let summary: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    common::assert_valid_summary(&summary);
     let pairs = summary["sim_vs_bundle"]
         .as_array()
         .expect("sim_vs_bundle present");

@@ -4,7 +4,6 @@ use crate::error::{Error, ExitCode, Result};
 use crate::model::precision::Precision;
 use crate::model::weights::resolve_model_dir;
 use crate::oracle::{run_oracle, ExecOptions, OracleRequest};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -66,7 +65,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         plan: &plan,
         rollout: args.rollout,
         out: &args.out,
-        progress: std::io::stderr().is_terminal(),
+        progress: crate::progress::enabled(),
         exec,
     })?;
     let positions: usize = plan.iter().map(Vec::len).sum();

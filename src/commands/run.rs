@@ -58,6 +58,9 @@ pub struct Args {
     /// provenance unverified".
     #[arg(long)]
     pub trust_oracle: bool,
+    /// Also write the verdict as JUnit XML (one testcase per candidate × gate rule) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -124,6 +127,9 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     // every output path is checked before any work (the oracle may take hours)
     let out = args.out.clone().unwrap_or_else(|| default_out(&inputs[0]));
     crate::outputs::check_report_dir(&out)?;
+    if let Some(j) = &args.junit {
+        crate::outputs::check_junit_out(j)?;
+    }
 
     let caps: Vec<Capture> = inputs
         .iter()
@@ -181,6 +187,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         crate::gate::sim_vs_bundle::pair_up(&all, &ev.compared, &ev.run.candidates);
     let tt = tokenizer_for(&args, &inputs)?;
     write_reports(&out, &mut ev, &oracle.plan(), &tt)?;
+    report::ci::write(&ev.run, args.junit.as_deref())?;
     let run = ev.run;
     let code = run.exit_code;
     if args.json {

@@ -11,7 +11,6 @@ use crate::oracle::{run_model, OracleRequest};
 use crate::quant::apply::{QuantReport, QuantTransform};
 use crate::quant::linear::ScaleDtype;
 use crate::quant::scheme::Scheme;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -178,7 +177,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         scale_dtype: sd,
         rollout: args.rollout,
         out: &args.out,
-        progress: std::io::stderr().is_terminal(),
+        progress: crate::progress::enabled(),
         device: crate::model::device::parse_device(&args.device)?,
     })?;
     print_skipped(&o.scheme.label(), &o.report);

@@ -16,7 +16,6 @@ use crate::model::weights::resolve_model_dir;
 use crate::quant::apply::QuantReport;
 use crate::quant::scheme::{Component, FloatDtype, Method, Scheme};
 use crate::report;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -65,6 +64,9 @@ pub struct Args {
     /// Print summary.json to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the verdict as JUnit XML (one testcase per candidate × gate rule) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
     /// Where the oracle runs: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -159,7 +161,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         .check_against_plan(plan.len())
         .map_err(|m| Error::usage(format!("gate policy does not fit the plan: {m}")))?;
     std::fs::create_dir_all(&cap_dir).map_err(|e| crate::error::io_err(&cap_dir, e))?;
-    let progress = std::io::stderr().is_terminal();
+    let progress = crate::progress::enabled();
     let device = crate::model::device::parse_device(&args.device)?;
 
     let resolved = crate::oracle_cache::resolve_oracle(
@@ -321,6 +323,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     let tt = report::tokens::TokenText::load(&model_dir.join("tokenizer.json"))
         .unwrap_or_else(|_| report::tokens::TokenText::none());
     write_reports(&out, &mut ev, &plan, &tt)?;
+    report::ci::write(&ev.run, args.junit.as_deref())?;
     if args.json {
         print!("{}", report::json::render(&ev.run)?);
     } else {

@@ -4,17 +4,17 @@ use super::precision::Precision;
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
 
+/// The last sin/cos tables made and what they were made for: (start, T, device, sin, cos).
+type LastTables = (usize, usize, candle_core::DeviceLocation, Tensor, Tensor);
+
 pub struct Rope {
     inv_freq: Vec<f32>,
     rotary_dim: usize,
     prec: Precision,
     /// The last tables made, keyed by (start, T, device): every attention layer of a forward asks for the
     /// same ones, and at T = 4096 each set is ~0.5M sin/cos on the host.
-    last: std::sync::Mutex<Option<TableKey>>,
+    last: std::sync::Mutex<Option<LastTables>>,
 }
-
-/// (start, T, device, sin, cos) of the last tables made.
-type TableKey = (usize, usize, candle_core::DeviceLocation, Tensor, Tensor);
 
 impl Rope {
     pub fn new(theta: f64, rotary_dim: usize, prec: Precision) -> Rope {

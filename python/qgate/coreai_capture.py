@@ -1,0 +1,1 @@
+../../capture/coreai_capture.py
