@@ -9,9 +9,6 @@ use qgate::model::config::TextConfig;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-mod capture {
-    pub use qgate::capture::*;
-}
 mod error {
     pub use qgate::error::*;
 }
