@@ -199,3 +199,62 @@ fn npz_ids_are_held_to_the_final_vocabulary() {
     );
     assert!(!out.exists(), "no capture is left behind");
 }
+
+/// npz: `ndarray-npy` allocates an `.npy` header's declared length (v2/v3: up to 4 GiB) before reading it.
+/// A 12-byte header asking for 4 GiB, alone (`.npy` with a plan) and inside an archive, under a 3 GB
+/// address-space limit: main aborted (134), now one line and exit 2.
+#[test]
+fn npy_header_length_is_bounded_before_it_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::copy(data_dir("npz_reader").join(name), &p).unwrap();
+        p
+    };
+    let npy = bad("err_npy_v2_header_len_4g.npy");
+    let npz = bad("err_npz_v2_header_len_4g.npz");
+    let plan = dir.path().join("plan.safetensors");
+    let meta = qgate::capture::CaptureMeta::new("plan", "test", "none", 8);
+    let seq = qgate::capture::SeqData {
+        tokens: vec![1, 2, 3],
+        ..Default::default()
+    };
+    qgate::capture::write_capture(&plan, &meta, &[seq]).unwrap();
+    let out = dir.path().join("out.capture.safetensors");
+    let q = |args: &str| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -v 3000000 && exec \"$0\" {args}"))
+            .arg(env!("CARGO_BIN_EXE_qgate"))
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    for (args, file) in [
+        (
+            format!(
+                "import --from npz '{}' --plan '{}' --out '{}'",
+                npy.display(),
+                plan.display(),
+                out.display()
+            ),
+            &npy,
+        ),
+        (
+            format!(
+                "import --from npz '{}' --vocab-size 8 --out '{}'",
+                npz.display(),
+                out.display()
+            ),
+            &npz,
+        ),
+    ] {
+        let (code, err) = q(&args);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(".npy header of 4294967280 bytes"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+    }
+}
