@@ -190,7 +190,7 @@ pub fn parse(bytes: &[u8], vocab: Option<usize>) -> std::result::Result<EvalSeq,
                     "row length does not match the vocabulary: {n} bytes per row is neither {v} fp16 nor {v} f32 values (vocab_size {v})"
                 ))
             }
-            None if n % 2 != 0 => {
+            None if !n.is_multiple_of(2) => {
                 return Err(format!(
                     "row length {n} bytes is not a whole number of fp16 values"
                 ))

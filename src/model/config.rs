@@ -309,20 +309,26 @@ impl TextConfig {
                 self.rms_norm_eps
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.linear_num_value_heads % self.linear_num_key_heads != 0 {
+        if !self
+            .linear_num_value_heads
+            .is_multiple_of(self.linear_num_key_heads)
+        {
             return Err(format!(
                 "linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",
                 self.linear_num_value_heads, self.linear_num_key_heads
             ));
         }
         let rd = self.rotary_dim();
-        if rd % 2 != 0 || rd > self.head_dim {
+        if !rd.is_multiple_of(2) || rd > self.head_dim {
             return Err(format!(
                 "rotary dim {rd} (head_dim × partial_rotary_factor) must be even and ≤ head_dim"
             ));
