@@ -7,6 +7,31 @@
 //! `[R]`, `seq.{i}.rollout` `[G]`, optionally `seq.{i}.rollout_margin` F32 `[G, 2]` (the producer's own
 //! top1−top2 margin, softmax-probability and logit, at the row that chose each rollout token; oracles
 //! write it so a rollout divergence can be judged tie or confident). A plan is a capture holding only tokens.
+//!
+//! # What [`Capture::open`] checks
+//!
+//! Every rule below is checked when the file is opened, before any row is read; a file that breaks one is
+//! refused with one line naming the file and the tensor (`Error::Input`, exit 2). After a successful open
+//! no accessor can panic or read out of bounds on the file's account.
+//!
+//! - The file is a valid safetensors file whose tensors exactly tile the data section (the `safetensors`
+//!   crate checks offsets, sizes and overflow); metadata `qgate.capture` is JSON with
+//!   `format = "qgate-capture/1"` and `1 ≤ vocab_size ≤ 2^24` ([`MAX_VOCAB`]).
+//! - Tensor names are `seq.{i}.{field}` with a canonical decimal `i` (no `seq.01`), a known field, and
+//!   the indices run `0..n` without a gap.
+//!
+//! | tensor | dtype | shape | also |
+//! |---|---|---|---|
+//! | `tokens` (required) | I64 / I32 | `[T]`, T ≥ 1 | every id in `0..vocab_size` |
+//! | `logits` | F32 / F16 / BF16 | `[R, V]` | `V == vocab_size` |
+//! | `top_ids` | I64 / I32 | `[R, K]`, 1 ≤ K ≤ vocab_size | ids in `0..vocab_size`; needs `top_logits` |
+//! | `top_logits` | F32 / F16 / BF16 | same shape as `top_ids` | needs `top_ids` |
+//! | `argmax` | I64 / I32 | `[R]` | ids in `0..vocab_size` |
+//! | `rollout` | I64 / I32 | `[G]` | ids in `0..vocab_size` |
+//! | `rollout_margin` | F32 | `[G, 2]` | G equals the rollout's length; needs `rollout` |
+//!
+//! Every per-position tensor of a sequence (`logits`, `top_ids`, `argmax`) has the same row count R, and
+//! R ≤ T.
 use crate::error::{io_err, Error, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -20,6 +45,9 @@ use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "qgate-capture/1";
 pub const META_KEY: &str = "qgate.capture";
+/// Largest `vocab_size` a capture may declare (2^24; real vocabularies are below 2^20). Consumers size
+/// per-row buffers by it, so a header must not be able to ask for more.
+pub const MAX_VOCAB: usize = 1 << 24;
 
 /// The `qgate.capture` JSON object. Unknown keys are kept (`extra`) so that tools can add provenance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -264,6 +292,15 @@ impl Capture {
         if meta.vocab_size == 0 {
             return Err(Error::input(&path, "vocab_size is 0"));
         }
+        if meta.vocab_size > MAX_VOCAB {
+            return Err(Error::input(
+                &path,
+                format!(
+                    "vocab_size {} is larger than qgate accepts ({MAX_VOCAB})",
+                    meta.vocab_size
+                ),
+            ));
+        }
 
         let mut seqs: BTreeMap<usize, SeqSlots> = BTreeMap::new();
         for (name, info) in md.tensors() {
@@ -316,7 +353,7 @@ impl Capture {
         }
         let seqs: Vec<SeqSlots> = seqs.into_values().collect();
         for (i, s) in seqs.iter().enumerate() {
-            validate_seq(&path, i, s, meta.vocab_size)?;
+            validate_seq(&path, i, s, meta.vocab_size, &mmap)?;
         }
         Ok(Capture {
             path,
@@ -370,8 +407,34 @@ impl Capture {
     }
 }
 
-fn validate_seq(path: &Path, i: usize, s: &SeqSlots, vocab: usize) -> Result<()> {
-    let bad = |field: &str, p: String| Error::input(path, format!("seq.{i}.{field}: {p}"));
+/// The integers of an I64/I32 tensor (dtype already checked), without allocating.
+fn int_values<'a>(slot: &Slot, mmap: &'a [u8]) -> impl Iterator<Item = i64> + 'a {
+    let wide = slot.dtype == Dtype::I64;
+    let bytes = mmap.get(slot.range.clone()).unwrap_or(&[]);
+    bytes
+        .chunks_exact(if wide { 8 } else { 4 })
+        .map(move |c| match *c {
+            [a, b, c, d, e, f, g, h] => i64::from_le_bytes([a, b, c, d, e, f, g, h]),
+            [a, b, c, d] => i32::from_le_bytes([a, b, c, d]) as i64,
+            _ => 0,
+        })
+}
+
+fn validate_seq(path: &Path, i: usize, s: &SeqSlots, vocab: usize, mmap: &[u8]) -> Result<()> {
+    let bad = |field: &str, p: String| Error::input(path, format!("tensor `seq.{i}.{field}`: {p}"));
+    // Ids index vocabulary-sized rows downstream: every one must lie in 0..vocab.
+    let check_ids = |field: &str, slot: &Slot| -> Result<()> {
+        match int_values(slot, mmap)
+            .enumerate()
+            .find(|&(_, id)| id < 0 || id as u64 >= vocab as u64)
+        {
+            Some((j, id)) => Err(bad(
+                field,
+                format!("element {j} is token id {id}, outside the vocabulary 0..{vocab}"),
+            )),
+            None => Ok(()),
+        }
+    };
     let Some(tokens) = &s.tokens else {
         return Err(bad(
             "tokens",
@@ -391,6 +454,7 @@ fn validate_seq(path: &Path, i: usize, s: &SeqSlots, vocab: usize) -> Result<()>
     if t == 0 {
         return Err(bad("tokens", "empty sequence".into()));
     }
+    check_ids("tokens", tokens)?;
     let mut rows: Option<(usize, &str)> = None;
     let mut check_rows = |field: &'static str, r: usize| -> Result<()> {
         if r > t {
@@ -437,15 +501,23 @@ fn validate_seq(path: &Path, i: usize, s: &SeqSlots, vocab: usize) -> Result<()>
                 return Err(bad(
                     "top_logits",
                     format!(
-                        "expected a float tensor shaped like top_ids {:?}, found {:?} {:?}",
+                        "expected F32/F16/BF16 shaped like top_ids {:?}, found {:?} {:?}",
                         ids.shape, lg.dtype, lg.shape
                     ),
                 ));
             }
-            if ids.shape[1] == 0 {
+            let k = ids.shape[1];
+            if k == 0 {
                 return Err(bad("top_ids", "K is 0".into()));
             }
+            if k > vocab {
+                return Err(bad(
+                    "top_ids",
+                    format!("K = {k} is larger than vocab_size {vocab}"),
+                ));
+            }
             check_rows("top_ids", ids.shape[0])?;
+            check_ids("top_ids", ids)?;
         }
         (Some(_), None) => {
             return Err(bad(
@@ -464,12 +536,34 @@ fn validate_seq(path: &Path, i: usize, s: &SeqSlots, vocab: usize) -> Result<()>
             ));
         }
         check_rows("argmax", a.shape[0])?;
+        check_ids("argmax", a)?;
     }
     if let Some(r) = &s.rollout {
         if !is_int(r.dtype) || r.shape.len() != 1 {
             return Err(bad(
                 "rollout",
                 format!("expected I64/I32 [G], found {:?} {:?}", r.dtype, r.shape),
+            ));
+        }
+        check_ids("rollout", r)?;
+    }
+    if let Some(m) = &s.rollout_margin {
+        if m.dtype != Dtype::F32 || m.shape.len() != 2 || m.shape[1] != 2 {
+            return Err(bad(
+                "rollout_margin",
+                format!("expected F32 [G, 2], found {:?} {:?}", m.dtype, m.shape),
+            ));
+        }
+        let Some(r) = &s.rollout else {
+            return Err(bad(
+                "rollout_margin",
+                format!("present without seq.{i}.rollout (a margin belongs to a rollout step)"),
+            ));
+        };
+        if m.shape[0] != r.shape[0] {
+            return Err(bad(
+                "rollout_margin",
+                format!("{} steps but the rollout has {}", m.shape[0], r.shape[0]),
             ));
         }
     }

@@ -1,11 +1,10 @@
 //! Stand-in for `src/error.rs` in the fuzz build: the same API minus the candle conversion.
 //! Keep in step with `src/error.rs` (a drift shows up as a compile error here).
+#![allow(dead_code)]
 use std::path::{Path, PathBuf};
 
-#[allow(dead_code)]
 pub const EXIT_BAD_INPUT: i32 = 2;
 
-#[allow(dead_code)]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {problem}", path.display())]
@@ -21,6 +20,15 @@ impl Error {
         Error::Input {
             path: path.as_ref().to_path_buf(),
             problem: problem.into(),
+        }
+    }
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Error::Usage(msg.into())
+    }
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Input { .. } | Error::Usage(_) => EXIT_BAD_INPUT,
+            Error::Internal(_) => 101,
         }
     }
 }

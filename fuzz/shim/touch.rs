@@ -1,5 +1,5 @@
 //! Read everything an opened capture exposes, the way `qgate run` will: every sequence view, every
-//! logits / top-k row, tokens, argmax and rollout. Shared by the fuzz target and (by `#[path]`) the
+//! logits / top-k row, tokens, argmax, rollout and rollout margins. Shared by the fuzz target and (by `#[path]`) the
 //! regression test, so both exercise the same accessors.
 use super::capture::Capture;
 
@@ -46,6 +46,14 @@ pub fn touch_all(c: &Capture) -> f64 {
         }
         if let Some(g) = &s.rollout {
             acc += g.len() as f64;
+        }
+        if let Some(m) = &s.rollout_margin {
+            acc += m
+                .iter()
+                .map(|&(p, l)| p as f64 + l as f64)
+                .filter(|x| x.is_finite())
+                .sum::<f64>()
+                + m.len() as f64;
         }
     }
     acc += c.plan().len() as f64;

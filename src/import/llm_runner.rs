@@ -140,9 +140,8 @@ pub fn parse(bytes: &[u8], vocab: Option<usize>) -> std::result::Result<EvalSeq,
                 }
                 _ => {}
             }
-            if out_bytes.is_empty() {
-                out_bytes.reserve(row.len() * positions.len());
-            }
+            // No up-front `reserve(row_len × positions)`: a large first row followed by many empty
+            // positions would ask for far more memory than the file holds before the mismatch is seen.
             out_bytes.extend_from_slice(&row);
         } else {
             let Some(top) = &p.top_k else {

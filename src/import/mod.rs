@@ -9,7 +9,7 @@
 //! - [`npz`]: numpy archives `seq{i}_tokens`, `seq{i}_logits`, …, or bare `.npy` logits with `--plan`;
 //! - [`llm_runner`]: Apple `llm-runner --raw-tokens F --save-logits OUT --save-logits-length full|K` JSON;
 //! - [`transcript`]: the zoo's `coreai-gate-transcript/1` and `coreai-verify-transcript/1` records.
-use crate::capture::{Capture, CaptureMeta, CaptureWriter, FloatKind, TensorSpec};
+use crate::capture::{Capture, CaptureMeta, CaptureWriter, FloatKind, TensorSpec, MAX_VOCAB};
 use crate::error::{io_err, Error, Result};
 use safetensors::Dtype;
 use sha2::{Digest, Sha256};
@@ -162,6 +162,30 @@ impl SeqBytes {
         }
         if let Some(g) = &self.rollout {
             w.write_i64(g)?;
+        }
+        Ok(())
+    }
+
+    /// Every id in `0..vocab` and top-k no wider than the vocabulary (what `Capture::open` requires).
+    fn check_vocab(&self, path: &Path, vocab: usize) -> Result<()> {
+        check_ids(path, "tokens", &self.tokens, Some(vocab))?;
+        if let Some(t) = &self.top {
+            if t.k > vocab {
+                return Err(Error::input(
+                    path,
+                    format!(
+                        "top-k rows of {} entries but the vocab size is {vocab}",
+                        t.k
+                    ),
+                ));
+            }
+            check_ids(path, "top_ids", &t.ids, Some(vocab))?;
+        }
+        if let Some(a) = &self.argmax {
+            check_ids(path, "argmax", a, Some(vocab))?;
+        }
+        if let Some(g) = &self.rollout {
+            check_ids(path, "rollout", g, Some(vocab))?;
         }
         Ok(())
     }
@@ -320,6 +344,11 @@ pub fn import(opts: &ImportOptions) -> Result<ImportSummary> {
     if opts.vocab_size == Some(0) {
         return Err(Error::usage("--vocab-size must be at least 1"));
     }
+    if let Some(v) = opts.vocab_size.filter(|&v| v > MAX_VOCAB) {
+        return Err(Error::usage(format!(
+            "--vocab-size {v} is larger than a capture may declare ({MAX_VOCAB})"
+        )));
+    }
     let plan = match &opts.plan {
         Some(p) => Some(Plan::open(p)?),
         None => None,
@@ -368,6 +397,15 @@ pub fn import(opts: &ImportOptions) -> Result<ImportSummary> {
         let s = source.load(i)?;
         let file = source.file_of(i).to_path_buf();
         if let Some(l) = &s.logits {
+            if l.vocab > MAX_VOCAB {
+                return Err(Error::input(
+                    &file,
+                    format!(
+                        "rows of {} values: larger than a capture's vocabulary may be ({MAX_VOCAB})",
+                        l.vocab
+                    ),
+                ));
+            }
             match vocab {
                 Some((v, j)) if v != l.vocab => {
                     return Err(Error::input(
@@ -462,6 +500,9 @@ pub fn import(opts: &ImportOptions) -> Result<ImportSummary> {
                 "the file changed while it was being imported",
             ));
         }
+        // The vocabulary is settled only after pass 1 (a sequence without logits could not be checked
+        // against it then): hold every id and K to it, so the capture written here always opens.
+        s.check_vocab(source.file_of(i), vocab_size)?;
         s.write(&mut w)?;
     }
     let out = w.finish()?;

@@ -10,9 +10,7 @@ use super::{
 use crate::capture::FloatKind;
 use crate::error::{io_err, Error, Result};
 use ndarray::ArrayD;
-use ndarray_npy::{
-    NpzReader, ReadDataError, ReadNpyError, ReadNpyExt, ReadNpzError, ReadableElement,
-};
+use ndarray_npy::{ReadDataError, ReadNpyError, ReadNpyExt, ReadableElement};
 use py_literal::Value as PyValue;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -183,11 +181,39 @@ fn npy_problem(name: &str, e: ReadNpyError) -> String {
     format!("array `{name}`: {e}")
 }
 
-fn npz_problem(name: &str, e: ReadNpzError) -> String {
-    match e {
-        ReadNpzError::Npy(e) => npy_problem(name, e),
-        ReadNpzError::Zip(e) => format!("array `{name}`: {e}"),
+/// Largest `.npy` header accepted. `ndarray-npy` allocates the header's declared length before reading
+/// it (up to 4 GiB from a 12-byte file, in the v2/v3 formats); numpy itself refuses headers over 10000
+/// bytes by default. Our arrays' headers are under 200 bytes.
+const MAX_NPY_HEADER: usize = 1 << 16;
+
+/// Read one `.npy` stream, refusing a header length beyond [`MAX_NPY_HEADER`] before `ndarray-npy`
+/// allocates it.
+fn read_npy_checked<T: ReadableElement, R: Read>(
+    mut r: R,
+    name: &str,
+) -> std::result::Result<ArrayD<T>, String> {
+    // magic (6) + version (2) + header length (2 in v1, 4 in v2/v3)
+    let mut pre = [0u8; 12];
+    let mut n = 0;
+    while n < pre.len() {
+        match r.read(&mut pre[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("array `{name}`: {e}")),
+        }
     }
+    let header_len = match pre[6] {
+        1 if n >= 10 => u16::from_le_bytes([pre[8], pre[9]]) as usize,
+        2 | 3 if n >= 12 => u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]) as usize,
+        _ => 0, // too short or an unknown version: ndarray-npy says which
+    };
+    if header_len > MAX_NPY_HEADER {
+        return Err(format!(
+            "array `{name}`: .npy header of {header_len} bytes (at most {MAX_NPY_HEADER} accepted)"
+        ));
+    }
+    ArrayD::<T>::read_npy(io::Cursor::new(&pre[..n]).chain(r)).map_err(|e| npy_problem(name, e))
 }
 
 /// Where the arrays come from: an open archive or one `.npy` stream.
@@ -195,10 +221,20 @@ trait ArraySource {
     fn read<T: ReadableElement>(&mut self, name: &str) -> std::result::Result<ArrayD<T>, String>;
 }
 
-struct NpzArrays(NpzReader<BufReader<File>>);
+/// An `.npz` archive, read entry by entry (numpy's lookup: `name`, else `name.npy`).
+struct NpzArrays(zip::ZipArchive<BufReader<File>>);
 impl ArraySource for NpzArrays {
     fn read<T: ReadableElement>(&mut self, name: &str) -> std::result::Result<ArrayD<T>, String> {
-        self.0.by_name(name).map_err(|e| npz_problem(name, e))
+        let idx = self
+            .0
+            .index_for_name(name)
+            .or_else(|| self.0.index_for_name(&format!("{name}.npy")))
+            .ok_or_else(|| format!("array `{name}`: not in the archive"))?;
+        let entry = self
+            .0
+            .by_index(idx)
+            .map_err(|e| format!("array `{name}`: {e}"))?;
+        read_npy_checked(entry, name)
     }
 }
 
@@ -206,7 +242,7 @@ struct NpyFile(PathBuf);
 impl ArraySource for NpyFile {
     fn read<T: ReadableElement>(&mut self, name: &str) -> std::result::Result<ArrayD<T>, String> {
         let f = File::open(&self.0).map_err(|e| e.to_string())?;
-        ArrayD::<T>::read_npy(BufReader::new(f)).map_err(|e| npy_problem(name, e))
+        read_npy_checked(BufReader::new(f), name)
     }
 }
 
@@ -362,10 +398,12 @@ impl NpzSource {
             }
         } else {
             for (fi, path) in files.iter().enumerate() {
-                let mut npz = open_npz(path)?;
-                let names = npz.names().map_err(|e| {
-                    Error::input(path, format!("not a readable .npz archive ({e})"))
-                })?;
+                let npz = open_npz(path)?;
+                // numpy's names: a single `.npy` suffix stripped
+                let names: Vec<String> = npz
+                    .file_names()
+                    .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_owned())
+                    .collect();
                 let mut seqs: BTreeMap<usize, Fields> = BTreeMap::new();
                 for n in &names {
                     let bad = || {
@@ -584,9 +622,9 @@ fn check_ids_s(what: &str, ids: &[i64], vocab: Option<usize>) -> std::result::Re
     })
 }
 
-fn open_npz(path: &Path) -> Result<NpzReader<BufReader<File>>> {
+fn open_npz(path: &Path) -> Result<zip::ZipArchive<BufReader<File>>> {
     let f = File::open(path).map_err(|e| io_err(path, e))?;
-    NpzReader::new(BufReader::new(f))
+    zip::ZipArchive::new(BufReader::new(f))
         .map_err(|e| Error::input(path, format!("not a readable .npz archive ({e})")))
 }
 

@@ -4,6 +4,13 @@ use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
 
+/// Most decoder layers a config may declare.
+pub const MAX_LAYERS: usize = 4096;
+/// Largest width, head count or expert count a config may declare (2^20).
+pub const MAX_DIM: usize = 1 << 20;
+/// Largest vocabulary (the same bound as a capture's `vocab_size`, `capture::MAX_VOCAB`).
+pub const MAX_VOCAB: usize = 1 << 24;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerKind {
     LinearAttention,
@@ -116,6 +123,12 @@ impl TextConfig {
             }
         };
         let num_hidden_layers = u("num_hidden_layers", d(32, 40))?;
+        // Bounded before the default `layer_types` list is built from it.
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(format!(
+                "num_hidden_layers {num_hidden_layers} is larger than qgate accepts ({MAX_LAYERS})"
+            ));
+        }
         let layer_types = match text.get("layer_types") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -250,6 +263,51 @@ impl TextConfig {
             if v == 0 {
                 return Err(format!("field `{k}` is 0"));
             }
+        }
+        // Bounds on declared sizes, so that no product of them (buffer sizes, expected tensor shapes)
+        // can overflow or ask for absurd memory before the checkpoint's real shapes are compared.
+        let mut sizes = nz[1..].to_vec();
+        sizes.push(("intermediate_size", self.intermediate_size.unwrap_or(0)));
+        if let Some(m) = &self.moe {
+            sizes.extend([
+                ("num_experts", m.num_experts),
+                ("moe_intermediate_size", m.moe_intermediate_size),
+                (
+                    "shared_expert_intermediate_size",
+                    m.shared_expert_intermediate_size,
+                ),
+            ]);
+        }
+        for (k, v) in sizes {
+            if v > MAX_DIM {
+                return Err(format!(
+                    "field `{k}` = {v} is larger than qgate accepts ({MAX_DIM})"
+                ));
+            }
+        }
+        if self.vocab_size > MAX_VOCAB {
+            return Err(format!(
+                "field `vocab_size` = {} is larger than qgate accepts ({MAX_VOCAB})",
+                self.vocab_size
+            ));
+        }
+        if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0) {
+            return Err(format!(
+                "partial_rotary_factor {} must be in (0, 1]",
+                self.partial_rotary_factor
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!(
+                "rope_theta {} must be a number > 0",
+                self.rope_theta
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!(
+                "rms_norm_eps {} must be a number >= 0",
+                self.rms_norm_eps
+            ));
         }
         if !self
             .num_attention_heads

@@ -1,0 +1,34 @@
+//! `cargo fuzz run transcript_reader`: arbitrary bytes → a file → the transcript importer, driven as
+//! `qgate import` drives it (`shim/replay_import.rs`: both sides, with and without a stand-in
+//! tokenizer and a vocabulary, checked against the importer's promises in `shim/import_check.rs`).
+//! Bad input must be an error, never a panic, an abort or an allocation the file does not back.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../src/capture.rs"]
+#[allow(dead_code)]
+mod capture;
+#[path = "../shim/error.rs"]
+mod error;
+#[path = "../../src/import/mod.rs"]
+#[allow(dead_code)]
+mod import;
+#[path = "../shim/import_check.rs"]
+mod import_check;
+#[path = "../shim/replay_import.rs"]
+#[allow(dead_code)]
+mod replay_import;
+#[path = "../shim/scratch.rs"]
+mod scratch;
+
+fn name(_: &[u8]) -> &'static str {
+    "input.transcript.json"
+}
+
+fuzz_target!(|data: &[u8]| {
+    let path = scratch::scratch(name(data));
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let _ = replay_import::transcript(&path);
+});
