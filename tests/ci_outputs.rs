@@ -80,14 +80,17 @@ fn junit_github_outputs_and_summary_schema_agree_with_the_verdict() {
 
     let cases = parse_junit(&std::fs::read_to_string(&junit).unwrap());
     assert_junit_matches_summary(&cases, &summary);
-    // every gated candidate × every rule the release policy enables (rollouts are in the HF captures)
+    // every gated candidate × every rule the release policy enables, in the gate's order (every rule of
+    // the release policy is on; rollouts are in the HF captures)
     let rules = [
         "garbage_rows",
-        "positions",
+        "min_coverage",
+        "collapse",
         "max_introduced_confident_flips",
         "min_cosine",
         "max_mean_kl",
         "rollout_prefix",
+        "degenerate_repetition",
     ];
     for c in cands {
         let label = c["label"].as_str().unwrap();

@@ -2,6 +2,8 @@
 //! PASS, or to delete files it had not written, planted from the committed HF fixtures
 //! (`fixtures/hf/dense-gva-untied.*`: 3 sequences of 1, 17 and 150 tokens, 168 positions, vocabulary 384,
 //! written by HF transformers 5.23.0). Each test fails on the code before the fix and passes after.
+mod common;
+
 use qgate::capture::{write_capture, Capture, CaptureMeta, FloatKind, SeqData};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -155,8 +157,12 @@ impl Fx {
         a.extend_from_slice(extra);
         qgate(&a, &self.p("cache"))
     }
+    /// summary.json, validated against the published schema.
     fn summary(&self) -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(self.p("out/summary.json")).unwrap()).unwrap()
+        let v = serde_json::from_str(&std::fs::read_to_string(self.p("out/summary.json")).unwrap())
+            .unwrap();
+        common::assert_valid_summary(&v);
+        v
     }
     fn report(&self) -> String {
         std::fs::read_to_string(self.p("out/report.md")).unwrap()
@@ -671,6 +677,7 @@ fn rules_that_cannot_be_applied_fail_and_bad_policies_exit_2() {
     let r = fx.run(&["--bundle", &f16, "--require-confident-prompt", "--json"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     let s: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    common::assert_valid_summary(&s);
     assert_eq!(s["candidates"][0]["verdict"]["status"], "not_judged");
     assert!(s["ship"].is_null());
     assert_eq!(s["exit_code"], 3);

@@ -112,6 +112,7 @@ pub struct Verdict {
 #[serde(rename_all = "snake_case")]
 pub enum SymptomKind {
     CosineCrater,
+    #[serde(rename = "collapse_after_position_0")]
     CollapseAfterPosition0,
     DegenerateRepetition,
 }

@@ -17,7 +17,8 @@ use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// The gate's rules in the order `gate::verdict::judge` applies them, and whether the policy enables each.
+/// For summaries without `verdict.rules` (written before the gate recorded every rule's outcome): the
+/// rules in the order `gate::verdict::judge` applied them then, and whether the policy enabled each.
 fn rules(policy: &Value) -> Vec<&'static str> {
     let mut r = vec![
         "garbage_rows",
@@ -104,6 +105,36 @@ fn cases(run: &Value) -> Vec<Case> {
                 "control",
                 Outcome::Skipped(format!("control, not gated: {reason}")),
             ));
+            continue;
+        }
+        // The gate records every rule's outcome (`verdict.rules`): use it as it is.
+        if let (Some(rules), "pass" | "fail") =
+            (verdict.get("rules").and_then(Value::as_array), status)
+        {
+            for pair in rules {
+                let (Some(r), Some(o)) = (
+                    pair.get(0).and_then(Value::as_str),
+                    pair.get(1).and_then(Value::as_str),
+                ) else {
+                    continue;
+                };
+                let outcome = match o {
+                    "passed" => Outcome::Pass,
+                    "failed" if sweep => {
+                        Outcome::Skipped(format!("rejected by the sweep ({r}): {reason}"))
+                    }
+                    "failed" => Outcome::Failure {
+                        kind: r.to_string(),
+                        message: reason.clone(),
+                    },
+                    "not_evaluated" => Outcome::Skipped(format!(
+                        "not evaluated: rule {} failed first",
+                        failed.unwrap_or("?")
+                    )),
+                    _ => continue, // not required by the policy: no testcase
+                };
+                out.push(case(r, outcome));
+            }
             continue;
         }
         match (status, failed) {
