@@ -190,16 +190,21 @@ impl Fx {
     }
 }
 
-// 1. Uncovered rows count as nothing.
-#[test]
-fn coverage_is_a_rule_and_llm_runner_rows_pass() {
-    let fx = Fx::new();
-    // HF's bf16 logits with the oracle's own rollouts (HF's bf16 rollout departs from the f32 one at a
-    // step whose oracle margin this HF capture does not record, which would fail the rollout rule first)
+/// HF's bf16 capture with the oracle's own rollouts (HF's bf16 rollout departs from the f32 one at a step
+/// whose margin this HF oracle capture does not record, which would fail the rollout rule first).
+fn bf16_with_oracle_rollouts(fx: &Fx) -> Vec<Seq> {
     let mut bf16 = read(&hf("bf16"));
     for (b, o) in bf16.iter_mut().zip(&fx.oracle) {
         b.rollout = o.rollout.clone();
     }
+    bf16
+}
+
+// 1. Uncovered rows count as nothing.
+#[test]
+fn coverage_is_a_rule_and_llm_runner_rows_pass() {
+    let fx = Fx::new();
+    let bf16 = bf16_with_oracle_rollouts(&fx);
     // one logits row of 168 planned positions (the hostile capture passed as `1/1 exact`)
     let one: Vec<SeqData> = bf16
         .iter()
@@ -688,10 +693,7 @@ fn rules_that_cannot_be_applied_fail_and_bad_policies_exit_2() {
 fn a_shorter_rollout_without_eos_is_compared_over_the_common_length() {
     let fx = Fx::new();
     // HF's bf16 logits; the rollout: the oracle's first 8 steps (the community's 8-token gate)
-    let mut bf16 = read(&hf("bf16"));
-    for (b, o) in bf16.iter_mut().zip(&fx.oracle) {
-        b.rollout = o.rollout.clone();
-    }
+    let bf16 = bf16_with_oracle_rollouts(&fx);
     let eight: Vec<SeqData> = bf16
         .iter()
         .map(|q| {
@@ -800,10 +802,7 @@ fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
         .unwrap()
         + 1;
     assert!(k <= V - 2, "the fixture leaves a tail to mask ({k})");
-    let mut bf16 = read(&hf("bf16"));
-    for (b, o) in bf16.iter_mut().zip(&fx.oracle) {
-        b.rollout = o.rollout.clone();
-    }
+    let bf16 = bf16_with_oracle_rollouts(&fx);
     let masked: Vec<SeqData> = bf16
         .iter()
         .map(|q| {

@@ -308,22 +308,13 @@ fn oracle_weights(oracle: &Capture) -> Option<String> {
     }
 }
 
-/// `YYYY-MM-DD` (UTC) of a time (days-from-civil inverse, Howard Hinnant's algorithm).
+/// `YYYY-MM-DD` (UTC) of a time (the date part of `progress::utc`, the one civil-date conversion).
 pub fn utc_date(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_secs())
         .unwrap_or(0);
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    crate::progress::utc(secs).chars().take(10).collect()
 }
 
 #[cfg(test)]
