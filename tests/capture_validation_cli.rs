@@ -30,7 +30,7 @@ fn plant(src: &Path, dst: &Path, name: &str, dtype: &str, shape: &[usize], data:
         json!({"dtype": dtype, "shape": shape, "data_offsets": [end, end + data.len()]}),
     );
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

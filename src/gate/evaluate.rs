@@ -317,27 +317,6 @@ pub fn utc_date(t: std::time::SystemTime) -> String {
     crate::progress::utc(secs).chars().take(10).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::utc_date;
-    use std::time::{Duration, UNIX_EPOCH};
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc_date(UNIX_EPOCH), "1970-01-01");
-        // 2026-11-30T07:34:11Z
-        assert_eq!(
-            utc_date(UNIX_EPOCH + Duration::from_secs(1_796_024_051)),
-            "2026-11-30"
-        );
-        // 2000-02-29 (leap day of a century leap year)
-        assert_eq!(
-            utc_date(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29"
-        );
-    }
-}
-
 /// McNemar tests between every two captures on the positions both have and the policy counts.
 fn paired_tests(compared: &[Compared], masks: &[Vec<bool>], ids: &[Identity]) -> Vec<Paired> {
     let matched: Vec<HashMap<(usize, usize), bool>> = compared
@@ -374,4 +353,25 @@ fn paired_tests(compared: &[Compared], masks: &[Vec<bool>], ids: &[Identity]) ->
         }
     }
     paired
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(UNIX_EPOCH), "1970-01-01");
+        // 2026-11-30T07:34:11Z
+        assert_eq!(
+            utc_date(UNIX_EPOCH + Duration::from_secs(1_796_024_051)),
+            "2026-11-30"
+        );
+        // 2000-02-29 (leap day of a century leap year)
+        assert_eq!(
+            utc_date(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29"
+        );
+    }
 }
