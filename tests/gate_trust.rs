@@ -472,6 +472,32 @@ fn the_oracle_must_prove_where_it_came_from() {
     );
     let r = run(&other, &["--trust-oracle"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
+    // a truncated oracle (HF's, its last rows dropped) would shrink the plan every candidate is judged on
+    let short: Vec<SeqData> = fx
+        .oracle
+        .iter()
+        .map(|q| {
+            logits_seq(
+                &q.tokens,
+                &q.logits[..q.logits.len().min(2)],
+                q.rollout.clone(),
+            )
+        })
+        .collect();
+    let short = write(
+        &fx.p("short-oracle.capture.safetensors"),
+        "hf-f32",
+        "transformers-5.23.0",
+        &short,
+    );
+    let r = run(&short, &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("an oracle capture needs a row at every position"),
+        "{}",
+        r.stderr
+    );
     assert!(std::fs::read_to_string(fx.p("out/report.md"))
         .unwrap()
         .contains("oracle provenance unverified"));

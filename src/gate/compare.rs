@@ -102,6 +102,18 @@ pub fn compare(
                 ),
             ));
         }
+        // a truncated oracle would shrink the plan every candidate is judged on
+        if s.rows() != s.tokens.len() {
+            return Err(Error::input(
+                &oracle.path,
+                format!(
+                    "oracle has {} logits row(s) for the {} tokens of seq.{}: an oracle capture needs a row at every position",
+                    s.rows(),
+                    s.tokens.len(),
+                    s.index
+                ),
+            ));
+        }
     }
     let cseqs: Vec<Vec<SeqView<'_>>> = cands
         .iter()
