@@ -948,3 +948,30 @@ fn ship_by_size_only_and_a_report_fit_for_a_model_card() {
         assert!(!bare, "bare #id outside a code span: {l}");
     }
 }
+
+// Inputs that cannot be gated together are refused before the oracle runs (it may take hours).
+#[test]
+fn captures_of_different_plans_are_refused_before_the_oracle_runs() {
+    let fx = Fx::new();
+    let f16 = hf("f16").display().to_string();
+    let other = root()
+        .join("fixtures/captures/stub-coreai.capture.safetensors")
+        .display()
+        .to_string();
+    let m = model_dir().display().to_string();
+    let out = fx.s("out");
+    let r = qgate(
+        &[
+            "run", "--oracle", "f32", "--model", &m, "--bundle", &f16, "--bundle", &other, "--out",
+            &out,
+        ],
+        &fx.p("cache"),
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("but the first candidate"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        !fx.p("cache").exists() || std::fs::read_dir(fx.p("cache")).unwrap().next().is_none(),
+        "the oracle ran before the inputs were checked"
+    );
+}

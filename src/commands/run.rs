@@ -136,6 +136,10 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         .map(|i| Capture::open(&i.capture))
         .collect::<Result<_>>()?;
     let control = args.control.as_ref().map(Capture::open).transpose()?;
+    // every capture on one plan, checked before the oracle may run for hours
+    for c in caps.iter().skip(1).chain(control.iter()) {
+        compare::check_same_plan_as(&caps[0], "the first candidate", c)?;
+    }
     policy
         .check_against_plan(caps[0].len())
         .map_err(|m| Error::usage(format!("gate policy does not fit the plan: {m}")))?;

@@ -18,12 +18,19 @@ pub struct Compared {
 
 /// Check that a candidate was captured on exactly the oracle's plan (same sequences, same tokens, same vocab).
 pub fn check_same_plan(oracle: &Capture, cand: &Capture) -> Result<()> {
+    check_same_plan_as(oracle, "the oracle", cand)
+}
+
+/// [`check_same_plan`] against any reference capture, named `what` in the message ("the oracle", "the
+/// first candidate"): run before the oracle, so that captures of different plans are refused before hours
+/// of work.
+pub fn check_same_plan_as(oracle: &Capture, what: &str, cand: &Capture) -> Result<()> {
     let name = |c: &Capture| c.path.display().to_string();
     if oracle.meta.vocab_size != cand.meta.vocab_size {
         return Err(Error::input(
             &cand.path,
             format!(
-                "vocab size {} but the oracle {} has {}",
+                "vocab size {} but {what} {} has {}",
                 cand.meta.vocab_size,
                 name(oracle),
                 oracle.meta.vocab_size
@@ -34,7 +41,7 @@ pub fn check_same_plan(oracle: &Capture, cand: &Capture) -> Result<()> {
         return Err(Error::input(
             &cand.path,
             format!(
-                "{} sequences but the oracle {} has {} (captures of different plans)",
+                "{} sequences but {what} {} has {} (captures of different plans)",
                 cand.len(),
                 name(oracle),
                 oracle.len()
@@ -51,15 +58,15 @@ pub fn check_same_plan(oracle: &Capture, cand: &Capture) -> Result<()> {
             .zip(&b)
             .position(|(x, y)| x != y)
             .unwrap_or(a.len().min(b.len()));
-        let what = match (a.get(t), b.get(t)) {
-            (Some(x), Some(y)) => format!("token {y} but the oracle has {x}"),
+        let diff = match (a.get(t), b.get(t)) {
+            (Some(x), Some(y)) => format!("token {y} but {what} has {x}"),
             (Some(_), None) => format!(
-                "sequence ends ({} tokens) but the oracle has {}",
+                "sequence ends ({} tokens) but {what} has {}",
                 b.len(),
                 a.len()
             ),
             (None, _) => format!(
-                "sequence has {} tokens but the oracle ends at {}",
+                "sequence has {} tokens but {what} ends at {}",
                 b.len(),
                 a.len()
             ),
@@ -67,7 +74,7 @@ pub fn check_same_plan(oracle: &Capture, cand: &Capture) -> Result<()> {
         return Err(Error::input(
             &cand.path,
             format!(
-                "tokens differ from the oracle {} first at sequence {i} position {t}: {what}",
+                "tokens differ from {what} {} first at sequence {i} position {t}: {diff}",
                 name(oracle)
             ),
         ));
