@@ -212,25 +212,6 @@ pub fn compare(
     Ok((views, result))
 }
 
-/// Oracle view at one position, computed directly (used for rollout divergences at step 0).
-pub fn oracle_view_at(
-    oracle: &Capture,
-    seq: usize,
-    pos: usize,
-    space: MarginSpace,
-) -> Option<OracleView> {
-    let s = oracle.seq(seq);
-    let l = s.logits?;
-    if pos >= l.rows {
-        return None;
-    }
-    let mut o = vec![0f32; l.cols];
-    let mut e = vec![0f32; l.cols];
-    kernel::decode_row(&l, pos, &mut o);
-    let st = kernel::oracle_row(&o, &mut e);
-    st.finite.then(|| OracleView::from_stats(&st, space))
-}
-
 /// The oracle's logit of `token` at (seq, pos), if the oracle holds that row.
 pub fn oracle_logit_at(oracle: &Capture, seq: usize, pos: usize, token: i64) -> Option<f32> {
     let s = oracle.seq(seq);

@@ -47,6 +47,14 @@ fn rollout_comparisons(
     policy: &Policy,
 ) -> (Vec<RolloutComparison>, Option<String>) {
     let rule = TieRule::of(policy);
+    // a recorded (prob, logit) margin pair in the run's margin space
+    let in_space = |(p, l): (f32, f32)| -> f64 {
+        if policy.margin_space == MarginSpace::Prob {
+            p as f64
+        } else {
+            l as f64
+        }
+    };
     let mut out = Vec::new();
     let (mut oracle_has, mut cand_has) = (false, false);
     for s in (0..oracle.len()).filter(|&s| policy.counts_sequence(s)) {
@@ -59,16 +67,7 @@ fn rollout_comparisons(
         let last = ov.tokens.len() - 1;
         // the oracle's own per-step margins, in the run's margin space; step 0 from its last prompt row
         let mut margins: Vec<Option<f64>> = match &ov.rollout_margin {
-            Some(m) => m
-                .iter()
-                .map(|&(p, l)| {
-                    Some(if policy.margin_space == MarginSpace::Prob {
-                        p as f64
-                    } else {
-                        l as f64
-                    })
-                })
-                .collect(),
+            Some(m) => m.iter().map(|&pl| Some(in_space(pl))).collect(),
             None => vec![None; or.len()],
         };
         let v0 = view_at.get(&(s, last)).copied();
@@ -93,12 +92,8 @@ fn rollout_comparisons(
                     .as_ref()
                     .and_then(|m| m.get(d.step))
                     .map(|&(p, l)| {
-                        let m = if policy.margin_space == MarginSpace::Prob {
-                            p as f64
-                        } else {
-                            l as f64
-                        };
-                        m < policy.margin_floor && (l as f64) <= policy.tie_max_logit_gap
+                        in_space((p, l)) < policy.margin_floor
+                            && (l as f64) <= policy.tie_max_logit_gap
                     })
             };
         }
@@ -207,8 +202,8 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
             s.verdict.reason = "not judged: the prompt was rejected (exit 3)".into();
         }
     }
-    let (code, line) = verdict::overall(&sums, &prompt, policy);
     let decision = verdict::ship_decision(&sums);
+    let (code, line) = verdict::overall(&sums, &decision, &prompt, policy);
     let ship_note = if prompt.rejected {
         "ship: none — the prompt was rejected".to_string()
     } else {
@@ -284,28 +279,15 @@ fn oracle_model(oracle: &Capture) -> Option<String> {
 /// `file=sha;` lines.
 fn oracle_weights(oracle: &Capture) -> Option<String> {
     use sha2::{Digest, Sha256};
-    let arr = oracle.meta.extra.get("weights_sha256")?.as_array()?;
-    let mut files: Vec<(String, String)> = arr
-        .iter()
-        .filter_map(|v| {
-            Some((
-                v.get("file")?.as_str()?.to_string(),
-                v.get("sha256")?.as_str()?.to_string(),
-            ))
-        })
-        .collect();
-    files.sort();
-    match files.len() {
-        0 => None,
-        1 => Some(files[0].1.clone()),
-        _ => {
-            let mut h = Sha256::new();
-            for (f, s) in &files {
-                h.update(format!("{f}={s};"));
-            }
-            Some(hex::encode(h.finalize()))
-        }
+    let files = super::provenance::recorded_weights(oracle)?;
+    if let [(_, sha)] = files.as_slice() {
+        return Some(sha.clone());
     }
+    let mut h = Sha256::new();
+    for (f, s) in &files {
+        h.update(format!("{f}={s};"));
+    }
+    Some(hex::encode(h.finalize()))
 }
 
 /// `YYYY-MM-DD` (UTC) of a time (the date part of `progress::utc`, the one civil-date conversion).

@@ -48,7 +48,7 @@ impl Provenance {
 }
 
 /// The weights hashes a capture records (`weights_sha256: [{file, sha256}]`), sorted.
-fn recorded_weights(c: &Capture) -> Option<Vec<(String, String)>> {
+pub fn recorded_weights(c: &Capture) -> Option<Vec<(String, String)>> {
     let arr = c.meta.extra.get("weights_sha256")?.as_array()?;
     let mut out = Vec::new();
     for v in arr {

@@ -408,6 +408,7 @@ pub fn ship_decision(cands: &[CandidateSummary]) -> Ship {
 /// every candidate [`Status::NotJudged`] first.
 pub fn overall(
     cands: &[CandidateSummary],
+    ship: &Ship,
     prompt: &PromptCheck,
     policy: &Policy,
 ) -> (ExitCode, String) {
@@ -428,7 +429,7 @@ pub fn overall(
             ),
         );
     }
-    let ship_txt = ship_decision(cands).describe();
+    let ship_txt = ship.describe();
     let gated: Vec<&CandidateSummary> =
         cands.iter().filter(|c| c.role == Role::Candidate).collect();
     let failed: Vec<&&CandidateSummary> = gated
