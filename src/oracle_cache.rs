@@ -72,7 +72,8 @@ pub const ORACLE_DTYPES: [&str; 3] = ["bf16", "f32", "f16"];
 
 /// The oracle capture a run compares with, and what qgate could verify about where it came from.
 pub struct ResolvedOracle {
-    pub path: PathBuf,
+    /// The oracle capture, opened (and validated) once.
+    pub capture: Capture,
     pub provenance: Provenance,
 }
 
@@ -90,8 +91,9 @@ pub fn resolve_oracle(
 ) -> Result<ResolvedOracle> {
     if ORACLE_DTYPES.contains(&oracle) {
         let exec = ExecOptions::from_args(device.clone(), None, false, false)?;
+        let path = oracle_capture_for(model, bundle_dir, oracle, plan, exec)?;
         return Ok(ResolvedOracle {
-            path: oracle_capture_for(model, bundle_dir, oracle, plan, exec)?,
+            capture: Capture::open(&path)?,
             provenance: Provenance::ComputedHere,
         });
     }
@@ -112,7 +114,7 @@ pub fn resolve_oracle(
         None => provenance::check(&cap, None, trust)?,
     };
     Ok(ResolvedOracle {
-        path: p,
+        capture: cap,
         provenance,
     })
 }

@@ -174,7 +174,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         &device,
         args.trust_oracle,
     )?;
-    let oracle = Capture::open(&resolved.path)?;
+    let oracle = resolved.capture;
     for c in caps.iter().chain(control.iter()) {
         compare::check_same_plan(&oracle, c)?;
     }

@@ -172,8 +172,8 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         &device,
         false,
     )?;
-    let oracle = Capture::open(&resolved.path)?;
-    compare::check_same_plan(&oracle, &plan_cap)?;
+    let oracle = &resolved.capture;
+    compare::check_same_plan(oracle, &plan_cap)?;
     let rollout = (0..oracle.len())
         .filter_map(|i| oracle.seq(i).rollout.map(|r| r.len()))
         .max()
@@ -187,7 +187,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         }
         used.push(label.clone());
         let path = cap_dir.join(format!("{}.capture.safetensors", safe(&label)));
-        crate::outputs::check_capture_out(&path, &[args.plan.as_path(), resolved.path.as_path()])?;
+        crate::outputs::check_capture_out(&path, &[args.plan.as_path(), oracle.path.as_path()])?;
         eprintln!("qgate: simulating {label} ({})…", scheme.spec());
         let o = simulate(SimRequest {
             model_dir: &model_dir,
@@ -225,7 +225,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         .map(identity)
         .collect();
     let mut ev = evaluate(Inputs {
-        oracle: &oracle,
+        oracle,
         provenance: resolved.provenance.clone(),
         all: &all,
         ids,
@@ -269,7 +269,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
                 .chain(std::iter::once(identity(&control)))
                 .collect();
             let aev = evaluate(Inputs {
-                oracle: &oracle,
+                oracle,
                 provenance: resolved.provenance.clone(),
                 all: &all,
                 ids,
