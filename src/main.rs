@@ -58,6 +58,9 @@ enum Command {
     /// Simulate a ladder of schemes, gate each against the oracle (f16 control) and name the one that ships.
     #[command(after_help = FOOTER)]
     Sweep(commands::sweep::Args),
+    /// Join the partial captures of `qgate oracle --shard i/N` into the whole-plan oracle capture.
+    #[command(after_help = FOOTER)]
+    Merge(commands::merge::Args),
     /// Convert other tools' outputs (npz, llm-runner JSON, transcripts) into a qgate capture.
     #[command(after_help = FOOTER)]
     Import(commands::import::Args),
@@ -115,6 +118,7 @@ fn main() {
         Command::Plan(a) => commands::plan::execute(a),
         Command::Run(a) => commands::run::execute(a),
         Command::Import(a) => commands::import::execute(a),
+        Command::Merge(a) => commands::merge::execute(a),
         Command::Simulate(a) => commands::simulate::execute(a),
         Command::Sweep(a) => commands::sweep::execute(a),
     };

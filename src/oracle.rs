@@ -248,6 +248,15 @@ fn encode_into(bytes: &mut Vec<u8>, kind: FloatKind, values: &[f32]) {
 /// are spilled to an anonymous temp file as they are produced so that memory holds one sequence (one
 /// head chunk when streaming) at a time.
 pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
+    run_oracle_as(req, crate::shard::ORACLE_RUNTIME, Default::default())
+}
+
+/// [`run_oracle`] with the capture's `runtime` and extra metadata set by the caller (a shard's partial).
+pub fn run_oracle_as(
+    req: &OracleRequest,
+    runtime: &str,
+    more: serde_json::Map<String, serde_json::Value>,
+) -> Result<PathBuf> {
     let cfg = TextConfig::from_dir(req.model_dir)?;
     let mut ws = WeightStore::open(req.model_dir)?;
     ws.set_device(&req.exec.device);
@@ -279,15 +288,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     let label = format!("oracle-{}", req.precision.name());
     let execution = if stream { "streamed" } else { "in-memory" };
     write_capture_from_spill(
-        req,
-        &cfg,
-        &ws,
-        spill,
-        &rollouts,
-        &label,
-        "qgate-oracle",
-        execution,
-        Default::default(),
+        req, &cfg, &ws, spill, &rollouts, &label, runtime, execution, more,
     )
 }
 
