@@ -1,6 +1,7 @@
 //! The Qwen3.5 / Qwen3.5-MoE text decoder, exact to HF transformers 5.23.0 (eager attention, torch
 //! fallbacks for the causal conv and the delta rule), in f32, bf16 or f16 rounding.
 pub mod attention;
+pub mod attn_softmax;
 pub mod bf16_gemm;
 pub mod config;
 pub mod delta_rule;
