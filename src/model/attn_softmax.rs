@@ -12,7 +12,9 @@
 //! product reads: where the tensor-op version made ~12 passes over an f32 `[heads, T, T]` tensor, this
 //! makes one read-heavy pass over a half-size one. The kernel is compiled at first use with NVRTC.
 use super::precision::Precision;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+#[cfg(any(feature = "cuda", test))]
+use candle_core::DType;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 /// `x`: `[.., R, total]` scores (any float dtype), row `r` belongs to query position `start + r % t`

@@ -296,6 +296,22 @@ impl Model {
         Ok(logits)
     }
 
+    /// `forward` with the logits in the dtype the head's product writes them: on a GPU in bf16/f16 the
+    /// model dtype (the values `forward` returns widened to f32, at half the memory), else f32. What the
+    /// oracle stores: a bf16 capture holds exactly these values.
+    pub fn forward_native(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        let report = |stage| self.nonfinite(stage);
+        let mut check = FiniteCheck::new(self.portable, &report);
+        let hidden = self.hidden_states_checked(tokens, cache, None, &mut check)?;
+        let logits = match &self.head {
+            linear::LinearWeight::Half(w) => hidden.to_dtype(w.dtype())?.matmul(&w.t()?)?,
+            _ => self.logits(&hidden)?,
+        };
+        check.check(Stage::Head, &logits)?;
+        check.finish()?;
+        Ok(logits)
+    }
+
     /// Final-normed hidden states `[T, H]`.
     pub fn hidden_states(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
         self.hidden_states_traced(tokens, cache, None)
