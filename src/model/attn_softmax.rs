@@ -46,7 +46,7 @@ impl ScaledMaskedSoftmax {
         let dims = l.shape().dims();
         let total = *dims.last().unwrap_or(&0);
         let rows = l.shape().elem_count() / total.max(1);
-        if !l.is_contiguous() || total == 0 || self.t == 0 || rows % self.t != 0 {
+        if !l.is_contiguous() || total == 0 || self.t == 0 || !rows.is_multiple_of(self.t) {
             candle_core::bail!(
                 "scaled_masked_softmax: expected contiguous [.., R, total] with R a multiple of t = {}, got {:?}",
                 self.t,
