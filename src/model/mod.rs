@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod attn_softmax;
 pub mod bf16_gemm;
+pub mod chunk_scan;
 pub mod config;
 pub mod delta_rule;
 pub mod delta_rule_portable;
