@@ -12,6 +12,7 @@ pub mod expf;
 pub mod f32_gemm;
 pub mod finite;
 pub mod gated_deltanet;
+pub mod gdn_prep;
 pub mod linear;
 pub mod mlp;
 pub mod moe;
