@@ -111,7 +111,7 @@ fn every_fixture_model_has_a_tokenizer_and_plans_like_hf() {
         if name.starts_with("trained-") {
             // the committed plan is the plain prompts followed by the chat-templated ones
             let committed = qgate::capture::Capture::open(
-                &root().join("fixtures/plans/trained.plan.safetensors"),
+                root().join("fixtures/plans/trained.plan.safetensors"),
             )
             .unwrap();
             let seqs: Vec<Vec<i64>> = (0..committed.len())
