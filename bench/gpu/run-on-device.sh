@@ -23,7 +23,7 @@ ldd $Q/qgate | grep -E "not found|cublas|cuda|nvrtc|curand" || true
 if [[ " $STEPS " == *" check "* ]]; then
   echo "== GPU oracle vs CPU oracle and vs HF (fixtures)"
   fail=0
-  for m in dense-vl-tied dense-gva-untied moe-fused moe-experts; do
+  for m in ${CHECK_MODELS:-dense-vl-tied dense-gva-untied moe-fused moe-experts trained-dense trained-moe}; do
     for dt in ${CHECK_DTYPES:-f32 bf16 f16}; do
       hf=fixtures/hf/$m.$dt.capture.safetensors; [ -f "$hf" ] || continue
       for dev in cpu cuda; do
