@@ -12,6 +12,19 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 /// `m`: `[N, H, Dk, Dk]`, `nn`: `[N, H, Dk, Dv]`, `s0`: `[H, Dk, Dv]`, f32. Returns `[N + 1, H, Dk, Dv]`:
 /// entry `i` is the state at the start of chunk `i`, entry `N` the state after the last chunk.
 pub fn scan(m: &Tensor, nn: &Tensor, s0: &Tensor) -> Result<Tensor> {
+    let dk = s0.dim(1)?;
+    if !m.device().is_cpu() && dk > 128 {
+        // Wider than the kernel's shared-memory tiles: the recurrence as tensor ops (two per chunk).
+        let n = m.dim(0)?;
+        let mut states = Vec::with_capacity(n + 1);
+        let mut s = s0.clone();
+        for i in 0..n {
+            states.push(s.clone());
+            s = (super::device::matmul(&m.get(i)?, &s)? + nn.get(i)?)?;
+        }
+        states.push(s);
+        return Tensor::stack(&states, 0);
+    }
     m.contiguous()?
         .apply_op3_no_bwd(&nn.contiguous()?, &s0.contiguous()?, &ChunkScan)
 }
@@ -108,10 +121,8 @@ impl CustomOp3 for ChunkScan {
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
         let (n, h, dk, dv) = dims(l1, l2, l3)?;
-        if dk > MAX_DK || dv % COLS != 0 {
-            candle_core::bail!(
-                "chunk_scan: the GPU kernel needs Dk ≤ {MAX_DK} and Dv a multiple of {COLS}, got {dk}, {dv}"
-            );
+        if dk > MAX_DK {
+            candle_core::bail!("chunk_scan: the GPU kernel needs Dk ≤ {MAX_DK}, got {dk}");
         }
         let dev = s1.device().clone();
         let m = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
@@ -122,7 +133,7 @@ impl CustomOp3 for ChunkScan {
         let func = dev.get_or_load_custom_func("qgate_chunk_scan", "qgate_chunk_scan", ptx()?)?;
         let threads = (dk * COLS / PER_THREAD) as u32;
         let cfg = LaunchConfig {
-            grid_dim: (h as u32, (dv / COLS) as u32, 1),
+            grid_dim: (h as u32, dv.div_ceil(COLS) as u32, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -145,47 +156,64 @@ impl CustomOp3 for ChunkScan {
     }
 }
 
-/// Columns of the state per block, outputs per thread, largest key head dim (shared memory 2·Dk·16 floats).
+/// Columns of the state per block, outputs per thread, largest key head dim (the shared-memory tiles).
 #[cfg(feature = "cuda")]
 const COLS: usize = 16;
 #[cfg(feature = "cuda")]
 const PER_THREAD: usize = 8;
 #[cfg(feature = "cuda")]
-const MAX_DK: usize = 256;
+const MAX_DK: usize = 128;
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// Block (head h, columns c0..c0+16); thread: row r = tid / 2, columns c0 + (tid % 2)·8 .. +8.
+// Block (head h, columns c0..c0+16 of the state; fewer at the right edge); thread: row r = tid / 2,
+// columns (tid % 2)·8 .. +8. The block's state slice stays in shared memory for the whole scan; each
+// chunk's M is read in coalesced 32-column tiles into shared memory (rows padded to 33: no bank
+// conflicts), and every output accumulates over k in ascending order.
 extern "C" __global__ void qgate_chunk_scan(const float* m, const float* nn, const float* s0, float* out,
                                             int n, int h, int dk, int dv) {
-    __shared__ float S[256 * 16];
+    __shared__ float S[128 * 16];
+    __shared__ float Ms[128 * 33];
     const int head = blockIdx.x, c0 = blockIdx.y * 16;
     const int r = threadIdx.x >> 1, cc = (threadIdx.x & 1) * 8;
+    const int ncols = min(16, dv - c0);
     const long blk = (long)dk * dv;
-    if (r < dk) {
-        const float* src = s0 + head * blk + (long)r * dv + c0 + cc;
-        float* dst = out + head * blk + (long)r * dv + c0 + cc;
-        for (int j = 0; j < 8; ++j) { S[r * 16 + cc + j] = src[j]; dst[j] = src[j]; }
+    for (int j = 0; j < 8; ++j) {
+        const int col = cc + j;
+        float v = 0.0f;
+        if (col < ncols) {
+            v = s0[head * blk + (long)r * dv + c0 + col];
+            out[head * blk + (long)r * dv + c0 + col] = v;
+        }
+        S[r * 16 + col] = v;
     }
     __syncthreads();
     for (int i = 0; i < n; ++i) {
+        const float* mi = m + ((long)i * h + head) * dk * dk;
         float acc[8];
         for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-        if (r < dk) {
-            const float* mi = m + ((long)i * h + head) * dk * dk + (long)r * dk;
-            for (int k = 0; k < dk; ++k) {
-                const float a = mi[k];
-                for (int j = 0; j < 8; ++j) acc[j] = fmaf(a, S[k * 16 + cc + j], acc[j]);
+        for (int k0 = 0; k0 < dk; k0 += 32) {
+            const int kw = min(32, dk - k0);
+            for (int e = threadIdx.x; e < dk * 32; e += blockDim.x) {
+                const int rr = e >> 5, kk = e & 31;
+                Ms[rr * 33 + kk] = (kk < kw) ? mi[(long)rr * dk + k0 + kk] : 0.0f;
             }
+            __syncthreads();
+            for (int kk = 0; kk < kw; ++kk) {
+                const float a = Ms[r * 33 + kk];
+                const float* srow = S + (k0 + kk) * 16 + cc;
+                for (int j = 0; j < 8; ++j) acc[j] = fmaf(a, srow[j], acc[j]);
+            }
+            __syncthreads();
         }
-        __syncthreads();
-        if (r < dk) {
-            const float* ni = nn + ((long)i * h + head) * blk + (long)r * dv + c0 + cc;
-            float* dst = out + ((long)(i + 1) * h + head) * blk + (long)r * dv + c0 + cc;
-            for (int j = 0; j < 8; ++j) {
-                const float v = acc[j] + ni[j];
-                S[r * 16 + cc + j] = v;
-                dst[j] = v;
+        const float* ni = nn + ((long)i * h + head) * blk + (long)r * dv + c0;
+        float* dst = out + ((long)(i + 1) * h + head) * blk + (long)r * dv + c0;
+        for (int j = 0; j < 8; ++j) {
+            const int col = cc + j;
+            if (col < ncols) {
+                const float v = acc[j] + ni[col];
+                S[r * 16 + col] = v;
+                dst[col] = v;
             }
         }
         __syncthreads();

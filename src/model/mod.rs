@@ -20,6 +20,7 @@ pub mod norms;
 pub mod ops;
 pub mod precision;
 pub mod rope;
+pub mod round_op;
 pub mod solve_tril;
 pub mod streaming;
 pub mod torch_topk;

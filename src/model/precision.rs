@@ -62,6 +62,9 @@ impl Precision {
             })?;
             return Tensor::from_vec(v, t.shape(), &Device::Cpu);
         }
+        if t.dtype() == DType::F32 && !t.device().is_cpu() {
+            return super::round_op::round_on_device(t, self); // one kernel
+        }
         match self {
             Precision::F32 => Ok(t.clone()),
             Precision::BF16 => t.to_dtype(DType::BF16)?.to_dtype(DType::F32),
