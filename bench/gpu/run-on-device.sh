@@ -80,7 +80,7 @@ if [[ " $STEPS " == *" bench "* ]]; then
         PYTHONPATH=/tmp/site-fla:$PYTHONPATH with_gpu_peak python3 bench/gpu/hf_forward_gpu.py /tmp/bench-0.8b $dt $T ${REPS:-5} sdpa > $Q/f.json 2>>$OUT/bench.err
         Fj=$(tail -n 1 $Q/f.json); Fpeak=$(cat $Q/peak.txt)
       fi
-      Rj=$(python3 bench/gpu/roofline.py /tmp/bench-0.8b $T $dt)
+      Rj=$(python3 bench/gpu/roofline.py /tmp/bench-0.8b $T $dt ${HBM_TB_S:-4.8})
       echo "$Qj"; echo "$Hj"; echo "$Fj"; echo "$Rj"
       python3 - "$Qj" "$Hj" "$Fj" "$Rj" "$Qpeak" "$Hpeak" "$Fpeak" <<'PY'
 import json, sys
