@@ -168,12 +168,11 @@ const MAX_DK: usize = 128;
 const KERNEL: &str = r#"
 // Block (head h, columns c0..c0+16 of the state; fewer at the right edge); thread: row r = tid / 2,
 // columns (tid % 2)·8 .. +8. The block's state slice stays in shared memory for the whole scan; each
-// chunk's M is read in coalesced 32-column tiles into shared memory (rows padded to 33: no bank
-// conflicts), and every output accumulates over k in ascending order.
+// thread reads its row of M_i from global memory (L2) and accumulates over k in ascending order.
+// (Staging M_i through shared memory in 32-column tiles measured 2.3× slower on an H200: BENCHMARKS.md.)
 extern "C" __global__ void qgate_chunk_scan(const float* m, const float* nn, const float* s0, float* out,
                                             int n, int h, int dk, int dv) {
     __shared__ float S[128 * 16];
-    __shared__ float Ms[128 * 33];
     const int head = blockIdx.x, c0 = blockIdx.y * 16;
     const int r = threadIdx.x >> 1, cc = (threadIdx.x & 1) * 8;
     const int ncols = min(16, dv - c0);
@@ -189,23 +188,15 @@ extern "C" __global__ void qgate_chunk_scan(const float* m, const float* nn, con
     }
     __syncthreads();
     for (int i = 0; i < n; ++i) {
-        const float* mi = m + ((long)i * h + head) * dk * dk;
+        const float* mi = m + ((long)i * h + head) * dk * dk + (long)r * dk;
         float acc[8];
         for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-        for (int k0 = 0; k0 < dk; k0 += 32) {
-            const int kw = min(32, dk - k0);
-            for (int e = threadIdx.x; e < dk * 32; e += blockDim.x) {
-                const int rr = e >> 5, kk = e & 31;
-                Ms[rr * 33 + kk] = (kk < kw) ? mi[(long)rr * dk + k0 + kk] : 0.0f;
-            }
-            __syncthreads();
-            for (int kk = 0; kk < kw; ++kk) {
-                const float a = Ms[r * 33 + kk];
-                const float* srow = S + (k0 + kk) * 16 + cc;
-                for (int j = 0; j < 8; ++j) acc[j] = fmaf(a, srow[j], acc[j]);
-            }
-            __syncthreads();
+        for (int k = 0; k < dk; ++k) {
+            const float a = mi[k];
+            const float* srow = S + k * 16 + cc;
+            for (int j = 0; j < 8; ++j) acc[j] = fmaf(a, srow[j], acc[j]);
         }
+        __syncthreads();
         const float* ni = nn + ((long)i * h + head) * blk + (long)r * dv + c0;
         float* dst = out + ((long)(i + 1) * h + head) * blk + (long)r * dv + c0;
         for (int j = 0; j < 8; ++j) {
