@@ -53,9 +53,9 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     let model_dir = resolve_model_dir(&args.model)?;
     let plan_cap = Capture::open(&args.plan)?;
     let plan = plan_cap.plan();
-    policy
-        .check_against_plan(plan.len())
-        .map_err(|m| crate::error::Error::usage(format!("gate policy does not fit the plan: {m}")))?;
+    policy.check_against_plan(plan.len()).map_err(|m| {
+        crate::error::Error::usage(format!("gate policy does not fit the plan: {m}"))
+    })?;
     let device = crate::model::device::parse_device(&args.device)?;
     let resolved = crate::oracle_cache::resolve_oracle(
         &args.oracle,
@@ -89,7 +89,10 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         mode: Some("f16".into()),
         size_bytes: Some(c.report.size_bytes()),
     };
-    eprintln!("qgate: simulating {} and tracing every layer…", scheme.label());
+    eprintln!(
+        "qgate: simulating {} and tracing every layer…",
+        scheme.label()
+    );
     let l = locate::run(locate::Request {
         model_dir: &model_dir,
         plan: &plan,

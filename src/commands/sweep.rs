@@ -136,7 +136,13 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     let sens_method = args
         .sensitivity
         .as_deref()
-        .map(|m| ablation_method(m).map_err(|_| Error::usage(format!("--sensitivity `{m}`: expected int4, int8 or a canonical method"))))
+        .map(|m| {
+            ablation_method(m).map_err(|_| {
+                Error::usage(format!(
+                    "--sensitivity `{m}`: expected int4, int8 or a canonical method"
+                ))
+            })
+        })
         .transpose()?;
     let search_methods = match args.search.as_deref() {
         None => None,
@@ -144,11 +150,17 @@ pub fn execute(args: Args) -> Result<ExitCode> {
             let (lo, hi) = s.split_once(':').ok_or_else(|| {
                 Error::usage(format!("--search `{s}`: expected LOW:HIGH, e.g. int4:int8"))
             })?;
-            let bad = |m: &str| Error::usage(format!("--search `{s}`: `{m}` is not int4, int8 or a canonical method"));
+            let bad = |m: &str| {
+                Error::usage(format!(
+                    "--search `{s}`: `{m}` is not int4, int8 or a canonical method"
+                ))
+            };
             let low = ablation_method(lo.trim()).map_err(|_| bad(lo))?;
             let high = ablation_method(hi.trim()).map_err(|_| bad(hi))?;
             if low == high {
-                return Err(Error::usage(format!("--search `{s}`: LOW and HIGH are the same method")));
+                return Err(Error::usage(format!(
+                    "--search `{s}`: LOW and HIGH are the same method"
+                )));
             }
             Some((lo.trim().to_string(), low, hi.trim().to_string(), high))
         }
@@ -271,11 +283,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
             } else {
                 sensitivity::Mode::PrefixReuse
             };
-            eprintln!(
-                "qgate: sensitivity map at {} ({:?})…",
-                m.canonical(),
-                mode
-            );
+            eprintln!("qgate: sensitivity map at {} ({:?})…", m.canonical(), mode);
             Some(sensitivity::run(&sens_req(m, mode))?)
         }
     };
@@ -286,7 +294,10 @@ pub fn execute(args: Args) -> Result<ExitCode> {
             let map = match &sensitivity {
                 Some(s) if s.method == low.canonical() => s,
                 _ => {
-                    eprintln!("qgate: sensitivity map at {} for the search…", low.canonical());
+                    eprintln!(
+                        "qgate: sensitivity map at {} for the search…",
+                        low.canonical()
+                    );
                     own = sensitivity::run(&sens_req(*low, sensitivity::Mode::PrefixReuse))?;
                     &own
                 }
@@ -445,8 +456,14 @@ pub fn execute(args: Args) -> Result<ExitCode> {
             let t = report::sensitivity::table(m, &policy);
             text.push_str(&t);
             extra.push(("sensitivity.md", t.into_bytes()));
-            extra.push(("sensitivity.csv", report::sensitivity::csv(m, &policy).into_bytes()));
-            extra.push(("sensitivity.svg", report::sensitivity::svg(m, &policy)?.into_bytes()));
+            extra.push((
+                "sensitivity.csv",
+                report::sensitivity::csv(m, &policy).into_bytes(),
+            ));
+            extra.push((
+                "sensitivity.svg",
+                report::sensitivity::svg(m, &policy)?.into_bytes(),
+            ));
         }
         if let Some(s) = &l.search {
             let t = report::sensitivity::search_md(s);

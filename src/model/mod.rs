@@ -474,13 +474,42 @@ impl Model {
     }
 
     fn run_layer(&self, layer: &DecoderLayer, x: &Tensor, lc: &mut LayerCache) -> Result<Tensor> {
+        Ok(self.run_layer_halves(layer, x, lc)?.1)
+    }
+
+    /// One layer, returning the residual stream after the mixer and after the feed-forward block.
+    fn run_layer_halves(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        lc: &mut LayerCache,
+    ) -> Result<(Tensor, Tensor)> {
         let p = self.prec;
         let h = layer.input_norm.forward(x)?;
         let y = layer.mixer.forward(&h, &self.rope, lc)?;
         let x = ops::add_round(x, &y, p, self.portable)?;
         let h = layer.post_norm.forward(&x)?;
         let y = layer.ffn.forward(&h)?;
-        ops::add_round(&x, &y, p, self.portable)
+        let out = ops::add_round(&x, &y, p, self.portable)?;
+        Ok((x, out))
+    }
+
+    /// A teacher-forced prefill from a fresh cache, returning per layer the residual stream after its
+    /// mixer (attention / Gated DeltaNet) and after its feed-forward block (`qgate locate` tells the two
+    /// apart). Same arithmetic as `forward`.
+    pub fn forward_layers_halves(
+        &self,
+        x: &Tensor,
+        cache: &mut Cache,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut x = x.clone();
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let (mid, next) = self.run_layer_halves(layer, &x, lc)?;
+            out.push((mid, next.clone()));
+            x = next;
+        }
+        Ok(out)
     }
 
     /// The per-layer caches, for driving `layer_forward` directly.

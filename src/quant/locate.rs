@@ -1,10 +1,10 @@
 //! Where the error enters (`qgate locate --scheme …`): for a simulated scheme, the residual stream after
 //! every decoder layer of the quantized model against the unquantized model's at the same compute
 //! precision (so the difference is what quantization did), at the positions where the scheme introduces
-//! confident flips (the gate's rule against the oracle, with the f16 control). Per layer: the mean relative
-//! error `‖x_q − x‖ / ‖x‖` and the minimum cosine; the entry layer is the one whose error rises the most
-//! over the layer before it, and the trend after it says whether the error grows, is carried, or is
-//! damped downstream.
+//! confident flips (the gate's rule against the oracle, with the f16 control). Per layer, after its mixer
+//! (attention / Gated DeltaNet) and after its MLP: the mean relative error `‖x_q − x‖ / ‖x‖` and the
+//! minimum cosine; the error enters at the block whose error rises the most over the block before it, and
+//! the trend after it says whether the error grows, is carried, or is damped downstream.
 use super::apply::QuantTransform;
 use super::linear::ScaleDtype;
 use super::scheme::Scheme;
@@ -51,12 +51,12 @@ pub enum Trend {
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerError {
     pub layer: usize,
-    /// `attention` or `deltanet`.
+    /// The block whose output this is: `attention`, `deltanet` or `mlp`.
     pub kind: &'static str,
     pub mean_rel_err: f64,
     pub max_rel_err: f64,
     pub min_cosine: f64,
-    /// mean_rel_err minus the layer before's (the embedding's before layer 0).
+    /// mean_rel_err minus the block before's (the embedding's before layer 0's mixer).
     pub added: f64,
 }
 
@@ -70,8 +70,11 @@ pub struct Located {
     pub positions: Vec<(usize, usize)>,
     /// Relative error of the embedding output (non-zero only when the scheme quantizes the embedding).
     pub embedding_rel_err: f64,
+    /// Two rows per layer: after the mixer, after the MLP.
     pub layers: Vec<LayerError>,
     pub entry_layer: Option<usize>,
+    /// The block of the entry layer where the error enters (`attention`, `deltanet`, `mlp`).
+    pub entry_block: Option<&'static str>,
     pub trend: Trend,
     /// last layer's error / the entry layer's.
     pub growth: Option<f64>,
@@ -99,14 +102,13 @@ fn ids(seq: &[i64]) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Residual streams `[embedding, after layer 0, …]`, each `[T, H]` as rows.
+/// Residual streams `[embedding, after layer 0's mixer, after layer 0's MLP, …]`, each `[T, H]` as rows.
 fn streams(model: &Model, seq: &[i64]) -> Result<Vec<Vec<Vec<f32>>>> {
     let x0 = model.embed_tokens(&ids(seq)?)?;
     let mut cache = model.new_cache();
-    let mut trace = Vec::new();
-    model.forward_layers(0, &x0, &mut cache, None, Some(&mut trace))?;
+    let halves = model.forward_layers_halves(&x0, &mut cache)?;
     std::iter::once(x0)
-        .chain(trace)
+        .chain(halves.into_iter().flat_map(|(a, b)| [a, b]))
         .map(|t| Ok(t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?))
         .collect()
 }
@@ -205,7 +207,7 @@ pub fn run(req: Request) -> Result<Located> {
     }
     let n = cfg.layer_types.len();
     // per stream index (0 = embedding): (sum rel, max rel, min cos, count)
-    let mut acc = vec![(0f64, 0f64, 1f64, 0usize); n + 1];
+    let mut acc = vec![(0f64, 0f64, 1f64, 0usize); 2 * n + 1];
     for (&s, ps) in &by_seq {
         let seq = req
             .plan
@@ -229,35 +231,35 @@ pub fn run(req: Request) -> Result<Located> {
     }
     let mean = |i: usize| acc[i].0 / acc[i].3.max(1) as f64;
     let embedding_rel_err = mean(0);
-    let layers: Vec<LayerError> = (0..n)
-        .map(|l| LayerError {
-            layer: l,
-            kind: match cfg.layer_types[l] {
-                LayerKind::FullAttention => "attention",
-                LayerKind::LinearAttention => "deltanet",
+    let layers: Vec<LayerError> = (0..2 * n)
+        .map(|i| LayerError {
+            layer: i / 2,
+            kind: match (i % 2, &cfg.layer_types[i / 2]) {
+                (1, _) => "mlp",
+                (_, LayerKind::FullAttention) => "attention",
+                (_, LayerKind::LinearAttention) => "deltanet",
             },
-            mean_rel_err: mean(l + 1),
-            max_rel_err: acc[l + 1].1,
-            min_cosine: acc[l + 1].2,
-            added: mean(l + 1) - mean(l),
+            mean_rel_err: mean(i + 1),
+            max_rel_err: acc[i + 1].1,
+            min_cosine: acc[i + 1].2,
+            added: mean(i + 1) - mean(i),
         })
         .collect();
     let measured = acc.iter().any(|a| a.3 > 0) && layers.iter().any(|l| l.mean_rel_err > 0.0);
-    let entry_layer = measured
+    let entry = measured
         .then(|| {
-            layers
-                .iter()
-                .max_by(|a, b| {
-                    a.added
-                        .partial_cmp(&b.added)
-                        .unwrap_or(std::cmp::Ordering::Equal)
-                })
-                .map(|l| l.layer)
+            (0..layers.len()).max_by(|&a, &b| {
+                layers[a]
+                    .added
+                    .partial_cmp(&layers[b].added)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
         })
         .flatten();
-    let (trend, growth) = match entry_layer {
-        Some(e) if e + 1 < n && layers[e].mean_rel_err > 0.0 => {
-            let g = layers[n - 1].mean_rel_err / layers[e].mean_rel_err;
+    let last = layers.len().saturating_sub(1);
+    let (trend, growth) = match entry {
+        Some(e) if e < last && layers[e].mean_rel_err > 0.0 => {
+            let g = layers[last].mean_rel_err / layers[e].mean_rel_err;
             let t = if g > 1.25 {
                 Trend::Grows
             } else if g < 0.8 {
@@ -275,13 +277,14 @@ pub fn run(req: Request) -> Result<Located> {
             "it introduces no confident flip; measured over every counted position".to_string()
         }
     };
-    let note = match (entry_layer, trend, growth) {
+    let note = match (entry, trend, growth) {
         (Some(e), Trend::NotApplicable, _) => format!(
-            "{label}: {where_}, the error enters at layer {e} ({}, +{:.4} relative error), the last layer",
-            layers[e].kind, layers[e].added
+            "{label}: {where_}, the error enters at layer {} {} (+{:.4} relative error), the last block",
+            layers[e].layer, layers[e].kind, layers[e].added
         ),
         (Some(e), t, Some(g)) => format!(
-            "{label}: {where_}, the error enters at layer {e} ({}, +{:.4} relative error) and {} downstream ({:.2}× by layer {})",
+            "{label}: {where_}, the error enters at layer {} {} (+{:.4} relative error) and {} downstream ({:.2}× by layer {})",
+            layers[e].layer,
             layers[e].kind,
             layers[e].added,
             match t {
@@ -301,8 +304,9 @@ pub fn run(req: Request) -> Result<Located> {
         introduced_confident_flips: introduced,
         positions,
         embedding_rel_err,
+        entry_layer: entry.map(|e| layers[e].layer),
+        entry_block: entry.map(|e| layers[e].kind),
         layers,
-        entry_layer,
         trend,
         growth,
         note,

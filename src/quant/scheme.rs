@@ -443,11 +443,9 @@ fn parse_mix(orig: &str, lower: &str) -> Result<Scheme> {
                 "body" => Component::BODY.to_vec(),
                 c => match Component::parse(c) {
                     Some(c) if c.per_layer() => vec![c],
-                    _ => {
-                        return Err(Error::usage(format!(
-                            "scheme `{orig}`: `{c}@{l}`: only attn, gdn, mlp or body can name a layer"
-                        )))
-                    }
+                    _ => return Err(Error::usage(format!(
+                        "scheme `{orig}`: `{c}@{l}`: only attn, gdn, mlp or body can name a layer"
+                    ))),
                 },
             };
             let layer: usize = l.parse().map_err(|_| {
@@ -582,8 +580,10 @@ mod tests {
         );
         assert!(Scheme::parse("attn=int3").is_err());
         // one layer's part, and the embedding
-        let s = Scheme::parse("body=int4-b32-symclip,mlp@2=int8-b32-symclip,attn@1=keep,embed=int8-b32-sym")
-            .unwrap();
+        let s = Scheme::parse(
+            "body=int4-b32-symclip,mlp@2=int8-b32-symclip,attn@1=keep,embed=int8-b32-sym",
+        )
+        .unwrap();
         assert_eq!(
             s.spec(),
             "attn=int4-b32-symclip,gdn=int4-b32-symclip,mlp=int4-b32-symclip,head=keep,embed=int8-b32-sym,attn@1=keep,mlp@2=int8-b32-symclip"
@@ -601,7 +601,11 @@ mod tests {
         // an override equal to its component's method is no override
         let s = Scheme::parse("mlp=int4-b32-symclip,mlp@0=int4-b32-symclip").unwrap();
         assert!(s.layers.is_empty());
-        for bad in ["head@1=int8-b32-sym", "mlp@x=int8-b32-sym", "mlp@1=int8-b32-sym,mlp@1=keep"] {
+        for bad in [
+            "head@1=int8-b32-sym",
+            "mlp@x=int8-b32-sym",
+            "mlp@1=int8-b32-sym,mlp@1=keep",
+        ] {
             assert!(Scheme::parse(bad).is_err(), "{bad}");
         }
         assert!(Scheme::parse("nonsense").is_err());

@@ -123,7 +123,9 @@ struct Gated {
 fn gate(req: &Request, scheme: &Scheme, n: usize) -> Result<Gated> {
     let mut scheme = scheme.clone();
     scheme.name = scheme.spec();
-    let path = req.scratch.join(format!("search-step-{n}.capture.safetensors"));
+    let path = req
+        .scratch
+        .join(format!("search-step-{n}.capture.safetensors"));
     let o = simulate(SimRequest {
         model_dir: req.model_dir,
         plan: req.plan,
@@ -170,7 +172,13 @@ fn gate(req: &Request, scheme: &Scheme, n: usize) -> Result<Gated> {
     })
 }
 
-fn step(action: Action, part: Option<Part>, scheme: &Scheme, g: &Gated, kept: Option<bool>) -> Step {
+fn step(
+    action: Action,
+    part: Option<Part>,
+    scheme: &Scheme,
+    g: &Gated,
+    kept: Option<bool>,
+) -> Step {
     Step {
         action,
         part: part.map(|p| p.label()),
@@ -236,7 +244,11 @@ pub fn run(req: &Request) -> Result<SearchOutcome> {
     if gl.status == Status::Pass {
         let mut o = base(
             Found::AllLow,
-            format!("every part at {} passes: no part needs {}", low.canonical(), high.canonical()),
+            format!(
+                "every part at {} passes: no part needs {}",
+                low.canonical(),
+                high.canonical()
+            ),
             steps,
         );
         o.mix = Some(current.spec());

@@ -279,7 +279,10 @@ fn token_ids(seq: &[i64]) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn store(req: &Request, scheme: Option<Scheme>) -> Result<(WeightStore, Option<Arc<QuantTransform>>)> {
+fn store(
+    req: &Request,
+    scheme: Option<Scheme>,
+) -> Result<(WeightStore, Option<Arc<QuantTransform>>)> {
     let mut ws = WeightStore::open(req.model_dir)?;
     ws.set_device(&req.device);
     let t = scheme.map(|s| Arc::new(QuantTransform::new(s, req.scale_dtype)));
@@ -296,32 +299,30 @@ pub fn run(req: &Request) -> Result<SensitivityMap> {
     let n_layers = cfg.layer_types.len();
     let parts = parts_of(&cfg);
     let (views, control) = control_and_views(req.oracle, req.control, req.policy)?;
-    let bar = crate::progress::Progress::new(
-        req.progress,
-        parts.len() as u64,
-        "sensitivity",
-        "parts",
-    );
+    let bar =
+        crate::progress::Progress::new(req.progress, parts.len() as u64, "sensitivity", "parts");
     let mut results = Vec::with_capacity(parts.len());
     let mut layer_passes = 0usize;
     match req.mode {
         Mode::Naive => {
             for &part in &parts {
                 bar.set_message(part.label());
-                let path = req
-                    .scratch
-                    .join(format!("part-{}.capture.safetensors", part.label().replace(' ', "-")));
-                let o = crate::commands::simulate::simulate(crate::commands::simulate::SimRequest {
-                    model_dir: req.model_dir,
-                    plan: req.plan,
-                    scheme: only(part, req.method),
-                    compute: req.compute,
-                    scale_dtype: req.scale_dtype,
-                    rollout: 0,
-                    out: &path,
-                    progress: false,
-                    device: req.device.clone(),
-                })?;
+                let path = req.scratch.join(format!(
+                    "part-{}.capture.safetensors",
+                    part.label().replace(' ', "-")
+                ));
+                let o =
+                    crate::commands::simulate::simulate(crate::commands::simulate::SimRequest {
+                        model_dir: req.model_dir,
+                        plan: req.plan,
+                        scheme: only(part, req.method),
+                        compute: req.compute,
+                        scale_dtype: req.scale_dtype,
+                        rollout: 0,
+                        out: &path,
+                        progress: false,
+                        device: req.device.clone(),
+                    })?;
                 let cap = Capture::open(&o.capture)?;
                 let (_, compared) = compare::compare(req.oracle, &[&cap], req.policy.margin_space)?;
                 drop(cap);
@@ -382,7 +383,8 @@ pub fn run(req: &Request) -> Result<SensitivityMap> {
                         for (s, seq) in req.plan.iter().enumerate() {
                             let ids = token_ids(seq)?;
                             let mut cache = pm.new_cache();
-                            let lg: Vec<f32> = pm.forward(&ids, &mut cache)?.flatten_all()?.to_vec1()?;
+                            let lg: Vec<f32> =
+                                pm.forward(&ids, &mut cache)?.flatten_all()?.to_vec1()?;
                             positions.extend(rows::compare_sequence(
                                 req.oracle,
                                 s,
@@ -396,7 +398,8 @@ pub fn run(req: &Request) -> Result<SensitivityMap> {
                         let slot = model.load_layer(&pws, l)?;
                         for (s, st) in streams.iter().enumerate() {
                             let mut cache = model.new_cache();
-                            let x = model.forward_layers(l, &st[l], &mut cache, Some(&slot), None)?;
+                            let x =
+                                model.forward_layers(l, &st[l], &mut cache, Some(&slot), None)?;
                             let h = model.final_norm(&x)?;
                             let lg: Vec<f32> = model.logits(&h)?.flatten_all()?.to_vec1()?;
                             positions.extend(rows::compare_sequence(
@@ -409,22 +412,13 @@ pub fn run(req: &Request) -> Result<SensitivityMap> {
                         layers_run = n_layers - l;
                     }
                     (c, None) => {
-                        return Err(Error::Internal(format!(
-                            "part {} has no layer",
-                            c.name()
-                        )))
+                        return Err(Error::Internal(format!("part {} has no layer", c.name())))
                     }
                 }
                 layer_passes += layers_run;
                 let report = t.map(|t| t.report()).unwrap_or_default();
                 results.push(judge(
-                    part,
-                    &positions,
-                    &views,
-                    req.policy,
-                    &control,
-                    &report,
-                    layers_run,
+                    part, &positions, &views, req.policy, &control, &report, layers_run,
                 ));
                 bar.inc(1);
             }

@@ -114,7 +114,13 @@ pub fn svg(m: &SensitivityMap, policy: &Policy) -> Result<String> {
         Component::Head,
         Component::Embed,
     ];
-    let col_title = ["attention", "Gated DeltaNet", "MLP / experts", "head", "embedding"];
+    let col_title = [
+        "attention",
+        "Gated DeltaNet",
+        "MLP / experts",
+        "head",
+        "embedding",
+    ];
     let rows = m.layers + 1;
     let (cw, ch, left, top) = (150i32, 30i32, 90i32, 70i32);
     let w = (left + cw * cols.len() as i32 + 20) as u32;
@@ -263,7 +269,7 @@ pub fn locate_md(l: &Located) -> String {
     );
     let _ = writeln!(
         o,
-        "| layer | kind | mean rel. error | added | max rel. error | min cosine |"
+        "| layer | after | mean rel. error | added | max rel. error | min cosine |"
     );
     let _ = writeln!(o, "|---:|---|---:|---:|---:|---:|");
     let _ = writeln!(
@@ -272,7 +278,7 @@ pub fn locate_md(l: &Located) -> String {
         l.embedding_rel_err, l.embedding_rel_err
     );
     for e in &l.layers {
-        let mark = if Some(e.layer) == l.entry_layer {
+        let mark = if Some(e.layer) == l.entry_layer && Some(e.kind) == l.entry_block {
             " ← enters"
         } else {
             ""
