@@ -328,13 +328,14 @@ pub fn run(req: &Request) -> Result<SearchOutcome> {
         );
         return Ok(o);
     }
+    let size = crate::report::markdown::human_size;
     o.note = format!(
-        "{} at {}, everything else at {}: {} bytes, {} saved versus all-{}",
+        "{} at {}, everything else at {}: {}, {} saved versus all-{}",
         high_parts.join(", "),
         high.canonical(),
         low.canonical(),
-        last.size,
-        gh.size - last.size,
+        size(last.size),
+        size(gh.size - last.size),
         high.canonical()
     );
     o.mix = Some(current.spec());
