@@ -51,11 +51,9 @@ fn layer_range_forward_from_stored_states_is_bit_identical() {
             let mut streams = vec![x0];
             streams.extend(trace);
             let ws = WeightStore::open(&dir).unwrap();
-            for k in 0..=n {
+            for (k, stream) in streams.iter().enumerate() {
                 let mut cache = m.new_cache();
-                let x = m
-                    .forward_layers(k, &streams[k], &mut cache, None, None)
-                    .unwrap();
+                let x = m.forward_layers(k, stream, &mut cache, None, None).unwrap();
                 let logits = m.logits(&m.final_norm(&x).unwrap()).unwrap();
                 assert!(
                     bits(&logits) == full,
@@ -67,7 +65,7 @@ fn layer_range_forward_from_stored_states_is_bit_identical() {
                     assert_eq!(slot.index(), k);
                     let mut cache = m.new_cache();
                     let x = m
-                        .forward_layers(k, &streams[k], &mut cache, Some(&slot), None)
+                        .forward_layers(k, stream, &mut cache, Some(&slot), None)
                         .unwrap();
                     let logits = m.logits(&m.final_norm(&x).unwrap()).unwrap();
                     assert!(

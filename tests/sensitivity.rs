@@ -84,6 +84,7 @@ fn prefix_reuse_gives_the_numbers_of_full_simulations_and_ranks_the_planted_part
             progress: false,
             device: candle_core::Device::Cpu,
             scratch: tmp.path(),
+            only: None,
         })
         .unwrap()
     };
@@ -295,6 +296,9 @@ fn bad_search_and_sensitivity_arguments_are_usage_errors() {
         vec!["--search", "int4:int3"],
         vec!["--sensitivity", "int5"],
         vec!["--sensitivity-naive"],
+        vec!["--sensitivity", "int4", "--sensitivity-parts", "mlp@x"],
+        vec!["--sensitivity", "int4", "--sensitivity-parts", "head@1"],
+        vec!["--sensitivity-parts", "head"],
     ] {
         let o = qgate(&tmp.path().join("oracles"))
             .args(["sweep", "--model"])

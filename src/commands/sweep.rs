@@ -58,6 +58,9 @@ pub struct Args {
     /// numbers; the benchmark's baseline).
     #[arg(long)]
     pub sensitivity_naive: bool,
+    /// Map only these parts (`mlp@2,gdn@0,attn@3,head,embed`); default every part.
+    #[arg(long, value_delimiter = ',', value_name = "PARTS")]
+    pub sensitivity_parts: Vec<String>,
     /// Smallest passing mix of two methods (`int4:int8`): start from LOW everywhere, promote the most
     /// harmful parts per byte to HIGH until the gate passes, then demote what is no longer needed. The mix
     /// is gated as one more rung (`mix-LOW-HIGH`); search.md lists every step.
@@ -165,6 +168,21 @@ pub fn execute(args: Args) -> Result<ExitCode> {
             Some((lo.trim().to_string(), low, hi.trim().to_string(), high))
         }
     };
+    let only: Vec<sensitivity::Part> = args
+        .sensitivity_parts
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            sensitivity::Part::parse(p).ok_or_else(|| {
+                Error::usage(format!(
+                    "--sensitivity-parts `{p}`: expected head, embed or COMPONENT@LAYER (attn@3, gdn@0, mlp@2)"
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    if !only.is_empty() && sens_method.is_none() {
+        return Err(Error::usage("--sensitivity-parts needs --sensitivity LOW"));
+    }
     if args.sensitivity_naive && sens_method.is_none() {
         return Err(Error::usage("--sensitivity-naive needs --sensitivity LOW"));
     }
@@ -274,6 +292,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         progress,
         device: device.clone(),
         scratch: &cap_dir,
+        only: None,
     };
     let sensitivity = match sens_method {
         None => None,
@@ -284,7 +303,11 @@ pub fn execute(args: Args) -> Result<ExitCode> {
                 sensitivity::Mode::PrefixReuse
             };
             eprintln!("qgate: sensitivity map at {} ({:?})…", m.canonical(), mode);
-            Some(sensitivity::run(&sens_req(m, mode))?)
+            let mut r = sens_req(m, mode);
+            if !only.is_empty() {
+                r.only = Some(&only);
+            }
+            Some(sensitivity::run(&r)?)
         }
     };
     let search = match &search_methods {
@@ -292,7 +315,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         Some((_, low, _, high)) => {
             let own;
             let map = match &sensitivity {
-                Some(s) if s.method == low.canonical() => s,
+                Some(s) if s.method == low.canonical() && only.is_empty() => s,
                 _ => {
                     eprintln!(
                         "qgate: sensitivity map at {} for the search…",

@@ -23,7 +23,7 @@ pub fn compare_sequence(
             format!("oracle has no logits for seq.{seq}"),
         ));
     };
-    if logits.len() % vocab != 0 || logits.len() / vocab > ol.rows {
+    if !logits.len().is_multiple_of(vocab) || logits.len() / vocab > ol.rows {
         return Err(Error::Internal(format!(
             "seq.{seq}: {} logits for a vocabulary of {vocab} and {} oracle rows",
             logits.len(),

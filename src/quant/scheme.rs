@@ -443,9 +443,11 @@ fn parse_mix(orig: &str, lower: &str) -> Result<Scheme> {
                 "body" => Component::BODY.to_vec(),
                 c => match Component::parse(c) {
                     Some(c) if c.per_layer() => vec![c],
-                    _ => return Err(Error::usage(format!(
+                    _ => {
+                        return Err(Error::usage(format!(
                         "scheme `{orig}`: `{c}@{l}`: only attn, gdn, mlp or body can name a layer"
-                    ))),
+                    )))
+                    }
                 },
             };
             let layer: usize = l.parse().map_err(|_| {

@@ -55,6 +55,27 @@ impl Part {
         }
     }
 
+    /// Parse `head`, `embed` or `COMPONENT@LAYER` (`mlp@2`, `gdn@0`, `attn@3`), the mix syntax.
+    pub fn parse(s: &str) -> Option<Part> {
+        let s = s.trim();
+        match s.split_once('@') {
+            None => Component::parse(s)
+                .filter(|c| !c.per_layer())
+                .map(|component| Part {
+                    component,
+                    layer: None,
+                }),
+            Some((c, l)) => {
+                let component = Component::parse(c.trim()).filter(|c| c.per_layer())?;
+                let layer = l.trim().parse().ok()?;
+                Some(Part {
+                    component,
+                    layer: Some(layer),
+                })
+            }
+        }
+    }
+
     /// The part a weight belongs to (decoder-relative name, `lm_head.weight`), if it is quantizable.
     pub fn of_weight(name: &str) -> Option<Part> {
         classify_at(name).map(|(component, layer)| Part { component, layer })
@@ -206,6 +227,8 @@ pub struct Request<'a> {
     pub device: candle_core::Device,
     /// Naive mode: where the per-part captures go (each removed once judged).
     pub scratch: &'a Path,
+    /// Only these parts (`None`: every part of the model).
+    pub only: Option<&'a [Part]>,
 }
 
 /// The oracle's views and the control's top-1 (via the gate's own comparison).
@@ -297,7 +320,16 @@ pub fn run(req: &Request) -> Result<SensitivityMap> {
     let t0 = Instant::now();
     let cfg = TextConfig::from_dir(req.model_dir)?;
     let n_layers = cfg.layer_types.len();
-    let parts = parts_of(&cfg);
+    let mut parts = parts_of(&cfg);
+    if let Some(only) = req.only {
+        if let Some(p) = only.iter().find(|p| !parts.contains(p)) {
+            return Err(Error::usage(format!(
+                "--sensitivity-parts: the model has no part `{}`",
+                p.label()
+            )));
+        }
+        parts.retain(|p| only.contains(p));
+    }
     let (views, control) = control_and_views(req.oracle, req.control, req.policy)?;
     let bar =
         crate::progress::Progress::new(req.progress, parts.len() as u64, "sensitivity", "parts");
