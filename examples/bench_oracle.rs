@@ -31,12 +31,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     dev.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let ids = qgate::plan::random_token_ids(t, model.cfg.vocab_size);
-    model.forward(&ids[..16.min(t)], &mut model.new_cache())?; // warm-up
+    // Warm-up: on a GPU at the full length (kernel compilation, cuBLAS heuristics, the allocator's pool),
+    // as the transformers peer does; on the CPU a short one.
+    let warm = if dev.is_cpu() { 16.min(t) } else { t };
+    drop(model.forward_native(&ids[..warm], &mut model.new_cache())?);
     dev.synchronize()?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t0 = Instant::now();
-        let logits = model.forward(&ids, &mut model.new_cache())?;
+        let logits = model.forward_native(&ids, &mut model.new_cache())?;
         dev.synchronize()?;
         times.push(t0.elapsed().as_secs_f64());
         drop(logits);

@@ -15,3 +15,4 @@ pub mod plan;
 pub mod progress;
 pub mod quant;
 pub mod report;
+pub mod shard;

@@ -61,6 +61,9 @@ enum Command {
     /// Where a simulated scheme's error enters: per-layer error of the residual stream at its flips.
     #[command(after_help = FOOTER)]
     Locate(commands::locate::Args),
+    /// Join the partial captures of `qgate oracle --shard i/N` into the whole-plan oracle capture.
+    #[command(after_help = FOOTER)]
+    Merge(commands::merge::Args),
     /// Convert other tools' outputs (npz, llm-runner JSON, transcripts) into a qgate capture.
     #[command(after_help = FOOTER)]
     Import(commands::import::Args),
@@ -119,6 +122,7 @@ fn main() {
         Command::Plan(a) => commands::plan::execute(a),
         Command::Run(a) => commands::run::execute(a),
         Command::Import(a) => commands::import::execute(a),
+        Command::Merge(a) => commands::merge::execute(a),
         Command::Simulate(a) => commands::simulate::execute(a),
         Command::Sweep(a) => commands::sweep::execute(a),
         Command::Locate(a) => commands::locate::execute(a),

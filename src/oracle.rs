@@ -76,6 +76,56 @@ pub fn row_margins(row: &[f32]) -> (f32, f32) {
     (p_margin as f32, l1 - l2)
 }
 
+/// As [`run_sequence`], with the logits already encoded as `kind` (the capture's bytes). On a GPU in
+/// bf16/f16 the logits stay in the model dtype from the head's product to the file (the same values: a
+/// bf16 capture of f32-widened bf16 values holds the same bits), so neither the device nor the host holds
+/// an f32 copy of the `[T, V]` block.
+pub fn run_sequence_encoded(
+    model: &Model,
+    tokens: &[i64],
+    rollout: usize,
+    kind: FloatKind,
+) -> Result<(Vec<u8>, Rollout)> {
+    let v = model.cfg.vocab_size;
+    let ids = token_ids(tokens)?;
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward_native(&ids, &mut cache)?
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?;
+    let n = logits.elem_count();
+    let (bytes, mut last) = match (logits.dtype(), kind) {
+        (candle_core::DType::BF16, FloatKind::BF16) => {
+            let x: Vec<half::bf16> = logits.to_vec1()?;
+            let last = x[n - v..].iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
+            (x.iter().flat_map(|h| h.to_le_bytes()).collect(), last)
+        }
+        (candle_core::DType::F16, FloatKind::F16) => {
+            let x: Vec<half::f16> = logits.to_vec1()?;
+            let last = x[n - v..].iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
+            (x.iter().flat_map(|h| h.to_le_bytes()).collect(), last)
+        }
+        _ => {
+            let x: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            let mut bytes = Vec::with_capacity(n * kind.size());
+            encode_into(&mut bytes, kind, &x);
+            (bytes, x[n - v..].to_vec())
+        }
+    };
+    let mut out = Rollout::default();
+    for step in 0..rollout {
+        let next = out.push_argmax(&last);
+        if model.cfg.eos_token_ids.contains(&(next as i64)) || step + 1 == rollout {
+            break;
+        }
+        last = model
+            .forward(&[next], &mut cache)?
+            .flatten_all()?
+            .to_vec1()?;
+    }
+    Ok((bytes, out))
+}
+
 /// Teacher-forced logits `[T, V]` and the greedy rollout of up to `rollout` tokens (stopping after an EOS
 /// token, which is kept: the stop is a token too).
 pub fn run_sequence(model: &Model, tokens: &[i64], rollout: usize) -> Result<SequenceResult> {
@@ -248,6 +298,15 @@ fn encode_into(bytes: &mut Vec<u8>, kind: FloatKind, values: &[f32]) {
 /// are spilled to an anonymous temp file as they are produced so that memory holds one sequence (one
 /// head chunk when streaming) at a time.
 pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
+    run_oracle_as(req, crate::shard::ORACLE_RUNTIME, Default::default())
+}
+
+/// [`run_oracle`] with the capture's `runtime` and extra metadata set by the caller (a shard's partial).
+pub fn run_oracle_as(
+    req: &OracleRequest,
+    runtime: &str,
+    more: serde_json::Map<String, serde_json::Value>,
+) -> Result<PathBuf> {
     let cfg = TextConfig::from_dir(req.model_dir)?;
     let mut ws = WeightStore::open(req.model_dir)?;
     ws.set_device(&req.exec.device);
@@ -279,15 +338,7 @@ pub fn run_oracle(req: &OracleRequest) -> Result<PathBuf> {
     let label = format!("oracle-{}", req.precision.name());
     let execution = if stream { "streamed" } else { "in-memory" };
     write_capture_from_spill(
-        req,
-        &cfg,
-        &ws,
-        spill,
-        &rollouts,
-        &label,
-        "qgate-oracle",
-        execution,
-        Default::default(),
+        req, &cfg, &ws, spill, &rollouts, &label, runtime, execution, more,
     )
 }
 
@@ -339,13 +390,11 @@ fn run_in_memory(
     let bar = progress_bar(req.progress, total);
     let mut rollouts = Vec::with_capacity(req.plan.len());
     for seq in req.plan {
-        let r = run_sequence(model, seq, req.rollout)?;
-        let mut bytes = Vec::with_capacity(r.logits.len() * kind.size());
-        encode_into(&mut bytes, kind, &r.logits);
+        let (bytes, rollout) = run_sequence_encoded(model, seq, req.rollout, kind)?;
         spill
             .write_all(&bytes)
             .map_err(|e| io_err("spill file", e))?;
-        rollouts.push(r.rollout);
+        rollouts.push(rollout);
         bar.inc(seq.len() as u64);
     }
     bar.finish_and_clear();

@@ -915,6 +915,29 @@ fn ship_by_size_only_and_a_report_fit_for_a_model_card() {
         "{}",
         r.stderr
     );
+    // Equal smallest sizes: not decided (never the first one given), in either order.
+    for (a, b) in [(&f16, &bf16), (&bf16, &f16)] {
+        let r = fx.run(&[
+            "--bundle",
+            a,
+            "--bundle",
+            b,
+            "--gate",
+            &pol,
+            "--size",
+            "hf-f16=1.5MB",
+            "--size",
+            "hf-bf16=1.5MB",
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("ship: not decided")
+                && r.stderr.contains("same smallest size (1500000 bytes)"),
+            "{}",
+            r.stderr
+        );
+        assert!(fx.summary()["ship"].is_null());
+    }
     let r = fx.run(&["--bundle", &f16, "--gate", &pol, "--size", "int9=1MB"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(

@@ -1,15 +1,19 @@
 //! The oracle against Hugging Face transformers 5.23.0's own outputs on the committed tiny checkpoints
-//! (fixtures/gen/make_fixtures.py writes both the checkpoints and HF's captures).
+//! (fixtures/gen/make_fixtures.py writes the four random-weight checkpoints and HF's captures of them over
+//! random token ids; fixtures/gen/make_trained.py the two trained ones and HF's captures of them over real
+//! held-out sentences, plain and chat-templated).
 use qgate::capture::Capture;
 use qgate::model::{argmax, precision::Precision, Model};
 use qgate::oracle::run_sequence;
 use std::path::PathBuf;
 
-const MODELS: [&str; 4] = [
+const MODELS: [&str; 6] = [
     "dense-vl-tied",
     "dense-gva-untied",
     "moe-fused",
     "moe-experts",
+    "trained-dense",
+    "trained-moe",
 ];
 
 fn fixture(rel: &str) -> PathBuf {
@@ -132,7 +136,7 @@ fn bf16_and_f16_agree_with_hf_wherever_hf_is_confident() {
         }
     }
     assert!(
-        compared >= 6,
+        compared >= 9,
         "expected bf16 for all models and f16 for the dense ones"
     );
 }

@@ -61,26 +61,39 @@ with_gpu_peak() {
 }
 
 if [[ " $STEPS " == *" bench "* ]]; then
-  echo "== benchmark: 0.8B shapes, teacher-forced forward, qgate vs transformers eager, same GPU"
+  echo "== benchmark: 0.8B shapes, teacher-forced forward; qgate, transformers eager (torch GDN fallback) and"
+  echo "   transformers + flash-linear-attention + sdpa, same GPU, same call; warm-up at full length, median of REPS"
   [ -d /tmp/bench-0.8b ] || python3 bench/make_bench_model.py /tmp/bench-0.8b >/dev/null
-  for T in ${TS:-512 4096}; do
+  # fla into its own folder: on PYTHONPATH only for the second peer.
+  if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fla \
+      .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl
+  fi
+  for T in ${TS:-512 4096 16384}; do
     for dt in ${DTS:-bf16 f32}; do
       with_gpu_peak $Q/bench_oracle /tmp/bench-0.8b $dt $T cuda ${REPS:-5} > $Q/q.json 2>>$OUT/bench.err
       Qj=$(tail -n 1 $Q/q.json); Qpeak=$(cat $Q/peak.txt)
-      with_gpu_peak python3 bench/gpu/hf_forward_gpu.py /tmp/bench-0.8b $dt $T ${REPS:-5} > $Q/h.json 2>>$OUT/bench.err
+      with_gpu_peak python3 bench/gpu/hf_forward_gpu.py /tmp/bench-0.8b $dt $T ${REPS:-5} eager > $Q/h.json 2>>$OUT/bench.err
       Hj=$(tail -n 1 $Q/h.json); Hpeak=$(cat $Q/peak.txt)
-      echo "GPU memory peak (nvidia-smi, MiB): qgate $Qpeak, transformers $Hpeak"
+      Fj='{}'; Fpeak=0
+      if [ -d /tmp/site-fla ]; then
+        PYTHONPATH=/tmp/site-fla:$PYTHONPATH with_gpu_peak python3 bench/gpu/hf_forward_gpu.py /tmp/bench-0.8b $dt $T ${REPS:-5} sdpa > $Q/f.json 2>>$OUT/bench.err
+        Fj=$(tail -n 1 $Q/f.json); Fpeak=$(cat $Q/peak.txt)
+      fi
       Rj=$(python3 bench/gpu/roofline.py /tmp/bench-0.8b $T $dt)
-      echo "$Qj"; echo "$Hj"; echo "$Rj"
-      python3 - "$Qj" "$Hj" "$Rj" <<'PY'
+      echo "$Qj"; echo "$Hj"; echo "$Fj"; echo "$Rj"
+      python3 - "$Qj" "$Hj" "$Fj" "$Rj" "$Qpeak" "$Hpeak" "$Fpeak" <<'PY'
 import json, sys
 try:
-    q, h, r = (json.loads(x) for x in sys.argv[1:4])
+    q, h, f, r = (json.loads(x) for x in sys.argv[1:5])
 except Exception as e:
     print("could not parse a result:", e); sys.exit(0)
-print(f"{q['dtype']} T={q['T']}: qgate {q['tokens_per_s']:.0f} tok/s, transformers {h['tokens_per_s']:.0f} tok/s, "
-      f"ratio {q['tokens_per_s']/h['tokens_per_s']:.2f}x; roofline {r['roofline_tok_s']:.0f} tok/s "
-      f"(weights {r['t_weights_ms']:.2f} ms, FLOPs {r['t_flops_ms']:.2f} ms): qgate at {q['tokens_per_s']/r['roofline_tok_s']:.1%}")
+qp, hp, fp = sys.argv[5:8]
+fr = f"{q['tokens_per_s']/f['tokens_per_s']:.2f}x" if f.get("tokens_per_s") else "n/a"
+ft = f"{f['tokens_per_s']:.0f}" if f.get("tokens_per_s") else "n/a"
+print(f"ROW {q['dtype']} T={q['T']}: qgate {q['tokens_per_s']:.0f} tok/s | eager {h['tokens_per_s']:.0f} ({q['tokens_per_s']/h['tokens_per_s']:.2f}x) "
+      f"| fla+sdpa {ft} ({fr}) | GPU peak MiB qgate {qp} eager {hp} fla {fp} | roofline {r['roofline_tok_s']:.0f} tok/s "
+      f"(weights {r['t_weights_ms']:.2f} ms, FLOPs {r['t_flops_ms']:.2f} ms; {r['tflop']:.2f} TFLOP): qgate at {q['tokens_per_s']/r['roofline_tok_s']:.1%}")
 PY
     done
   done

@@ -136,6 +136,12 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         .map(|i| Capture::open(&i.capture))
         .collect::<Result<_>>()?;
     let control = args.control.as_ref().map(Capture::open).transpose()?;
+    for c in &caps {
+        crate::shard::refuse_partial(c, "candidate")?;
+    }
+    if let Some(c) = &control {
+        crate::shard::refuse_partial(c, "control")?;
+    }
     // every capture on one plan, checked before the oracle may run for hours
     for c in caps.iter().skip(1).chain(control.iter()) {
         compare::check_same_plan_as(&caps[0], "the first candidate", c)?;

@@ -71,6 +71,8 @@ pub fn check(
     trust: bool,
 ) -> Result<Provenance> {
     let path = &oracle.path;
+    // A shard holds only part of the plan: never an oracle, not even with --trust-oracle.
+    crate::shard::refuse_partial(oracle, "oracle")?;
     if is_qgate_oracle(oracle) {
         let plan = crate::oracle::plan_sha256(&oracle.plan());
         match oracle.meta.extra.get("plan_sha256").and_then(|v| v.as_str()) {

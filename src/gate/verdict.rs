@@ -360,6 +360,8 @@ pub enum Ship {
     Decided(String, ShipBasis),
     /// Several candidates pass and these (labels) have no known size: qgate does not guess.
     SizesUnknown(Vec<String>),
+    /// These (labels) pass at the same smallest size (bytes): qgate does not pick one by argument order.
+    SameSize(Vec<String>, u64),
     NothingPasses,
 }
 
@@ -371,6 +373,10 @@ impl Ship {
                 "ship: not decided — {} candidates pass and the size of {} is unknown (give bundle directories, size_bytes in the capture metadata, or --size LABEL=SIZE)",
                 l.len().max(2),
                 l.join(", ")
+            ),
+            Ship::SameSize(l, bytes) => format!(
+                "ship: not decided — {} pass at the same smallest size ({bytes} bytes); qgate does not choose by argument order: pick one, or gate them one at a time",
+                l.join(" and ")
             ),
             Ship::NothingPasses => "ship: none".into(),
         }
@@ -396,9 +402,17 @@ pub fn ship_decision(cands: &[CandidateSummary]) -> Ship {
             if !unknown.is_empty() {
                 return Ship::SizesUnknown(unknown);
             }
-            match passing.iter().min_by_key(|c| c.id.size_bytes) {
-                Some(best) => Ship::Decided(best.id.label.clone(), ShipBasis::SmallestSize),
-                None => Ship::NothingPasses,
+            let Some(min) = passing.iter().filter_map(|c| c.id.size_bytes).min() else {
+                return Ship::NothingPasses;
+            };
+            let smallest: Vec<String> = passing
+                .iter()
+                .filter(|c| c.id.size_bytes == Some(min))
+                .map(|c| c.id.label.clone())
+                .collect();
+            match smallest.as_slice() {
+                [one] => Ship::Decided(one.clone(), ShipBasis::SmallestSize),
+                _ => Ship::SameSize(smallest, min),
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Gated full attention: per-head [query | gate] split of `q_proj`, q/k zero-centred norms, partial RoPE,
 //! GQA, eager softmax attention with HF's bf16 rounding points, sigmoid output gate.
 use super::config::TextConfig;
-use super::device::{matmul_rounded, standard_layout};
+use super::device::{matmul_model_dtype, matmul_rounded, standard_layout};
 use super::mlp::{linear, LinearWeight};
 use super::norms::RmsNormZeroCentred;
 use super::precision::Precision;
@@ -103,12 +103,11 @@ impl GatedAttention {
         let q = q.reshape((nkv, groups * t, hd))?;
         let scale = (hd as f64).powf(-0.5);
         let o = if self.portable {
-            let total = start + t;
-            let scores = matmul_rounded(&q, &k_all.t()?, p)?; // R(q·kᵀ)
-            let scores = p.round(&(scores * scale)?)?; // R(· hd^-0.5)
-            let scores = scores.reshape((nkv, groups, t, total))?;
-            let probs = p.round(&masked_softmax_portable(&scores, start)?)?;
-            let probs = probs.reshape((nkv, groups * t, total))?;
+            // R(q·kᵀ) in the dtype the product rounds to (cuBLAS writes bf16/f16 on a GPU), then one op:
+            // R(· hd^-0.5), the causal mask, the f32 softmax, R.
+            let scores = matmul_model_dtype(&q, &k_all.t()?, p)?;
+            let probs =
+                super::attn_softmax::scaled_masked_softmax(&scores, t, start, scale as f32, p)?;
             let o = matmul_rounded(&probs, &v_all, p)?; // [nkv, g*T, hd]
             standard_layout(&o.reshape((nh, t, hd))?.transpose(0, 1)?)?.reshape((t, nh * hd))?
         } else {
@@ -162,27 +161,6 @@ fn scaled_masked_softmax(
         hidden.iter_mut().for_each(|x| *x = 0.0);
     };
     super::ops::map_rows(scores, total, row)
-}
-
-/// `masked_softmax` as tensor ops on the scores' device: masked entries get -inf (exp → 0), so the
-/// maximum and the sum run over the visible keys only, as HF's eager softmax in f32.
-fn masked_softmax_portable(scores: &Tensor, start: usize) -> Result<Tensor> {
-    let dims = scores.dims().to_vec();
-    let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    // Built on the device: 0 where key c ≤ start + r, else f32::MIN (HF's additive mask value; its
-    // exp underflows to exactly 0 as -inf's would).
-    let dev = scores.device();
-    let rows = Tensor::arange(start as u32, (start + t) as u32, dev)?.reshape((t, 1))?;
-    let cols = Tensor::arange(0u32, total as u32, dev)?.reshape((1, total))?;
-    let visible = cols
-        .broadcast_le(&rows)?
-        .to_dtype(candle_core::DType::F32)?;
-    let mask = visible.affine(-(f32::MIN as f64), f32::MIN as f64)?;
-    let s = scores.broadcast_add(&mask)?;
-    let max = s.max_keepdim(D::Minus1)?;
-    let e = s.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&sum)?)
 }
 
 /// `1 / (1 + exp(-x))` in f32, as torch.

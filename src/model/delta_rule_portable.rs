@@ -10,7 +10,7 @@ use super::device::{matmul, standard_layout};
 use super::solve_tril::solve_unit_lower;
 use candle_core::{Result, Tensor};
 
-/// Chunked form (HF's prefill path). The host loop runs over chunks (64 positions), never positions.
+/// Chunked form (HF's prefill path). No host loop: the recurrence over chunks is one op.
 pub fn chunked(
     q: &Tensor,
     k: &Tensor,
@@ -81,8 +81,8 @@ pub fn chunked(
 
     // The scan over chunks carries only the state: S_{i+1} = S_i·d_i + K̃_iᵀ (V_i − C_i S_i)
     //   = (d_i·I − K̃_iᵀ C_i) S_i + K̃_iᵀ V_i = M_i S_i + N_i,
-    // with M_i and N_i for every chunk computed at once beforehand, so the host loop issues two ops per
-    // chunk (a GEMM and an add) instead of eight. The outputs then come from the stacked chunk-start
+    // with M_i and N_i for every chunk computed at once beforehand, so only this recurrence is
+    // sequential (one op, `chunk_scan`). The outputs then come from the stacked chunk-start
     // states exactly as HF writes them: O_i = Q̃_i S_i + A_i (V_i − C_i S_i).
     let eye = Tensor::eye(dk, candle_core::DType::F32, dev)?;
     let k_t = k.transpose(1, 2)?; // [H·N, Dk, C]
@@ -95,15 +95,12 @@ pub fn chunked(
         standard_layout(&x.reshape((h, n, r, c))?.transpose(0, 1)?)
     };
     let (m, nn) = (by_chunk(&m, dk, dk)?, by_chunk(&nn, dk, dv)?);
-    let mut s = state.clone();
-    let mut starts = Vec::with_capacity(n);
-    for i in 0..n {
-        starts.push(s.clone());
-        s = (matmul(&m.get(i)?, &s)? + nn.get(i)?)?;
-    }
-    // [N, H, Dk, Dv] → [H·N, Dk, Dv], batch order matching the other [H·N, ·, ·] tensors.
+    // One op for the whole recurrence (`chunk_scan`: one kernel on a GPU): [N + 1, H, Dk, Dv].
+    let states = super::chunk_scan::scan(&m, &nn, state)?;
+    let s = states.get(n)?.copy()?; // its own buffer: the cache must not keep every chunk state alive
+                                    // [N, H, Dk, Dv] → [H·N, Dk, Dv], batch order matching the other [H·N, ·, ·] tensors.
     let starts =
-        standard_layout(&Tensor::stack(&starts, 0)?.transpose(0, 1)?)?.reshape((h * n, dk, dv))?;
+        standard_layout(&states.narrow(0, 0, n)?.transpose(0, 1)?)?.reshape((h * n, dk, dv))?;
     let v_new = (new_values - matmul(&k_cumdecay, &starts)?)?;
     let o = (matmul(&q, &starts)? + matmul(&intra, &v_new)?)?; // [H·N, C, Dv]
     let o = o.reshape((h, n * CHUNK, dv))?;

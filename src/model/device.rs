@@ -102,6 +102,21 @@ pub fn matmul_rounded(
         Some(dt) if !a.device().is_cpu() => {
             matmul(&a.to_dtype(dt)?, &b.to_dtype(dt)?)?.to_dtype(candle_core::DType::F32)
         }
+        _ if a.dtype() != b.dtype() => prec.round(&a.to_dtype(b.dtype())?.matmul(b)?),
+        _ => prec.round(&a.matmul(b)?),
+    }
+}
+
+/// `a · b` rounded to the model dtype and *kept* in it where the product runs on a GPU in bf16/f16 (cuBLAS
+/// writes the rounded values in that dtype; no f32 copy), else `R(a · b)` in f32. The values are the
+/// same either way; the next op (the attention softmax) reads either dtype.
+pub fn matmul_model_dtype(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    prec: super::precision::Precision,
+) -> candle_core::Result<candle_core::Tensor> {
+    match prec.half_dtype() {
+        Some(dt) if !a.device().is_cpu() => matmul(&a.to_dtype(dt)?, &b.to_dtype(dt)?),
         _ => prec.round(&a.matmul(b)?),
     }
 }

@@ -153,8 +153,7 @@ impl<'a> FiniteCheck<'a> {
     /// Check `x` as the output of `stage` (stages in forward order).
     pub fn check(&mut self, stage: Stage, x: &Tensor) -> Result<()> {
         if self.deferred {
-            // x·0 is 0 for every finite x and NaN for NaN/±Inf; the sum is 0 exactly when all are finite.
-            let probe = x.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?;
+            let probe = nonfinite_probe(x)?;
             self.probes.push((stage, probe));
             return Ok(());
         }
@@ -200,4 +199,115 @@ pub fn all_finite(x: &Tensor) -> Result<bool> {
             v.chunks(CHUNK).all(chunk_ok)
         }
     })?)
+}
+
+/// A scalar on `x`'s device that is 0 exactly when every value of `x` is finite. On a GPU one kernel
+/// counts the non-finite values in place (no temporary the size of `x`: for the logits of a long plan
+/// that is GiBs); elsewhere `Σ x·0` (0 for every finite x, NaN for NaN/±Inf).
+pub fn nonfinite_probe(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return Ok(x.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&NonFiniteCount)?)
+}
+
+struct NonFiniteCount;
+
+impl candle_core::CustomOp1 for NonFiniteCount {
+    fn name(&self) -> &'static str {
+        "qgate-nonfinite-count"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as C;
+        let (o, n) = (l.start_offset(), l.shape().elem_count());
+        let count = match s {
+            C::F32(v) => v[o..o + n].iter().filter(|x| !x.is_finite()).count(),
+            C::BF16(v) => v[o..o + n].iter().filter(|x| !x.is_finite()).count(),
+            C::F16(v) => v[o..o + n].iter().filter(|x| !x.is_finite()).count(),
+            _ => candle_core::bail!("nonfinite_probe: float tensor expected"),
+        };
+        Ok((C::F32(vec![count as f32]), candle_core::Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let n = l.shape().elem_count();
+        let dev = s.device().clone();
+        let name = match s.dtype() {
+            DType::F32 => "qgate_nonfinite_f32",
+            DType::BF16 => "qgate_nonfinite_bf16",
+            DType::F16 => "qgate_nonfinite_f16",
+            d => candle_core::bail!("nonfinite_probe: no kernel for {d:?}"),
+        };
+        let func = dev.get_or_load_custom_func(name, "qgate_nonfinite", probe_ptx()?)?;
+        let out = dev.alloc_zeros::<f32>(1)?;
+        let blocks = (n.div_ceil(256)).clamp(1, 1024) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n64 = n as u64;
+        macro_rules! launch {
+            ($ty:ty) => {{
+                let x = s.as_cuda_slice::<$ty>()?.slice(l.start_offset()..);
+                let mut b = func.builder();
+                b.arg(&x);
+                b.arg(&n64);
+                b.arg(&out);
+                // SAFETY: reads n elements of x, adds into the one zeroed float of out.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match s.dtype() {
+            DType::F32 => launch!(f32),
+            DType::BF16 => launch!(half::bf16),
+            _ => launch!(half::f16),
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            candle_core::Shape::from(()),
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+const PROBE_KERNEL: &str = r#"
+#define COUNT(NAME, TY, BAD)                                                                        \
+extern "C" __global__ void NAME(const TY* x, unsigned long long n, float* out) {                  \
+    float c = 0.0f;                                                                                \
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;  \
+         i += (unsigned long long)gridDim.x * blockDim.x) { TY v = x[i]; c += (BAD) ? 1.0f : 0.0f; } \
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffff, c, o);                       \
+    if ((threadIdx.x & 31) == 0 && c != 0.0f) atomicAdd(out, c);                                   \
+}
+COUNT(qgate_nonfinite_f32, unsigned int, (v & 0x7f800000u) == 0x7f800000u)
+COUNT(qgate_nonfinite_bf16, unsigned short, (v & 0x7f80u) == 0x7f80u)
+COUNT(qgate_nonfinite_f16, unsigned short, (v & 0x7c00u) == 0x7c00u)
+"#;
+
+#[cfg(feature = "cuda")]
+fn probe_ptx() -> candle_core::Result<&'static str> {
+    use candle_core::cuda_backend::cudarc::nvrtc;
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        nvrtc::compile_ptx(PROBE_KERNEL)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("NVRTC could not compile the finiteness probe: {e}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
 }

@@ -5,6 +5,7 @@ use super::config::TextConfig;
 use super::delta_rule::{self, DeltaInputs};
 use super::delta_rule_portable;
 use super::device::standard_layout;
+use super::gdn_prep;
 use super::mlp::{linear, LinearWeight};
 use super::norms::GatedRmsNorm;
 use super::precision::{with_f32_slice, Precision};
@@ -57,8 +58,7 @@ pub struct GatedDeltaNet {
 /// The small per-layer tensors the portable kernels need on the device.
 struct PortableGdn {
     conv_weight_t: Tensor, // [K, C]
-    neg_a: Tensor,         // −exp(A_log), [Hv]
-    dt_bias: Tensor,       // [Hv]
+    params: Tensor,        // [2, Hv]: dt_bias, −exp(A_log)
 }
 
 impl GatedDeltaNet {
@@ -90,10 +90,10 @@ impl GatedDeltaNet {
         let portable = if ws.portable_kernels() {
             let dev = ws.device();
             let neg_a: Vec<f32> = a_log.iter().map(|a| -a.exp()).collect();
+            let params: Vec<f32> = dt_bias.iter().copied().chain(neg_a).collect();
             Some(PortableGdn {
                 conv_weight_t: Tensor::from_slice(&conv_weight_t, (kernel, c), dev)?,
-                neg_a: Tensor::from_vec(neg_a, hv, dev)?,
-                dt_bias: Tensor::from_slice(&dt_bias, hv, dev)?,
+                params: Tensor::from_vec(params, (2, hv), dev)?,
             })
         } else {
             None
@@ -299,48 +299,25 @@ impl GatedDeltaNet {
         let b = linear(h, &self.in_proj_b, p)?;
         let a = linear(h, &self.in_proj_a, p)?;
 
-        // Causal depthwise conv: out_t = Σ_j w_j · rows_{t+j}, taps in order, then R, SiLU, R.
+        // Causal depthwise conv (taps in order), R, SiLU, R; q, k L2-normalised and expanded to value
+        // heads; heads first — one op (`gdn_prep`: one kernel on a GPU).
         let hist = kk - 1;
         let history = match conv_history.take() {
             Some(x) => x,
             None => Tensor::zeros((hist, c), candle_core::DType::F32, dev)?,
         };
-        let rows = Tensor::cat(&[&history, &qkv], 0)?;
-        let mut conv = rows
-            .narrow(0, 0, t)?
-            .broadcast_mul(&pg.conv_weight_t.narrow(0, 0, 1)?)?;
-        for j in 1..kk {
-            let tap = rows
-                .narrow(0, j, t)?
-                .broadcast_mul(&pg.conv_weight_t.narrow(0, j, 1)?)?;
-            conv = (conv + tap)?;
-        }
-        let conv = p.round(&p.round(&conv)?.silu()?)?;
-        *conv_history = Some(rows.narrow(0, t, hist)?.contiguous()?);
+        let dims = gdn_prep::Dims { hk, hv, dk, dv };
+        let (q, k, v) = gdn_prep::conv_qkv(&history, &qkv, &pg.conv_weight_t, dims, p)?;
+        *conv_history = Some(if t >= hist {
+            qkv.narrow(0, t - hist, hist)?.copy()?
+        } else {
+            Tensor::cat(&[&history, &qkv], 0)?
+                .narrow(0, t, hist)?
+                .copy()?
+        });
 
-        // q | k | v, key heads expanded to value heads (head j uses key head j / r), L2 norm on q, k.
-        let r = hv / hk;
-        let expand = |x: Tensor| -> Result<Tensor> {
-            if r == 1 {
-                return Ok(x);
-            }
-            Ok(x.unsqueeze(2)?
-                .broadcast_as((t, hk, r, dk))?
-                .reshape((t, hv, dk))?)
-        };
-        let q = expand(conv.narrow(1, 0, hk * dk)?.reshape((t, hk, dk))?)?;
-        let k = expand(conv.narrow(1, hk * dk, hk * dk)?.reshape((t, hk, dk))?)?;
-        let v = conv.narrow(1, 2 * hk * dk, hv * dv)?.reshape((t, hv, dv))?;
-        let heads_first = |x: Tensor| standard_layout(&x.transpose(0, 1)?);
-        let q = heads_first(l2_normalise(&q)?)?;
-        let k = heads_first(l2_normalise(&k)?)?;
-        let v = heads_first(v)?;
-
-        // β = R(sigmoid(b)); g = −exp(A_log) · softplus(a + dt_bias), f32: [Hv, T].
-        let beta = p.round(&(b.neg()?.exp()? + 1.0)?.recip()?)?;
-        let beta = beta.t()?.contiguous()?;
-        let g = softplus_t(&a.broadcast_add(&pg.dt_bias)?)?.broadcast_mul(&pg.neg_a)?;
-        let g = g.t()?.contiguous()?;
+        // β = R(sigmoid(b)); g = −exp(A_log) · softplus(a + dt_bias), f32: [Hv, T] — one op.
+        let (beta, g) = gdn_prep::beta_g(&b, &a, &pg.params, p)?;
 
         let initial = match state.take() {
             Some(s) => s,
@@ -358,24 +335,6 @@ impl GatedDeltaNet {
         let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
         linear(&y, &self.out_proj, p)
     }
-}
-
-/// `x · (1 / sqrt(Σx² + 1e-6))` over the last axis, as tensor ops (the host kernel's arithmetic).
-fn l2_normalise(x: &Tensor) -> Result<Tensor> {
-    let inv = (x.sqr()?.sum_keepdim(candle_core::D::Minus1)? + 1e-6)?
-        .sqrt()?
-        .recip()?;
-    Ok(x.broadcast_mul(&inv)?)
-}
-
-/// torch softplus (threshold 20) as tensor ops: `x` above 20, else `log1p(exp(x))`, with log1p
-/// computed accurately as `log(u)·y/(u−1)` for `u = 1 + y` (`y` itself where `u` rounds to 1).
-fn softplus_t(x: &Tensor) -> Result<Tensor> {
-    let y = x.exp()?;
-    let u = (&y + 1.0)?;
-    let log1p = (u.log()? * &y)?.div(&(&u - 1.0)?)?;
-    let log1p = u.eq(1.0)?.where_cond(&y, &log1p)?;
-    Ok(x.gt(20.0)?.where_cond(x, &log1p)?)
 }
 
 /// `x · rsqrt(Σx² + 1e-6)` (sum, not mean; HF's l2norm).

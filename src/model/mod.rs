@@ -1,7 +1,9 @@
 //! The Qwen3.5 / Qwen3.5-MoE text decoder, exact to HF transformers 5.23.0 (eager attention, torch
 //! fallbacks for the causal conv and the delta rule), in f32, bf16 or f16 rounding.
 pub mod attention;
+pub mod attn_softmax;
 pub mod bf16_gemm;
+pub mod chunk_scan;
 pub mod config;
 pub mod delta_rule;
 pub mod delta_rule_portable;
@@ -10,6 +12,7 @@ pub mod expf;
 pub mod f32_gemm;
 pub mod finite;
 pub mod gated_deltanet;
+pub mod gdn_prep;
 pub mod linear;
 pub mod mlp;
 pub mod moe;
@@ -302,6 +305,22 @@ impl Model {
         let mut check = FiniteCheck::new(self.portable, &report);
         let hidden = self.hidden_states_checked(tokens, cache, None, &mut check)?;
         let logits = self.logits(&hidden)?;
+        check.check(Stage::Head, &logits)?;
+        check.finish()?;
+        Ok(logits)
+    }
+
+    /// `forward` with the logits in the dtype the head's product writes them: on a GPU in bf16/f16 the
+    /// model dtype (the values `forward` returns widened to f32, at half the memory), else f32. What the
+    /// oracle stores: a bf16 capture holds exactly these values.
+    pub fn forward_native(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        let report = |stage| self.nonfinite(stage);
+        let mut check = FiniteCheck::new(self.portable, &report);
+        let hidden = self.hidden_states_checked(tokens, cache, None, &mut check)?;
+        let logits = match &self.head {
+            linear::LinearWeight::Half(w) => hidden.to_dtype(w.dtype())?.matmul(&w.t()?)?,
+            _ => self.logits(&hidden)?,
+        };
         check.check(Stage::Head, &logits)?;
         check.finish()?;
         Ok(logits)

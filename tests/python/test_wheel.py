@@ -67,6 +67,9 @@ def test_readme_main_command(fresh: Path, tmp_path: Path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["schema"] == "qgate-report/1" and summary["exit_code"] == r.returncode
     assert summary["verdict"] in r.stdout
+    # the demo's candidates carry their bundle sizes: the ship decision is by size, never argument order
+    gated = [c for c in summary["candidates"] if c["role"] == "candidate"]
+    assert gated and all(isinstance(c["size_bytes"], int) for c in gated), gated
     assert list((tmp_path / "oracles").glob("*.capture.safetensors")), "the oracle run was cached"
     assert (tmp_path / "junit.xml").is_file()
 

@@ -1,0 +1,29 @@
+"""Sum Nsight Compute's per-kernel durations by kernel name (what a forward spends its GPU time on).
+
+Usage: python bench/gpu/ncu_summary.py NCU_CSV [FORWARDS]
+NCU_CSV: `ncu --metrics gpu__time_duration.sum --csv --log-file F …`. FORWARDS divides the totals (the
+profiled program ran that many forwards of the same length). Prints the top kernels with their share.
+"""
+import csv
+import collections
+import sys
+
+path = sys.argv[1]
+forwards = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
+tot = collections.Counter()
+cnt = collections.Counter()
+with open(path, newline="") as f:
+    lines = [l for l in f if l.startswith('"')]
+for row in csv.DictReader(lines):
+    if row.get("Metric Name") != "gpu__time_duration.sum":
+        continue
+    unit = row.get("Metric Unit", "nsecond")
+    v = float(row["Metric Value"].replace(",", ""))
+    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(unit, 1e-6)
+    name = row["Kernel Name"].split("(")[0][:90]
+    tot[name] += v * scale
+    cnt[name] += 1
+all_ms = sum(tot.values())
+print(f"kernels: {sum(cnt.values())} launches, {all_ms / forwards:.2f} ms GPU time per forward (sum of kernel durations)")
+for name, ms in tot.most_common(30):
+    print(f"{ms / forwards:9.2f} ms {100 * ms / all_ms:5.1f}%  {cnt[name] / forwards:8.0f}x  {name}")

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On the GPU machine: where a teacher-forced forward spends its GPU time (Nsight Compute, kernel durations
+# summed by kernel name), for the 0.8B shapes. Needs .gpu/bench_oracle.gz (scripts/build-cuda.sh) and
+# .whl/transformers-5.23.0 (to write the random bench model). Usage: T=4096 DT=bf16 bash bench/gpu/profile.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/qgate-gpu-out}; mkdir -p "$OUT"
+Q=/tmp/qgate-gpu; mkdir -p $Q
+gunzip -c .gpu/bench_oracle.gz > $Q/bench_oracle && chmod +x $Q/bench_oracle
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/transformers-*.whl \
+  && export PYTHONPATH=/tmp/site
+LIBS=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH=${LIBS}${LD_LIBRARY_PATH:-}
+[ -d /tmp/bench-0.8b ] || python3 bench/make_bench_model.py /tmp/bench-0.8b >/dev/null
+for dt in ${DT:-bf16}; do
+  for T in ${T:-4096}; do
+    $Q/bench_oracle /tmp/bench-0.8b $dt $T cuda 3
+    ncu --metrics gpu__time_duration.sum --csv --clock-control none --cache-control none \
+        --log-file $Q/ncu.$dt.$T.csv $Q/bench_oracle /tmp/bench-0.8b $dt $T cuda 1 > /dev/null 2>>$OUT/ncu.err
+    echo "== ncu $dt T=$T (the profiled program runs 2 forwards: 1 timed + hidden_states/logits split)"
+    python3 bench/gpu/ncu_summary.py $Q/ncu.$dt.$T.csv 2 | tee $OUT/ncu.$dt.$T.txt
+  done
+done

@@ -1,0 +1,326 @@
+//! HF's eager attention softmax as one op: `s = R(x · scale)`, the causal mask, an f32 softmax over the
+//! visible keys, and `R` of the probabilities (R: round to the model dtype; none in f32).
+//!
+//! HF (`eager_attention_forward`): `w = matmul(q, kᵀ) * scaling` in the model dtype (one rounding each),
+//! `w + causal_mask` (visible keys: `+ 0`, exact; hidden ones: the dtype's minimum, whose `exp` is 0),
+//! `softmax(w, dtype=float32)` (max, `exp(s − max)`, sum, divide), `.to(model dtype)`. The op computes
+//! exactly these values; only the order of the f32 sum differs between devices (sequential on the CPU, a
+//! block reduction on the GPU), as it does between torch's CPU and CUDA softmax.
+//!
+//! On a GPU it is one kernel (one block per score row, three passes over the row, which stays in L2)
+//! reading the scores in the dtype cuBLAS wrote them and writing the probabilities in the dtype the next
+//! product reads: where the tensor-op version made ~12 passes over an f32 `[heads, T, T]` tensor, this
+//! makes one read-heavy pass over a half-size one. The kernel is compiled at first use with NVRTC.
+use super::precision::Precision;
+#[cfg(any(feature = "cuda", test))]
+use candle_core::DType;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+/// `x`: `[.., R, total]` scores (any float dtype), row `r` belongs to query position `start + r % t`
+/// (rows ordered `[.., t]` innermost). Returns probabilities in `x`'s dtype, rounded to `prec`.
+pub fn scaled_masked_softmax(
+    x: &Tensor,
+    t: usize,
+    start: usize,
+    scale: f32,
+    prec: Precision,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&ScaledMaskedSoftmax {
+        t,
+        start,
+        scale,
+        prec,
+    })
+}
+
+struct ScaledMaskedSoftmax {
+    t: usize,
+    start: usize,
+    scale: f32,
+    prec: Precision,
+}
+
+impl ScaledMaskedSoftmax {
+    fn dims(&self, l: &Layout) -> Result<(usize, usize)> {
+        let dims = l.shape().dims();
+        let total = *dims.last().unwrap_or(&0);
+        let rows = l.shape().elem_count() / total.max(1);
+        if !l.is_contiguous() || total == 0 || self.t == 0 || !rows.is_multiple_of(self.t) {
+            candle_core::bail!(
+                "scaled_masked_softmax: expected contiguous [.., R, total] with R a multiple of t = {}, got {:?}",
+                self.t,
+                l.shape()
+            );
+        }
+        if self.start + self.t > total {
+            candle_core::bail!(
+                "scaled_masked_softmax: positions {}..{} need {} keys, the scores have {total}",
+                self.start,
+                self.start + self.t,
+                self.start + self.t
+            );
+        }
+        Ok((rows, total))
+    }
+
+    /// One row on the host: the reference semantics.
+    fn row(&self, r: usize, x: &[f32], out: &mut [f32]) {
+        let p = self.prec;
+        let visible = self.start + r % self.t + 1;
+        let (seen, hidden) = out.split_at_mut(visible);
+        for (o, &v) in seen.iter_mut().zip(&x[..visible]) {
+            *o = p.round_scalar(p.round_scalar(v) * self.scale);
+        }
+        let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in seen.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in seen.iter_mut() {
+            *v = p.round_scalar(*v / sum);
+        }
+        hidden.iter_mut().for_each(|v| *v = 0.0);
+    }
+}
+
+impl CustomOp1 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "qgate-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (rows, total) = self.dims(l)?;
+        let o = l.start_offset();
+        let n = rows * total;
+        let widen: Vec<f32> = match s {
+            CpuStorage::F32(v) => v[o..o + n].to_vec(),
+            CpuStorage::BF16(v) => v[o..o + n].iter().map(|x| x.to_f32()).collect(),
+            CpuStorage::F16(v) => v[o..o + n].iter().map(|x| x.to_f32()).collect(),
+            _ => candle_core::bail!("scaled_masked_softmax: float scores expected"),
+        };
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(total)
+            .zip(widen.par_chunks(total))
+            .enumerate()
+            .for_each(|(r, (o, x))| self.row(r, x, o));
+        let storage = match s {
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(out.iter().map(|&x| bf16::from_f32(x)).collect())
+            }
+            CpuStorage::F16(_) => CpuStorage::F16(out.iter().map(|&x| f16::from_f32(x)).collect()),
+            _ => CpuStorage::F32(out),
+        };
+        Ok((storage, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (rows, total) = self.dims(l)?;
+        let dev = s.device().clone();
+        let name = kernel_name(s.dtype(), self.prec)?;
+        let func = dev.get_or_load_custom_func(name, "qgate_attn_softmax", ptx()?)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (total32, t32, start32) = (total as i32, self.t as i32, self.start as i32);
+        let scale = self.scale;
+        macro_rules! launch {
+            ($ty:ty) => {{
+                let x = s.as_cuda_slice::<$ty>()?.slice(l.start_offset()..);
+                // SAFETY: the kernel writes every element of every row (zeros after the visible keys).
+                let y = unsafe { dev.alloc::<$ty>(rows * total)? };
+                let mut b = func.builder();
+                b.arg(&x);
+                b.arg(&y);
+                b.arg(&total32);
+                b.arg(&t32);
+                b.arg(&start32);
+                b.arg(&scale);
+                // SAFETY: reads and writes rows·total elements, as allocated.
+                unsafe { b.launch(cfg) }.w()?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone())
+            }};
+        }
+        let out = match s.dtype() {
+            DType::F32 => launch!(f32),
+            DType::BF16 => launch!(half::bf16),
+            DType::F16 => launch!(half::f16),
+            d => candle_core::bail!("scaled_masked_softmax: no kernel for {d:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+const THREADS: u32 = 256;
+
+/// The kernel for scores stored as `dtype`, rounded to `prec`.
+#[cfg(feature = "cuda")]
+fn kernel_name(dtype: DType, prec: Precision) -> Result<&'static str> {
+    Ok(match (dtype, prec) {
+        (DType::F32, Precision::F32) => "qgate_softmax_f32",
+        (DType::F32, Precision::BF16) => "qgate_softmax_f32_rbf16",
+        (DType::F32, Precision::F16) => "qgate_softmax_f32_rf16",
+        (DType::BF16, Precision::BF16) => "qgate_softmax_bf16",
+        (DType::F16, Precision::F16) => "qgate_softmax_f16",
+        (d, p) => candle_core::bail!(
+            "scaled_masked_softmax: scores in {d:?} for a {} model",
+            p.name()
+        ),
+    })
+}
+
+#[cfg(feature = "cuda")]
+const KERNEL: &str = r#"
+__device__ __forceinline__ float bf2f(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+__device__ __forceinline__ unsigned short f2bf(float f) {
+    unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f; asm("{ .reg .f16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short h; asm("{ .reg .f16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ float id(float x) { return x; }
+__device__ __forceinline__ float rbf16(float x) { return bf2f(f2bf(x)); }
+__device__ __forceinline__ float rf16(float x) { return h2f(f2h(x)); }
+__device__ __forceinline__ float ldf(float x) { return x; }
+__device__ __forceinline__ float stf(float x) { return x; }
+
+// max (NaN-propagating, as torch) and sum over the block; every thread gets the result.
+__device__ __forceinline__ float nanmax(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b); }
+__device__ float block_max(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v = nanmax(v, __shfl_xor_sync(0xffffffff, v, o));
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    v = (lane < (blockDim.x >> 5)) ? red[lane] : __int_as_float(0xff800000);
+    for (int o = 16; o > 0; o >>= 1) v = nanmax(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+__device__ float block_sum(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    v = (lane < (blockDim.x >> 5)) ? red[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+#define SOFTMAX(NAME, TY, LOAD, STORE, RND)                                                        \
+extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int start, float scale) {   \
+    __shared__ float red[32];                                                                      \
+    const long row = blockIdx.x;                                                                   \
+    const TY* xr = x + row * (long)total;                                                          \
+    TY* yr = y + row * (long)total;                                                                \
+    const int visible = start + (int)(row % t) + 1;                                                \
+    float m = __int_as_float(0xff800000);                                                          \
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) m = nanmax(m, RND(RND(LOAD(xr[j])) * scale)); \
+    m = block_max(m, red);                                                                         \
+    float s = 0.0f;                                                                                \
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) s += expf(RND(RND(LOAD(xr[j])) * scale) - m); \
+    s = block_sum(s, red);                                                                         \
+    for (int j = threadIdx.x; j < total; j += blockDim.x) {                                        \
+        float o = 0.0f;                                                                            \
+        if (j < visible) o = RND(expf(RND(RND(LOAD(xr[j])) * scale) - m) / s);                     \
+        yr[j] = STORE(o);                                                                          \
+    }                                                                                              \
+}
+
+SOFTMAX(qgate_softmax_f32, float, ldf, stf, id)
+SOFTMAX(qgate_softmax_f32_rbf16, float, ldf, stf, rbf16)
+SOFTMAX(qgate_softmax_f32_rf16, float, ldf, stf, rf16)
+SOFTMAX(qgate_softmax_bf16, unsigned short, bf2f, f2bf, rbf16)
+SOFTMAX(qgate_softmax_f16, unsigned short, h2f, f2h, rf16)
+"#;
+
+/// The kernels' PTX, compiled once per process.
+#[cfg(feature = "cuda")]
+fn ptx() -> Result<&'static str> {
+    use candle_core::cuda_backend::cudarc::nvrtc;
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        nvrtc::compile_ptx_with_opts(
+            KERNEL,
+            nvrtc::CompileOptions {
+                arch: Some("sm_80"),
+                ..Default::default()
+            },
+        )
+        .map(|p| p.to_src())
+        .map_err(|e| format!("NVRTC could not compile the attention softmax kernel: {e}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The op against the formula written out for one small case, in each storage dtype.
+    #[test]
+    fn op_is_hfs_scaled_masked_softmax() {
+        let (t, start, total) = (3usize, 2usize, 5usize);
+        let vals: Vec<f32> = (0..2 * t * total)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.37)
+            .collect();
+        for prec in [Precision::F32, Precision::BF16, Precision::F16] {
+            let x = Tensor::from_vec(vals.clone(), (2, t, total), &Device::Cpu).unwrap();
+            let x = match prec.half_dtype() {
+                Some(d) => x.to_dtype(d).unwrap(),
+                None => x,
+            };
+            let y = scaled_masked_softmax(&x, t, start, 0.5, prec).unwrap();
+            assert_eq!(y.dtype(), x.dtype());
+            let y: Vec<f32> = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let xs: Vec<f32> = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for r in 0..2 * t {
+                let vis = start + r % t + 1;
+                let row = &xs[r * total..(r + 1) * total];
+                let s: Vec<f32> = row[..vis]
+                    .iter()
+                    .map(|&v| prec.round_scalar(v * 0.5))
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = s.iter().map(|v| (v - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for c in 0..total {
+                    let want = if c < vis {
+                        prec.round_scalar(e[c] / z)
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(y[r * total + c], want, "{prec:?} row {r} col {c}");
+                }
+            }
+        }
+    }
+}

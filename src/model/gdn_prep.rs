@@ -1,0 +1,448 @@
+//! The Gated DeltaNet's pre-processing as two ops, for the portable kernels (one CUDA kernel each on a
+//! GPU, where the tensor-op version made ~45 passes over `[T, C]` f32 tensors per layer):
+//!
+//! - [`conv_qkv`]: the causal depthwise conv (`out_t = Σ_j w_j · rows_{t+j}`, each product rounded to f32
+//!   and the taps added in order, as the host kernel), `R`, SiLU (`x / (1 + exp(−x))`), `R`; then q and k
+//!   L2-normalised per head (`x · 1/sqrt(Σx² + 1e-6)`), key heads expanded to value heads (head `j` uses
+//!   key head `j / r`), everything heads-first: `q`, `k`: `[Hv, T, Dk]`, `v`: `[Hv, T, Dv]`, f32.
+//! - [`beta_g`]: `β = R(1 / (1 + exp(−b)))` and `g = −exp(A_log) · softplus(a + dt_bias)` (torch's
+//!   softplus, threshold 20, `log1p` computed accurately), both `[Hv, T]` f32.
+//!
+//! On the CPU the ops compute exactly what the tensor ops computed (same operations in the same order);
+//! on the GPU only the order of the L2 norm's sum of squares differs (a block reduction).
+use super::precision::Precision;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Shapes of one GDN layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub hk: usize,
+    pub hv: usize,
+    pub dk: usize,
+    pub dv: usize,
+}
+
+impl Dims {
+    fn channels(&self) -> usize {
+        2 * self.hk * self.dk + self.hv * self.dv
+    }
+}
+
+/// `history`: `[K−1, C]` (the previous call's last rows, zeros at the start), `qkv`: `[T, C]`, `w`: `[K, C]`
+/// (tap-major conv weights). Returns `(q, k, v)` heads-first.
+pub fn conv_qkv(
+    history: &Tensor,
+    qkv: &Tensor,
+    w: &Tensor,
+    dims: Dims,
+    prec: Precision,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = qkv.dim(0)?;
+    let out = history.contiguous()?.apply_op3_no_bwd(
+        &qkv.contiguous()?,
+        &w.contiguous()?,
+        &ConvQkv { dims, prec },
+    )?;
+    let Dims { hv, dk, dv, .. } = dims;
+    let q = out.narrow(0, 0, hv * t * dk)?.reshape((hv, t, dk))?;
+    let k = out
+        .narrow(0, hv * t * dk, hv * t * dk)?
+        .reshape((hv, t, dk))?;
+    let v = out
+        .narrow(0, 2 * hv * t * dk, hv * t * dv)?
+        .reshape((hv, t, dv))?;
+    Ok((q, k, v))
+}
+
+/// `b`, `a`: `[T, Hv]`; `params`: `[2, Hv]` = (dt_bias, −exp(A_log)). Returns `(β, g)`, each `[Hv, T]`.
+pub fn beta_g(
+    b: &Tensor,
+    a: &Tensor,
+    params: &Tensor,
+    prec: Precision,
+) -> Result<(Tensor, Tensor)> {
+    let out = b.contiguous()?.apply_op3_no_bwd(
+        &a.contiguous()?,
+        &params.contiguous()?,
+        &BetaG { prec },
+    )?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+struct ConvQkv {
+    dims: Dims,
+    prec: Precision,
+}
+
+impl ConvQkv {
+    fn shapes(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize, usize)> {
+        let c = self.dims.channels();
+        let (hist, c1) = l1.shape().dims2()?;
+        let (t, c2) = l2.shape().dims2()?;
+        let (kk, c3) = l3.shape().dims2()?;
+        if c1 != c
+            || c2 != c
+            || c3 != c
+            || hist + 1 != kk
+            || !self.dims.hv.is_multiple_of(self.dims.hk)
+        {
+            candle_core::bail!(
+                "conv_qkv: expected [K−1, {c}], [T, {c}], [K, {c}], got {:?}, {:?}, {:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        Ok((t, kk, c))
+    }
+}
+
+impl CustomOp3 for ConvQkv {
+    fn name(&self) -> &'static str {
+        "qgate-gdn-conv-qkv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (t, kk, c) = self.shapes(l1, l2, l3)?;
+        let (CpuStorage::F32(hs), CpuStorage::F32(xs), CpuStorage::F32(ws)) = (s1, s2, s3) else {
+            candle_core::bail!("conv_qkv: f32 only");
+        };
+        let hs = &hs[l1.start_offset()..];
+        let xs = &xs[l2.start_offset()..];
+        let ws = &ws[l3.start_offset()..];
+        let p = self.prec;
+        let hist = kk - 1;
+        let row = |i: usize| -> &[f32] {
+            if i < hist {
+                &hs[i * c..(i + 1) * c]
+            } else {
+                &xs[(i - hist) * c..(i - hist + 1) * c]
+            }
+        };
+        // conv, R, SiLU, R: [T, C]
+        let mut conv = vec![0f32; t * c];
+        for (tt, out) in conv.chunks_mut(c).enumerate() {
+            let r0 = row(tt);
+            for (ch, o) in out.iter_mut().enumerate() {
+                *o = r0[ch] * ws[ch];
+            }
+            for j in 1..kk {
+                let rj = row(tt + j);
+                for (ch, o) in out.iter_mut().enumerate() {
+                    *o += rj[ch] * ws[j * c + ch];
+                }
+            }
+            for o in out.iter_mut() {
+                *o = p.round_scalar(silu(p.round_scalar(*o)));
+            }
+        }
+        let Dims { hk, hv, dk, dv } = self.dims;
+        let r = hv / hk;
+        let mut out = vec![0f32; hv * t * (2 * dk + dv)];
+        let (qo, rest) = out.split_at_mut(hv * t * dk);
+        let (ko, vo) = rest.split_at_mut(hv * t * dk);
+        for tt in 0..t {
+            let x = &conv[tt * c..(tt + 1) * c];
+            for (which, dst) in [(0usize, &mut *qo), (1, &mut *ko)] {
+                for j in 0..hk {
+                    let src = &x[which * hk * dk + j * dk..which * hk * dk + (j + 1) * dk];
+                    let mut ss = 0f32;
+                    for v in src {
+                        ss += v * v;
+                    }
+                    let inv = 1.0 / (ss + 1e-6).sqrt();
+                    for i in 0..r {
+                        let head = j * r + i;
+                        let o = &mut dst[(head * t + tt) * dk..(head * t + tt + 1) * dk];
+                        for (o, v) in o.iter_mut().zip(src) {
+                            *o = v * inv;
+                        }
+                    }
+                }
+            }
+            for head in 0..hv {
+                let src = &x[2 * hk * dk + head * dv..2 * hk * dk + (head + 1) * dv];
+                vo[(head * t + tt) * dv..(head * t + tt + 1) * dv].copy_from_slice(src);
+            }
+        }
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (t, kk, c) = self.shapes(l1, l2, l3)?;
+        let Dims { hk, hv, dk, dv } = self.dims;
+        let width = dk.max(dv);
+        if width > 1024 {
+            candle_core::bail!("conv_qkv: head dims above 1024 are not supported on the GPU");
+        }
+        let dev = s1.device().clone();
+        let hs = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
+        let xs = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let ws = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let n = hv * t * (2 * dk + dv);
+        // SAFETY: every output element is written (each (t, head slot) block writes its rows).
+        let out = unsafe { dev.alloc::<f32>(n)? };
+        let func = dev.get_or_load_custom_func("qgate_gdn_conv_qkv", "qgate_gdn_prep", ptx()?)?;
+        let threads = (width.div_ceil(32) * 32) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, (2 * hk + hv) as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ints: [i32; 7] = [
+            t as i32, kk as i32, c as i32, hk as i32, hv as i32, dk as i32, dv as i32,
+        ];
+        let round = round_code(self.prec);
+        let mut b = func.builder();
+        b.arg(&hs);
+        b.arg(&xs);
+        b.arg(&ws);
+        b.arg(&out);
+        for i in &ints {
+            b.arg(i);
+        }
+        b.arg(&round);
+        // SAFETY: reads (K−1)·C + T·C + K·C floats, writes n, as allocated.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from(n),
+        ))
+    }
+}
+
+struct BetaG {
+    prec: Precision,
+}
+
+/// torch softplus (threshold 20) with `log1p(y)` as `log(u)·y/(u−1)` for `u = 1 + y` (`y` where `u` is 1).
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        return x;
+    }
+    let y = x.exp();
+    let u = y + 1.0;
+    if u == 1.0 {
+        y
+    } else {
+        (u.ln() * y) / (u - 1.0)
+    }
+}
+
+impl CustomOp3 for BetaG {
+    fn name(&self) -> &'static str {
+        "qgate-gdn-beta-g"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (t, hv) = l1.shape().dims2()?;
+        if l2.shape().dims2()? != (t, hv) || l3.shape().dims2()? != (2, hv) {
+            candle_core::bail!("beta_g: expected [T, Hv], [T, Hv], [2, Hv]");
+        }
+        let (CpuStorage::F32(b), CpuStorage::F32(a), CpuStorage::F32(pr)) = (s1, s2, s3) else {
+            candle_core::bail!("beta_g: f32 only");
+        };
+        let (b, a, pr) = (
+            &b[l1.start_offset()..],
+            &a[l2.start_offset()..],
+            &pr[l3.start_offset()..],
+        );
+        let p = self.prec;
+        let mut out = vec![0f32; 2 * hv * t];
+        for tt in 0..t {
+            for h in 0..hv {
+                let x = b[tt * hv + h];
+                out[h * t + tt] = p.round_scalar(1.0 / ((-x).exp() + 1.0));
+                out[hv * t + h * t + tt] = softplus(a[tt * hv + h] + pr[h]) * pr[hv + h];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((2, hv, t))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (t, hv) = l1.shape().dims2()?;
+        if l2.shape().dims2()? != (t, hv) || l3.shape().dims2()? != (2, hv) {
+            candle_core::bail!("beta_g: expected [T, Hv], [T, Hv], [2, Hv]");
+        }
+        let dev = s1.device().clone();
+        let b = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
+        let a = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let pr = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let n = t * hv;
+        // SAFETY: every one of the 2·n outputs is written.
+        let out = unsafe { dev.alloc::<f32>(2 * n)? };
+        let func = dev.get_or_load_custom_func("qgate_gdn_beta_g", "qgate_gdn_prep", ptx()?)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (t32, hv32) = (t as i32, hv as i32);
+        let round = round_code(self.prec);
+        let mut bld = func.builder();
+        bld.arg(&b);
+        bld.arg(&a);
+        bld.arg(&pr);
+        bld.arg(&out);
+        bld.arg(&t32);
+        bld.arg(&hv32);
+        bld.arg(&round);
+        // SAFETY: reads 2·n + 2·Hv floats, writes 2·n, as allocated.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((2, hv, t)),
+        ))
+    }
+}
+
+/// 0: f32 (no rounding), 1: bf16, 2: f16.
+#[cfg(feature = "cuda")]
+fn round_code(p: Precision) -> i32 {
+    match p {
+        Precision::F32 => 0,
+        Precision::BF16 => 1,
+        Precision::F16 => 2,
+    }
+}
+
+// Explicit _rn intrinsics: no contraction into FMAs, so each product and sum rounds as on the host.
+#[cfg(feature = "cuda")]
+const KERNEL: &str = r#"
+__device__ __forceinline__ float rnd(float x, int mode) {
+    if (mode == 1) {
+        unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+        return __uint_as_float(((unsigned int)h) << 16);
+    }
+    if (mode == 2) {
+        float f; asm("{ .reg .f16 t; cvt.rn.f16.f32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "f"(x));
+        return f;
+    }
+    return x;
+}
+__device__ __forceinline__ float silu(float x) { return __fdiv_rn(x, __fadd_rn(1.0f, expf(-x))); }
+
+// Block (t, slot): slots 0..hk-1 are q heads, hk..2hk-1 k heads, 2hk.. v heads; thread = channel in head.
+extern "C" __global__ void qgate_gdn_conv_qkv(const float* hist, const float* x, const float* w, float* out,
+                                              int t, int kk, int c, int hk, int hv, int dk, int dv, int mode) {
+    __shared__ float red[32];
+    const int tt = blockIdx.x, slot = blockIdx.y, d = threadIdx.x;
+    const int is_v = slot >= 2 * hk;
+    const int width = is_v ? dv : dk;
+    const int ch = is_v ? 2 * hk * dk + (slot - 2 * hk) * dv + d : slot * dk + d;
+    float val = 0.0f;
+    if (d < width) {
+        for (int j = 0; j < kk; ++j) {
+            const int i = tt + j;
+            const float r = (i < kk - 1) ? hist[(long)i * c + ch] : x[(long)(i - (kk - 1)) * c + ch];
+            const float prod = __fmul_rn(r, w[(long)j * c + ch]);
+            val = (j == 0) ? prod : __fadd_rn(val, prod);
+        }
+        val = rnd(silu(rnd(val, mode)), mode);
+    }
+    if (is_v) {
+        if (d < dv) out[2L * hv * t * dk + ((long)(slot - 2 * hk) * t + tt) * dv + d] = val;
+        return;
+    }
+    float ss = (d < dk) ? __fmul_rn(val, val) : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    const int wi = d >> 5, lane = d & 31;
+    if (lane == 0) red[wi] = ss;
+    __syncthreads();
+    if (wi == 0) {
+        ss = (lane < (int)(blockDim.x >> 5)) ? red[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+        if (lane == 0) red[0] = ss;
+    }
+    __syncthreads();
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(red[0], 1e-6f)));
+    if (d >= dk) return;
+    const int which = slot >= hk;          // 0: q, 1: k
+    const int j = slot - which * hk;       // key head
+    const int r = hv / hk;
+    float* base = out + (long)which * hv * t * dk;
+    for (int i = 0; i < r; ++i) base[((long)(j * r + i) * t + tt) * dk + d] = __fmul_rn(val, inv);
+}
+
+extern "C" __global__ void qgate_gdn_beta_g(const float* b, const float* a, const float* pr, float* out,
+                                            int t, int hv, int mode) {
+    const long e = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (e >= (long)t * hv) return;
+    const int tt = (int)(e / hv), h = (int)(e % hv);
+    const float xb = b[e];
+    out[(long)h * t + tt] = rnd(__fdiv_rn(1.0f, __fadd_rn(expf(-xb), 1.0f)), mode);
+    const float x = __fadd_rn(a[e], pr[h]);
+    float sp;
+    if (x > 20.0f) sp = x;
+    else {
+        const float y = expf(x), u = __fadd_rn(y, 1.0f);
+        sp = (u == 1.0f) ? y : __fdiv_rn(__fmul_rn(logf(u), y), __fsub_rn(u, 1.0f));
+    }
+    out[(long)hv * t + (long)h * t + tt] = __fmul_rn(sp, pr[hv + h]);
+}
+"#;
+
+#[cfg(feature = "cuda")]
+fn ptx() -> Result<&'static str> {
+    use candle_core::cuda_backend::cudarc::nvrtc;
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        nvrtc::compile_ptx_with_opts(
+            KERNEL,
+            nvrtc::CompileOptions {
+                arch: Some("sm_80"),
+                ..Default::default()
+            },
+        )
+        .map(|p| p.to_src())
+        .map_err(|e| format!("NVRTC could not compile the GDN pre-processing kernels: {e}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
