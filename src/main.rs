@@ -58,6 +58,9 @@ enum Command {
     /// Simulate a ladder of schemes, gate each against the oracle (f16 control) and name the one that ships.
     #[command(after_help = FOOTER)]
     Sweep(commands::sweep::Args),
+    /// Where a simulated scheme's error enters: per-layer error of the residual stream at its flips.
+    #[command(after_help = FOOTER)]
+    Locate(commands::locate::Args),
     /// Join the partial captures of `qgate oracle --shard i/N` into the whole-plan oracle capture.
     #[command(after_help = FOOTER)]
     Merge(commands::merge::Args),
@@ -111,6 +114,7 @@ fn main() {
     let json = match &cli.command {
         Command::Run(a) => a.json,
         Command::Sweep(a) => a.json,
+        Command::Locate(a) => a.json,
         _ => false,
     };
     let result = match cli.command {
@@ -121,6 +125,7 @@ fn main() {
         Command::Merge(a) => commands::merge::execute(a),
         Command::Simulate(a) => commands::simulate::execute(a),
         Command::Sweep(a) => commands::sweep::execute(a),
+        Command::Locate(a) => commands::locate::execute(a),
     };
     match result {
         Ok(code) => std::process::exit(code.code()),

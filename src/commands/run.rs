@@ -269,7 +269,23 @@ pub fn write_reports(
     plan: &[Vec<i64>],
     tt: &report::tokens::TokenText,
 ) -> Result<()> {
-    ev.run.report_files = REPORT_FILES.iter().map(|s| s.to_string()).collect();
+    write_reports_with(out, ev, plan, tt, Vec::new())
+}
+
+/// As `write_reports`, with more files (`sweep --sensitivity`'s map, …) in the directory and its manifest.
+pub fn write_reports_with(
+    out: &Path,
+    ev: &mut Evaluation,
+    plan: &[Vec<i64>],
+    tt: &report::tokens::TokenText,
+    extra: Vec<(&'static str, Vec<u8>)>,
+) -> Result<()> {
+    ev.run.report_files = REPORT_FILES
+        .iter()
+        .copied()
+        .chain(extra.iter().map(|e| e.0))
+        .map(str::to_string)
+        .collect();
     let (run, compared, masks, views) = (&ev.run, &ev.compared, &ev.masks, &ev.views);
     let policy = &run.policy;
     let md = report::markdown::render(run, plan, tt);
@@ -300,13 +316,12 @@ pub fn write_reports(
         },
     )?;
     let json = report::json::render(run)?;
-    report::write::write_dir(
-        out,
-        &[
-            ("report.md", md.into_bytes()),
-            ("positions.csv", csv.into_bytes()),
-            ("summary.json", json.into_bytes()),
-            ("positions.svg", svg.into_bytes()),
-        ],
-    )
+    let mut files = vec![
+        ("report.md", md.into_bytes()),
+        ("positions.csv", csv.into_bytes()),
+        ("summary.json", json.into_bytes()),
+        ("positions.svg", svg.into_bytes()),
+    ];
+    files.extend(extra);
+    report::write::write_dir(out, &files)
 }

@@ -1,8 +1,10 @@
 //! `qgate sweep`: simulate every scheme, gate each against the oracle with the f16 simulation as the
 //! control, and write one ladder report (the `qgate run` report writer) naming the smallest scheme that
 //! passes and why each smaller one was rejected. `--ablate int4` quantizes one component group at a time
-//! (rest at the base scheme) and names the sensitive components.
-use super::run::write_reports;
+//! (rest at the base scheme) and names the sensitive components. `--sensitivity int4` maps every layer ×
+//! component alone at int4 (`quant::sensitivity`, prefix reuse); `--search int4:int8` finds the smallest
+//! passing mix of the two (`quant::search`) and gates it as one more rung of the ladder.
+use super::run::write_reports_with;
 use super::simulate::{parse_compute, parse_scale_dtype, print_skipped, simulate, SimRequest};
 use crate::capture::Capture;
 use crate::error::{Error, ExitCode, Result};
@@ -15,6 +17,7 @@ use crate::gate::summary::Identity;
 use crate::model::weights::resolve_model_dir;
 use crate::quant::apply::QuantReport;
 use crate::quant::scheme::{Component, FloatDtype, Method, Scheme};
+use crate::quant::sensitivity;
 use crate::report;
 use std::path::{Path, PathBuf};
 
@@ -46,6 +49,23 @@ pub struct Args {
     /// Base scheme of the ablation (default: the scheme that ships, else int8lin).
     #[arg(long)]
     pub ablate_base: Option<String>,
+    /// Sensitivity map: every layer × component (attention, Gated DeltaNet, MLP/experts, head, embedding)
+    /// alone at this method (`int4` = int4-b32-symclip, `int8`, or a canonical method), the rest
+    /// unquantized; writes sensitivity.{md,csv,svg} into --out.
+    #[arg(long, value_name = "LOW")]
+    pub sensitivity: Option<String>,
+    /// Compute the sensitivity map with one full simulation per part instead of prefix reuse (same
+    /// numbers; the benchmark's baseline).
+    #[arg(long)]
+    pub sensitivity_naive: bool,
+    /// Map only these parts (`mlp@2,gdn@0,attn@3,head,embed`); default every part.
+    #[arg(long, value_delimiter = ',', value_name = "PARTS")]
+    pub sensitivity_parts: Vec<String>,
+    /// Smallest passing mix of two methods (`int4:int8`): start from LOW everywhere, promote the most
+    /// harmful parts per byte to HIGH until the gate passes, then demote what is no longer needed. The mix
+    /// is gated as one more rung (`mix-LOW-HIGH`); search.md lists every step.
+    #[arg(long, value_name = "LOW:HIGH")]
+    pub search: Option<String>,
     /// Compute precision of the simulations: f16 (default), bf16 or f32.
     #[arg(long, default_value = "f16")]
     pub compute: String,
@@ -116,6 +136,56 @@ fn identity(s: &Sim) -> Identity {
 
 pub fn execute(args: Args) -> Result<ExitCode> {
     let policy = Policy::load(args.gate.as_deref())?;
+    let sens_method = args
+        .sensitivity
+        .as_deref()
+        .map(|m| {
+            ablation_method(m).map_err(|_| {
+                Error::usage(format!(
+                    "--sensitivity `{m}`: expected int4, int8 or a canonical method"
+                ))
+            })
+        })
+        .transpose()?;
+    let search_methods = match args.search.as_deref() {
+        None => None,
+        Some(s) => {
+            let (lo, hi) = s.split_once(':').ok_or_else(|| {
+                Error::usage(format!("--search `{s}`: expected LOW:HIGH, e.g. int4:int8"))
+            })?;
+            let bad = |m: &str| {
+                Error::usage(format!(
+                    "--search `{s}`: `{m}` is not int4, int8 or a canonical method"
+                ))
+            };
+            let low = ablation_method(lo.trim()).map_err(|_| bad(lo))?;
+            let high = ablation_method(hi.trim()).map_err(|_| bad(hi))?;
+            if low == high {
+                return Err(Error::usage(format!(
+                    "--search `{s}`: LOW and HIGH are the same method"
+                )));
+            }
+            Some((lo.trim().to_string(), low, hi.trim().to_string(), high))
+        }
+    };
+    let only: Vec<sensitivity::Part> = args
+        .sensitivity_parts
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            sensitivity::Part::parse(p).ok_or_else(|| {
+                Error::usage(format!(
+                    "--sensitivity-parts `{p}`: expected head, embed or COMPONENT@LAYER (attn@3, gdn@0, mlp@2)"
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    if !only.is_empty() && sens_method.is_none() {
+        return Err(Error::usage("--sensitivity-parts needs --sensitivity LOW"));
+    }
+    if args.sensitivity_naive && sens_method.is_none() {
+        return Err(Error::usage("--sensitivity-naive needs --sensitivity LOW"));
+    }
     let compute = parse_compute(&args.compute)?;
     let sd = parse_scale_dtype(&args.scale_dtype)?;
     let model_dir = resolve_model_dir(&args.model)?;
@@ -208,11 +278,89 @@ pub fn execute(args: Args) -> Result<ExitCode> {
             scheme: o.scheme,
         })
     };
+    let control = run_sim(control_scheme)?;
+    let sens_req = |method, mode| crate::quant::sensitivity::Request {
+        model_dir: &model_dir,
+        plan: &plan,
+        oracle,
+        control: &control.capture,
+        policy: &policy,
+        method,
+        compute,
+        scale_dtype: sd,
+        mode,
+        progress,
+        device: device.clone(),
+        scratch: &cap_dir,
+        only: None,
+    };
+    let sensitivity = match sens_method {
+        None => None,
+        Some(m) => {
+            let mode = if args.sensitivity_naive {
+                sensitivity::Mode::Naive
+            } else {
+                sensitivity::Mode::PrefixReuse
+            };
+            eprintln!("qgate: sensitivity map at {} ({:?})…", m.canonical(), mode);
+            let mut r = sens_req(m, mode);
+            if !only.is_empty() {
+                r.only = Some(&only);
+            }
+            Some(sensitivity::run(&r)?)
+        }
+    };
+    let search = match &search_methods {
+        None => None,
+        Some((_, low, _, high)) => {
+            let own;
+            let map = match &sensitivity {
+                Some(s) if s.method == low.canonical() && only.is_empty() => s,
+                _ => {
+                    eprintln!(
+                        "qgate: sensitivity map at {} for the search…",
+                        low.canonical()
+                    );
+                    own = sensitivity::run(&sens_req(*low, sensitivity::Mode::PrefixReuse))?;
+                    &own
+                }
+            };
+            eprintln!(
+                "qgate: searching the smallest passing mix of {} and {}…",
+                low.canonical(),
+                high.canonical()
+            );
+            Some(crate::quant::search::run(&crate::quant::search::Request {
+                model_dir: &model_dir,
+                plan: &plan,
+                oracle,
+                provenance: resolved.provenance.clone(),
+                control: &control.capture,
+                control_id: identity(&control),
+                policy: &policy,
+                low: *low,
+                high: *high,
+                compute,
+                scale_dtype: sd,
+                rollout,
+                map,
+                scratch: &cap_dir,
+                progress,
+                device: device.clone(),
+            })?)
+        }
+    };
+    if let (Some(o), Some((lo, _, hi, _))) = (&search, &search_methods) {
+        if let Some(mix) = &o.mix {
+            let mut sc = Scheme::parse(mix)?;
+            sc.name = format!("mix-{}-{}", safe(lo), safe(hi));
+            schemes.push(sc);
+        }
+    }
     let mut sims: Vec<Sim> = schemes
         .into_iter()
         .map(&mut run_sim)
         .collect::<Result<_>>()?;
-    let control = run_sim(control_scheme)?;
 
     let all: Vec<&Capture> = sims
         .iter()
@@ -315,6 +463,8 @@ pub fn execute(args: Args) -> Result<ExitCode> {
             .collect(),
         rejected_smaller: rejected,
         ablation,
+        sensitivity,
+        search,
     });
     let (code, line) =
         ladder::sweep_verdict(ev.run.ship.as_deref(), ev.run.exit_code, &ev.run.verdict);
@@ -322,12 +472,38 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     ev.run.verdict = line;
     let tt = report::tokens::TokenText::load(&model_dir.join("tokenizer.json"))
         .unwrap_or_else(|_| report::tokens::TokenText::none());
-    write_reports(&out, &mut ev, &plan, &tt)?;
+    let mut extra: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    let mut text = String::new();
+    if let Some(l) = &ev.run.ladder {
+        if let Some(m) = &l.sensitivity {
+            let t = report::sensitivity::table(m, &policy);
+            text.push_str(&t);
+            extra.push(("sensitivity.md", t.into_bytes()));
+            extra.push((
+                "sensitivity.csv",
+                report::sensitivity::csv(m, &policy).into_bytes(),
+            ));
+            extra.push((
+                "sensitivity.svg",
+                report::sensitivity::svg(m, &policy)?.into_bytes(),
+            ));
+        }
+        if let Some(s) = &l.search {
+            let t = report::sensitivity::search_md(s);
+            text.push('\n');
+            text.push_str(&t);
+            extra.push(("search.md", t.into_bytes()));
+        }
+    }
+    write_reports_with(&out, &mut ev, &plan, &tt, extra)?;
     report::ci::write(&ev.run, args.junit.as_deref())?;
     if args.json {
         print!("{}", report::json::render(&ev.run)?);
     } else {
         print!("{}", report::terminal::render(&ev.run));
+        if !text.is_empty() {
+            println!("\n{text}");
+        }
         println!("reports: {}", out.display());
     }
     eprintln!("qgate: {}", ev.run.verdict);

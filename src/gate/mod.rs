@@ -29,6 +29,7 @@ pub mod policy;
 pub mod provenance;
 pub mod roles;
 pub mod rollout;
+pub mod rows;
 pub mod sim_vs_bundle;
 pub mod stats;
 pub mod summary;

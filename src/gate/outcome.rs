@@ -118,4 +118,10 @@ pub struct Ladder {
     pub rungs: Vec<Rung>,
     pub rejected_smaller: Vec<Rejection>,
     pub ablation: Option<Ablation>,
+    /// `--sensitivity`: every layer × component alone at the low method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<crate::quant::sensitivity::SensitivityMap>,
+    /// `--search`: the smallest passing mix of two methods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<crate::quant::search::SearchOutcome>,
 }

@@ -149,6 +149,18 @@ struct DecoderLayer {
     ffn: FeedForward,
 }
 
+/// One decoder layer loaded on its own (`Model::load_layer`), to run in place of layer `index`.
+pub struct LayerSlot {
+    index: usize,
+    layer: DecoderLayer,
+}
+
+impl LayerSlot {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
 /// Per-layer state carried from one call to the next (teacher-forced prefill, then single steps).
 pub enum LayerCache {
     Attention(KvCache),
@@ -353,22 +365,7 @@ impl Model {
                 "token id {bad} is outside the model's vocabulary of {v}"
             )));
         }
-        let mut x = match (&self.embed, &self.head) {
-            (Some(e), _) => e
-                .index_select(&Tensor::new(tokens, e.device())?, 0)?
-                .to_dtype(candle_core::DType::F32)?,
-            (None, LinearWeight::Bf16(p)) => {
-                let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
-                Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
-            }
-            (None, LinearWeight::F32Packed(p)) => {
-                let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
-                Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
-            }
-            (None, LinearWeight::F32(_) | LinearWeight::Half(_)) => {
-                return Err(Error::Internal("no embedding kept for an f32 head".into()))
-            }
-        };
+        let mut x = self.embed_tokens(tokens)?;
         check.check(Stage::Embedding, &x)?;
         for (l, lc) in cache.layers.iter_mut().enumerate() {
             x = self.layer_forward(l, &x, lc)?;
@@ -383,20 +380,156 @@ impl Model {
         Ok(hidden)
     }
 
+    /// The embedding rows of `tokens` as f32 `[T, H]` (the residual stream entering layer 0). Ids must
+    /// lie in the vocabulary (`forward` checks them).
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor> {
+        let v = self.cfg.vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::usage(format!(
+                "token id {bad} is outside the model's vocabulary of {v}"
+            )));
+        }
+        Ok(match (&self.embed, &self.head) {
+            (Some(e), _) => e
+                .index_select(&Tensor::new(tokens, e.device())?, 0)?
+                .to_dtype(candle_core::DType::F32)?,
+            (None, LinearWeight::Bf16(p)) => {
+                let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
+                Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
+            }
+            (None, LinearWeight::F32Packed(p)) => {
+                let rows: Vec<f32> = tokens.iter().flat_map(|&t| p.row(t as usize)).collect();
+                Tensor::from_vec(rows, (tokens.len(), p.k), &Device::Cpu)?
+            }
+            (None, LinearWeight::F32(_) | LinearWeight::Half(_)) => {
+                return Err(Error::Internal("no embedding kept for an f32 head".into()))
+            }
+        })
+    }
+
+    /// Layers `from..` of a teacher-forced prefill on the residual stream `x` entering layer `from`
+    /// (from a fresh cache: `caches` are the whole model's, only layers `from..` are used). `replace`:
+    /// run this layer in place of the model's own at its index (the sensitivity map loads one part
+    /// quantized). `trace` receives the residual stream after every layer run. Returns the residual
+    /// stream after the last layer (before the final norm): with the same inputs, the numbers of the
+    /// full forward, bit for bit (`tests/layer_range.rs`).
+    pub fn forward_layers(
+        &self,
+        from: usize,
+        x: &Tensor,
+        cache: &mut Cache,
+        replace: Option<&LayerSlot>,
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let n = self.layers.len();
+        if from > n || cache.layers.len() != n {
+            return Err(Error::Internal(format!(
+                "layer range {from}.. of a {n}-layer model"
+            )));
+        }
+        let mut x = x.clone();
+        for (l, lc) in cache.layers.iter_mut().enumerate().skip(from) {
+            let layer = match replace {
+                Some(r) if r.index == l => &r.layer,
+                _ => &self.layers[l],
+            };
+            x = self.run_layer(layer, &x, lc)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(x.clone());
+            }
+        }
+        Ok(x)
+    }
+
+    /// The final norm: residual stream after the last layer → the head's input.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    /// Layer `l` loaded from `ws` (whose transform may quantize it), to run in place of the model's own
+    /// (`forward_layers`' `replace`).
+    pub fn load_layer(&self, ws: &WeightStore, l: usize) -> Result<LayerSlot> {
+        let (cfg, prec) = (&self.cfg, self.prec);
+        Ok(LayerSlot {
+            index: l,
+            layer: DecoderLayer {
+                input_norm: layer_norm(cfg, ws, l, "input_layernorm", prec)?,
+                mixer: Mixer::load(cfg, ws, l, prec)?,
+                post_norm: layer_norm(cfg, ws, l, "post_attention_layernorm", prec)?,
+                ffn: FeedForward::load(cfg, ws, l, prec, false)?,
+            },
+        })
+    }
+
+    /// The head loaded from `ws` as its own weight (`lm_head.weight`, or a tied model's embedding
+    /// loaded under that name, as the simulator unties a quantized head), for `logits_with`.
+    pub fn load_head(&self, ws: &WeightStore) -> Result<LinearWeight> {
+        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let w = if ws.contains("lm_head.weight") {
+            ws.load("lm_head.weight", &[v, h], self.prec)?
+        } else {
+            ws.load_as(
+                &ws.decoder_name("embed_tokens.weight"),
+                "lm_head.weight",
+                &[v, h],
+                self.prec,
+            )?
+        };
+        LinearWeight::new(w, self.prec)
+    }
+
+    /// The logits of final-normed hidden states through another head (`load_head`).
+    pub fn logits_with(&self, hidden: &Tensor, head: &LinearWeight) -> Result<Tensor> {
+        linear(hidden, head, self.prec)
+    }
+
     /// One decoder layer on the residual stream `x: [T, H]` (pre-norm mixer and feed-forward, each added
     /// back with one rounding). Public so tests can feed HF's own layer inputs.
     pub fn layer_forward(&self, l: usize, x: &Tensor, lc: &mut LayerCache) -> Result<Tensor> {
-        let p = self.prec;
         let layer = self
             .layers
             .get(l)
             .ok_or_else(|| Error::Internal(format!("no layer {l}")))?;
+        self.run_layer(layer, x, lc)
+    }
+
+    fn run_layer(&self, layer: &DecoderLayer, x: &Tensor, lc: &mut LayerCache) -> Result<Tensor> {
+        Ok(self.run_layer_halves(layer, x, lc)?.1)
+    }
+
+    /// One layer, returning the residual stream after the mixer and after the feed-forward block.
+    fn run_layer_halves(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        lc: &mut LayerCache,
+    ) -> Result<(Tensor, Tensor)> {
+        let p = self.prec;
         let h = layer.input_norm.forward(x)?;
         let y = layer.mixer.forward(&h, &self.rope, lc)?;
         let x = ops::add_round(x, &y, p, self.portable)?;
         let h = layer.post_norm.forward(&x)?;
         let y = layer.ffn.forward(&h)?;
-        ops::add_round(&x, &y, p, self.portable)
+        let out = ops::add_round(&x, &y, p, self.portable)?;
+        Ok((x, out))
+    }
+
+    /// A teacher-forced prefill from a fresh cache, returning per layer the residual stream after its
+    /// mixer (attention / Gated DeltaNet) and after its feed-forward block (`qgate locate` tells the two
+    /// apart). Same arithmetic as `forward`.
+    pub fn forward_layers_halves(
+        &self,
+        x: &Tensor,
+        cache: &mut Cache,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut x = x.clone();
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let (mid, next) = self.run_layer_halves(layer, &x, lc)?;
+            out.push((mid, next.clone()));
+            x = next;
+        }
+        Ok(out)
     }
 
     /// The per-layer caches, for driving `layer_forward` directly.

@@ -2,7 +2,8 @@
 //!
 //! Quantized: every linear weight of the decoder layers — attention q/k/v/o, delta-net in_proj_qkv / z / b /
 //! a and out_proj, MLP, routed experts (fused `[E, out, in]` or per expert) and the shared expert — plus
-//! the head when the scheme gives it a method. Never: norms, embeddings, conv1d, A_log, dt_bias, the MoE
+//! the head when the scheme gives it a method, and the embedding when the scheme names it (`embed=…`).
+//! A mix can give one layer's component its own method (`mlp@2=…`). Never: norms, conv1d, A_log, dt_bias, the MoE
 //! router (`mlp.gate`) and the shared-expert gate. A weight whose input dimension is not divisible by the
 //! block size (or, for palettization, whose output rows do not split into groups) is left unquantized, as
 //! the exporters do, and listed in `skipped`.
@@ -18,11 +19,25 @@ use std::sync::Mutex;
 
 /// The component a weight belongs to, or `None` for weights that are never quantized.
 pub fn classify(name: &str) -> Option<Component> {
+    classify_at(name).map(|(c, _)| c)
+}
+
+/// The component a weight belongs to and its decoder layer (`None` for the head and the embedding).
+pub fn classify_at(name: &str) -> Option<(Component, Option<usize>)> {
     if name == "lm_head.weight" {
-        return Some(Component::Head);
+        return Some((Component::Head, None));
+    }
+    if name == "embed_tokens.weight" {
+        return Some((Component::Embed, None));
     }
     let rest = name.strip_prefix("layers.")?;
-    let (_, rest) = rest.split_once('.')?;
+    let (l, rest) = rest.split_once('.')?;
+    let layer: usize = l.parse().ok()?;
+    layer_component(rest).map(|c| (c, Some(layer)))
+}
+
+/// The component of a layer-relative weight name (`self_attn.q_proj.weight`, `mlp.down_proj.weight`).
+fn layer_component(rest: &str) -> Option<Component> {
     if let Some(p) = rest.strip_prefix("self_attn.") {
         return matches!(
             p,
@@ -146,7 +161,7 @@ impl QuantTransform {
     ) -> (String, u64, Option<Skipped>) {
         let numel = data.len() as u64;
         let plain = numel * 2;
-        let method = classify(name).and_then(|c| self.scheme.method(c));
+        let method = classify_at(name).and_then(|(c, l)| self.scheme.method_at(c, l));
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let rows = if shape.len() >= 2 {
             shape[shape.len() - 2]
@@ -236,6 +251,10 @@ impl WeightTransform for QuantTransform {
     }
 
     fn untie_head(&self) -> bool {
+        // a quantized embedding serves a tied head only when the head asks for the same method
+        if self.scheme.embed.is_some_and(|m| !m.is_float()) {
+            return self.scheme.head != self.scheme.embed;
+        }
         match self.scheme.head {
             None => false,
             Some(Method::Float { dtype }) => self.scheme.rest != Some(dtype),
@@ -269,8 +288,16 @@ mod tests {
         for (n, c) in yes {
             assert_eq!(classify(n), Some(c), "{n}");
         }
+        assert_eq!(
+            classify_at("layers.12.mlp.experts.3.up_proj.weight"),
+            Some((Component::Mlp, Some(12)))
+        );
+        assert_eq!(
+            classify_at("embed_tokens.weight"),
+            Some((Component::Embed, None))
+        );
+        assert_eq!(classify_at("lm_head.weight"), Some((Component::Head, None)));
         for n in [
-            "embed_tokens.weight",
             "norm.weight",
             "layers.0.input_layernorm.weight",
             "layers.0.linear_attn.conv1d.weight",

@@ -3,4 +3,7 @@
 pub mod apply;
 pub mod kmeans;
 pub mod linear;
+pub mod locate;
 pub mod scheme;
+pub mod search;
+pub mod sensitivity;

@@ -1,7 +1,9 @@
 //! Quantization schemes: canonical names (`int8-b32-symclip`, `int8-perchannel-sym`, `kmeans4-g32`, `f16`),
 //! per-component mixes (`mlp=int4-b32-symclip,attn=int8-b32-symclip`), the community's aliases
 //! (`int8lin`, `int8hu`, `int8hu-headsym`, `int4lin`, `int8`) and bundle-directory names
-//! (`qwen3_5_0_8b_decode_int8hu_block32_sym`).
+//! (`qwen3_5_0_8b_decode_int8hu_block32_sym`). A mix may also name one layer's part
+//! (`mlp=int4-b32-symclip,mlp@2=int8-b32-symclip`: layer 2's MLP at int8, every other MLP at int4) and the
+//! embedding (`embed=…`, left as is unless named) — what `qgate sweep --search` reports.
 use crate::error::{Error, Result};
 use serde::Serialize;
 
@@ -121,6 +123,8 @@ pub enum Component {
     Gdn,
     Mlp,
     Head,
+    /// The token embedding (`embed_tokens.weight`): quantized only when a scheme names it.
+    Embed,
 }
 
 impl Component {
@@ -131,16 +135,29 @@ impl Component {
         Component::Head,
     ];
     pub const BODY: [Component; 3] = [Component::Attn, Component::Gdn, Component::Mlp];
+    /// Every component, the embedding included.
+    pub const EVERY: [Component; 5] = [
+        Component::Attn,
+        Component::Gdn,
+        Component::Mlp,
+        Component::Head,
+        Component::Embed,
+    ];
+    /// Whether the component lives in a decoder layer (so a mix can name one layer's).
+    pub fn per_layer(self) -> bool {
+        Component::BODY.contains(&self)
+    }
     pub fn name(self) -> &'static str {
         match self {
             Component::Attn => "attn",
             Component::Gdn => "gdn",
             Component::Mlp => "mlp",
             Component::Head => "head",
+            Component::Embed => "embed",
         }
     }
-    fn parse(s: &str) -> Option<Component> {
-        Component::ALL.into_iter().find(|c| c.name() == s)
+    pub fn parse(s: &str) -> Option<Component> {
+        Component::EVERY.into_iter().find(|c| c.name() == s)
     }
 }
 
@@ -158,6 +175,20 @@ pub struct Scheme {
     pub head: Option<Method>,
     /// Float schemes: every weight (embeddings, norms, …) is stored in this dtype.
     pub rest: Option<FloatDtype>,
+    /// The token embedding (`None`: left as is, the default of every alias).
+    pub embed: Option<Method>,
+    /// One layer's component at another method than its component's (`mlp@2=…`), sorted by (layer,
+    /// component).
+    pub layers: Vec<LayerOverride>,
+}
+
+/// `comp@layer=method` in a mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LayerOverride {
+    pub layer: usize,
+    pub component: Component,
+    /// `None`: left as is (`keep`).
+    pub method: Option<Method>,
 }
 
 impl Scheme {
@@ -167,6 +198,32 @@ impl Scheme {
             Component::Gdn => self.gdn,
             Component::Mlp => self.mlp,
             Component::Head => self.head,
+            Component::Embed => self.embed,
+        }
+    }
+    /// The method of `c` in decoder layer `layer` (`None` for the head and the embedding): a layer
+    /// override if the mix names one, else the component's.
+    pub fn method_at(&self, c: Component, layer: Option<usize>) -> Option<Method> {
+        layer
+            .and_then(|l| {
+                self.layers
+                    .iter()
+                    .find(|o| o.layer == l && o.component == c)
+            })
+            .map(|o| o.method)
+            .unwrap_or_else(|| self.method(c))
+    }
+    /// Set layer `layer`'s `c` to `m` (an override; removed again when it equals the component's).
+    pub fn set_at(&mut self, c: Component, layer: usize, m: Option<Method>) {
+        self.layers
+            .retain(|o| !(o.layer == layer && o.component == c));
+        if self.method(c) != m {
+            self.layers.push(LayerOverride {
+                layer,
+                component: c,
+                method: m,
+            });
+            self.layers.sort_by_key(|o| (o.layer, o.component));
         }
     }
     pub fn set(&mut self, c: Component, m: Option<Method>) {
@@ -175,6 +232,7 @@ impl Scheme {
             Component::Gdn => self.gdn = m,
             Component::Mlp => self.mlp = m,
             Component::Head => self.head = m,
+            Component::Embed => self.embed = m,
         }
     }
 
@@ -187,6 +245,8 @@ impl Scheme {
             mlp: Some(body),
             head,
             rest: None,
+            embed: None,
+            layers: Vec::new(),
         }
     }
 
@@ -204,6 +264,19 @@ impl Scheme {
                 )
             })
             .collect();
+        if let Some(m) = self.embed {
+            parts.push(format!("embed={}", m.canonical()));
+        }
+        for o in &self.layers {
+            parts.push(format!(
+                "{}@{}={}",
+                o.component.name(),
+                o.layer,
+                o.method
+                    .map(|m| m.canonical())
+                    .unwrap_or_else(|| "keep".into())
+            ));
+        }
         if let Some(r) = self.rest {
             parts.push(format!("rest={}", Method::Float { dtype: r }.canonical()));
         }
@@ -217,9 +290,9 @@ impl Scheme {
 
     /// Whether any weight is changed beyond rounding.
     pub fn quantizes(&self) -> bool {
-        Component::ALL
-            .iter()
-            .any(|&c| self.method(c).is_some_and(|m| !m.is_float()))
+        let q = |m: Option<Method>| m.is_some_and(|m| !m.is_float());
+        Component::EVERY.iter().any(|&c| q(self.method(c)))
+            || self.layers.iter().any(|o| q(o.method))
     }
 
     /// Parse a scheme: a canonical name, a component mix, an alias or a bundle-directory name.
@@ -256,7 +329,7 @@ impl Scheme {
         Err(Error::usage(format!(
             "scheme `{t}`: not a canonical scheme (f16, bf16, int{{8,4}}-b{{8,16,32,64}}-{{sym,symclip}}, \
              int8-perchannel-{{sym,symclip}}, kmeans{{8,6,4}}-g32), a component mix \
-             (`mlp=int4-b32-symclip,attn=…,gdn=…,head=…`), an alias ({}) or a bundle name carrying one",
+             (`mlp=int4-b32-symclip,attn=…,gdn=…,head=…,embed=…`, one layer: `mlp@2=…`), an alias ({}) or a bundle name carrying one",
             ALIASES.join(", ")
         )))
     }
@@ -350,25 +423,63 @@ fn parse_mix(orig: &str, lower: &str) -> Result<Scheme> {
         mlp: None,
         head: None,
         rest: None,
+        embed: None,
+        layers: Vec::new(),
     };
     let mut seen = Vec::new();
+    let mut overrides: Vec<LayerOverride> = Vec::new();
     for part in lower.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').ok_or_else(|| {
             Error::usage(format!("scheme `{orig}`: `{part}` is not COMPONENT=METHOD"))
         })?;
-        let comps: Vec<Component> = match k.trim() {
-            "body" => Component::BODY.to_vec(),
-            k => vec![Component::parse(k).ok_or_else(|| {
-                Error::usage(format!(
-                    "scheme `{orig}`: unknown component `{k}` (attn, gdn, mlp, head, body)"
-                ))
-            })?],
-        };
         let m = match v.trim() {
             "keep" => None,
             v => Some(Method::parse(v).ok_or_else(|| {
                 Error::usage(format!("scheme `{orig}`: `{v}` is not a canonical method"))
             })?),
+        };
+        if let Some((c, l)) = k.trim().split_once('@') {
+            let comps: Vec<Component> = match c {
+                "body" => Component::BODY.to_vec(),
+                c => match Component::parse(c) {
+                    Some(c) if c.per_layer() => vec![c],
+                    _ => {
+                        return Err(Error::usage(format!(
+                        "scheme `{orig}`: `{c}@{l}`: only attn, gdn, mlp or body can name a layer"
+                    )))
+                    }
+                },
+            };
+            let layer: usize = l.parse().map_err(|_| {
+                Error::usage(format!(
+                    "scheme `{orig}`: `{c}@{l}`: the layer is not a number"
+                ))
+            })?;
+            for component in comps {
+                if overrides
+                    .iter()
+                    .any(|o| o.layer == layer && o.component == component)
+                {
+                    return Err(Error::usage(format!(
+                        "scheme `{orig}`: `{}@{layer}` given twice",
+                        component.name()
+                    )));
+                }
+                overrides.push(LayerOverride {
+                    layer,
+                    component,
+                    method: m,
+                });
+            }
+            continue;
+        }
+        let comps: Vec<Component> = match k.trim() {
+            "body" => Component::BODY.to_vec(),
+            k => vec![Component::parse(k).ok_or_else(|| {
+                Error::usage(format!(
+                    "scheme `{orig}`: unknown component `{k}` (attn, gdn, mlp, head, embed, body)"
+                ))
+            })?],
         };
         for c in comps {
             if seen.contains(&c) {
@@ -380,6 +491,9 @@ fn parse_mix(orig: &str, lower: &str) -> Result<Scheme> {
             seen.push(c);
             sc.set(c, m);
         }
+    }
+    for o in overrides {
+        sc.set_at(o.component, o.layer, o.method);
     }
     Ok(sc)
 }
@@ -467,6 +581,35 @@ mod tests {
             Some("int8-b32-sym")
         );
         assert!(Scheme::parse("attn=int3").is_err());
+        // one layer's part, and the embedding
+        let s = Scheme::parse(
+            "body=int4-b32-symclip,mlp@2=int8-b32-symclip,attn@1=keep,embed=int8-b32-sym",
+        )
+        .unwrap();
+        assert_eq!(
+            s.spec(),
+            "attn=int4-b32-symclip,gdn=int4-b32-symclip,mlp=int4-b32-symclip,head=keep,embed=int8-b32-sym,attn@1=keep,mlp@2=int8-b32-symclip"
+        );
+        assert_eq!(Scheme::parse(&s.spec()).unwrap().spec(), s.spec());
+        assert_eq!(
+            s.method_at(Component::Mlp, Some(2)).map(|m| m.canonical()),
+            Some("int8-b32-symclip".into())
+        );
+        assert_eq!(
+            s.method_at(Component::Mlp, Some(3)).map(|m| m.canonical()),
+            Some("int4-b32-symclip".into())
+        );
+        assert_eq!(s.method_at(Component::Attn, Some(1)), None);
+        // an override equal to its component's method is no override
+        let s = Scheme::parse("mlp=int4-b32-symclip,mlp@0=int4-b32-symclip").unwrap();
+        assert!(s.layers.is_empty());
+        for bad in [
+            "head@1=int8-b32-sym",
+            "mlp@x=int8-b32-sym",
+            "mlp@1=int8-b32-sym,mlp@1=keep",
+        ] {
+            assert!(Scheme::parse(bad).is_err(), "{bad}");
+        }
         assert!(Scheme::parse("nonsense").is_err());
     }
 }

@@ -7,6 +7,7 @@ pub mod json;
 pub mod junit;
 pub mod markdown;
 pub mod plot;
+pub mod sensitivity;
 pub mod terminal;
 pub mod tokens;
 pub mod write;
