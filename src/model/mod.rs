@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod bf16_gemm;
 pub mod config;
+pub mod cpu;
 pub mod delta_rule;
 pub mod delta_rule_portable;
 pub mod device;
