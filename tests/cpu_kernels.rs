@@ -232,3 +232,61 @@ fn every_cpu_kernel_set_matches_hf_and_the_others() {
         "the portable set and the detected one are always tested"
     );
 }
+
+/// `--kernels` on the command line: a set this CPU lacks, or an unknown name, is one line on stderr
+/// and exit 2 before anything runs; `-v` names the set chosen.
+#[test]
+fn kernels_flag_refuses_what_this_cpu_cannot_run_and_v_prints_the_choice() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("o.capture.safetensors");
+    let plan = fixture("hf/dense-vl-tied.f32.capture.safetensors");
+    let model = fixture("models/dense-vl-tied");
+    let run = |kernels: &str| {
+        assert_cmd::Command::cargo_bin("qgate")
+            .expect("qgate binary")
+            .args([
+                "-v",
+                "oracle",
+                "--dtype",
+                "f32",
+                "--rollout",
+                "1",
+                "--kernels",
+                kernels,
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("qgate runs")
+    };
+    let mut cases = vec![(
+        "sse9".to_string(),
+        "expected auto, avx512, avx2 or portable",
+    )];
+    match Kernels::ALL.into_iter().find(|k| !k.supported()) {
+        Some(k) => cases.push((k.name().to_string(), "this CPU cannot run them")),
+        None => eprintln!("skipped: every kernel set runs on this CPU, none to refuse"),
+    }
+    for (value, why) in cases {
+        let o = run(&value);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--kernels {value}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "--kernels {value}: {err}");
+        assert!(err.contains(why) && err.contains(&value), "{err}");
+        assert!(!out.exists(), "nothing written");
+    }
+    let o = run("portable");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("qgate: CPU kernels: portable"), "{err}");
+    let cap = Capture::open(&out).expect("oracle capture");
+    assert_eq!(
+        cap.meta.extra.get("cpu_kernels").and_then(|v| v.as_str()),
+        Some("portable"),
+        "the capture records the kernels"
+    );
+}
