@@ -269,10 +269,11 @@ pub(crate) struct Tile {
 pub(crate) const MR: usize = 6;
 pub(crate) const NR: usize = 64; // 4 blocks of 16 columns
 
-// K is not blocked: every tile runs the whole k range (Tile's `load_c`/`last` support k blocks, where
-// each element would still accumulate in order on one accumulator, reloading its exact f32 partial
-// sum; measured on Zen 4, blocks sized for L1 gained nothing over whole-K tiles, the weight panel
-// streams well from L2).
+// AVX-512: K is not blocked, every tile runs the whole k range (measured on Zen 4, blocks sized for L1
+// gained nothing over whole-K tiles, the weight panel streams well from L2). The AVX2 and portable
+// kernels (16 columns per register tile, so four passes over the row tile's inputs per panel) run k
+// blocks (`drive_blocked`): each element still accumulates in order on one accumulator, reloading its
+// exact f32 partial sum.
 
 /// k blocks (in steps) of the widening kernels: a 16-column slice of a block is 16 KiB of f32 or
 /// 8 KiB of bf16 pairs (L1), the 64-column panel slice 64 / 32 KiB (L2).
