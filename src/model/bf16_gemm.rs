@@ -290,6 +290,7 @@ const ROW_GROUP: usize = 8 * MR;
 /// # Safety
 /// The operands must describe valid, live buffers of the stated shapes, and `kernel` must be safe to
 /// call on this CPU.
+#[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn drive(o: Operands, kernel: impl Fn(&Tile) + Sync) {
     drive_blocked(o, usize::MAX, kernel)
 }
@@ -352,6 +353,7 @@ pub(crate) unsafe fn drive_blocked(o: Operands, kblock: usize, kernel: impl Fn(&
 }
 
 /// Calls `$f::<R, NB>(tile, extra..)` for the tile's row count and 16-column block count.
+#[cfg(target_arch = "x86_64")]
 macro_rules! dispatch_tile {
     ($f:ident, $t:expr $(, $x:expr)*) => {{
         macro_rules! nb {
@@ -374,6 +376,7 @@ macro_rules! dispatch_tile {
         }
     }};
 }
+#[cfg(target_arch = "x86_64")]
 pub(crate) use dispatch_tile;
 
 #[cfg(target_arch = "x86_64")]

@@ -11,6 +11,7 @@
 //! different libm keeps the scalar calls). Vector paths: AVX-512 (here) and AVX2+FMA (`cpu::avx2`),
 //! chosen by the kernel set in force (`cpu::active`); the portable set calls `f32::exp`.
 
+#[cfg(target_arch = "x86_64")]
 pub(crate) const TABLE: [u64; 32] = [
     0x3ff0000000000000,
     0x3fefd9b0d3158574,
@@ -45,10 +46,15 @@ pub(crate) const TABLE: [u64; 32] = [
     0x3fefa4afa2a490da,
     0x3fefd0765b6e4540,
 ];
+#[cfg(target_arch = "x86_64")]
 pub(crate) const INV_LN2_N: u64 = 0x40471547652b82fe;
+#[cfg(target_arch = "x86_64")]
 pub(crate) const C0: u64 = 0x3ebc6af84b912394;
+#[cfg(target_arch = "x86_64")]
 pub(crate) const C1: u64 = 0x3f2ebfce50fac4f3;
+#[cfg(target_arch = "x86_64")]
 pub(crate) const C2: u64 = 0x3f962e42ff0c52d6;
+#[cfg(target_arch = "x86_64")]
 pub(crate) const SHIFT: u64 = 0x4338000000000000;
 
 /// `v[i] = v[i].exp()` for every element.

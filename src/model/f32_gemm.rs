@@ -5,7 +5,9 @@
 //! replace, padded to 16 rows), so a 64-column tile reads four contiguous streams. Each output element
 //! accumulates `acc = fma(x[p], w[p], acc)` over `p` in order on one f32 accumulator, starting from 0:
 //! the result does not depend on the matrix size, the tile it falls in or the thread count.
-use super::bf16_gemm::{drive, drive_blocked, Operands, KBLOCK_F32};
+#[cfg(target_arch = "x86_64")]
+use super::bf16_gemm::drive;
+use super::bf16_gemm::{drive_blocked, Operands, KBLOCK_F32};
 use super::cpu::Kernels;
 use crate::error::Result;
 use rayon::prelude::*;
