@@ -1,5 +1,8 @@
-//! GEMM shapes of the 0.8B forward at T=512 (profiling aid): GFLOP/s of the packed bf16 kernel.
+//! GEMM shapes of the 0.8B forward at T=512 (profiling aid): GFLOP/s of the packed bf16 kernel (or,
+//! with `F32=1`, the f32 one), on the kernel set `KERNELS=auto|avx512|avx2|portable` (default auto).
+//! `CANDLE=1` (with `F32=1`): candle's own matmul (the `gemm` crate) on the same shapes, for comparison.
 use qgate::model::bf16_gemm::PackedBf16;
+use qgate::model::cpu::KernelChoice;
 use qgate::model::f32_gemm::PackedF32;
 use std::time::Instant;
 
@@ -31,6 +34,18 @@ fn main() {
         ("b", 16, 1024),
         ("head", 248320 / 4, 1024),
     ];
+    let kernels = KernelChoice::parse(&std::env::var("KERNELS").unwrap_or_else(|_| "auto".into()))
+        .and_then(|c| c.resolve())
+        .unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(2)
+        });
+    let candle = std::env::var("CANDLE").is_ok();
+    println!(
+        "kernels: {}{}",
+        kernels.describe(),
+        if candle { " (f32: candle matmul)" } else { "" }
+    );
     let mut s = 7u64;
     let mut rnd = move || {
         s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -44,13 +59,24 @@ fn main() {
         let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
         let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
         let f32_mode = std::env::var("F32").is_ok();
-        let p = PackedBf16::pack(&w, n, k);
-        let pf = PackedF32::pack(&w, n, k);
+        let p = PackedBf16::pack(&w, n, k, kernels).expect("kernels checked");
+        let pf = PackedF32::pack(&w, n, k, kernels).expect("kernels checked");
+        let (wt, xt) = (
+            candle_core::Tensor::from_vec(w.clone(), (n, k), &candle_core::Device::Cpu).unwrap(),
+            candle_core::Tensor::from_vec(x.clone(), (m, k), &candle_core::Device::Cpu).unwrap(),
+        );
         let mut best = f64::MAX;
         let mut bestc = f64::MAX;
         for _ in 0..reps {
             let (t0, c0) = (Instant::now(), cpu_seconds());
-            let y = if f32_mode {
+            let y = if f32_mode && candle {
+                xt.matmul(&wt.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            } else if f32_mode {
                 pf.matmul_t(&x, m)
             } else {
                 p.matmul_t_rounded(&x, m, true)

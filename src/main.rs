@@ -37,6 +37,9 @@ struct Cli {
     /// is not a terminal).
     #[arg(long, global = true, display_order = 900)]
     quiet: bool,
+    /// Say more about how the command runs (the CPU kernels chosen).
+    #[arg(short = 'v', long, global = true, display_order = 901)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -111,6 +114,7 @@ fn main() {
         }
     };
     qgate::progress::set_quiet(cli.quiet);
+    qgate::model::cpu::set_verbose(cli.verbose);
     let json = match &cli.command {
         Command::Run(a) => a.json,
         Command::Sweep(a) => a.json,

@@ -221,8 +221,33 @@ impl ExecOptions {
     }
 }
 
-/// Three quarters of physical memory (`MemTotal` in /proc/meminfo), else 8 GiB.
+/// Three quarters of physical memory (`MemTotal` in /proc/meminfo; on macOS `sysctl hw.memsize`), else
+/// 8 GiB.
 pub fn default_memory_budget() -> u64 {
+    physical_memory().map(|b| b / 4 * 3).unwrap_or(8 << 30)
+}
+
+/// Physical memory in bytes: `sysctl hw.memsize` (macOS).
+#[cfg(target_os = "macos")]
+fn physical_memory() -> Option<u64> {
+    let mut bytes: u64 = 0;
+    let mut len = std::mem::size_of::<u64>();
+    // SAFETY: the name is NUL-terminated; `bytes`/`len` describe a writable u64 for the kernel to fill.
+    let rc = unsafe {
+        libc::sysctlbyname(
+            c"hw.memsize".as_ptr(),
+            (&mut bytes as *mut u64).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    (rc == 0 && len == std::mem::size_of::<u64>() && bytes > 0).then_some(bytes)
+}
+
+/// Physical memory in bytes: `MemTotal` in /proc/meminfo (Linux).
+#[cfg(not(target_os = "macos"))]
+fn physical_memory() -> Option<u64> {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
@@ -231,8 +256,7 @@ pub fn default_memory_budget() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
-        .map(|kb| kb * 1024 / 4 * 3)
-        .unwrap_or(8 << 30)
+        .map(|kb| kb * 1024)
 }
 
 /// `8GiB`, `512MiB`, `6G`, `1.5GB`, `1000000`: a byte count (K/M/G/T and their `iB` forms are powers of
@@ -529,6 +553,13 @@ fn write_capture_from_spill(
         "device".into(),
         crate::model::device::device_name(ws.device()).into(),
     );
+    if ws.device().is_cpu() {
+        // the kernel set that computed these logits (`--kernels`; `cpu`)
+        extra.insert(
+            "cpu_kernels".into(),
+            crate::model::cpu::active().name().into(),
+        );
+    }
     extra.insert("weights_sha256".into(), weights.into());
     extra.insert("plan_sha256".into(), plan_sha256(req.plan).into());
     extra.insert("rollout_max".into(), req.rollout.into());

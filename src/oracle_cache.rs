@@ -159,6 +159,10 @@ pub fn oracle_capture_for(
             crate::model::device::device_name(&exec.device)
         ));
     }
+    if exec.device.is_cpu() {
+        // the CPU kernel set (`--kernels`): a capture records which one computed it
+        h.update(format!(";kernels={}", crate::model::cpu::active().name()));
+    }
     let key = hex::encode(h.finalize());
     let name = dir
         .file_name()

@@ -202,7 +202,7 @@ const MUST_AGREE: &[&str] = &[
     "rollout_max",
     "eos_token_ids",
     "reference",
-    "kernels",
+    "cpu_kernels",
 ];
 
 /// The device kind of a `device` string: `cpu`, `cuda`, `metal`.

@@ -47,6 +47,10 @@ pub struct Args {
     /// array, Kubernetes Jobs.
     #[arg(long, value_name = "i/N")]
     pub shard: Option<String>,
+    /// CPU kernels: auto (the fastest this CPU runs), avx512, avx2 or portable (plain Rust, any CPU).
+    /// Forcing a set this CPU cannot run is an error. Same numbers on every set (see README).
+    #[arg(long, default_value = "auto", value_name = "KERNELS")]
+    pub kernels: String,
     /// When streaming, load each layer's weights on the computing thread instead of prefetching the
     /// next layer on a background thread (same numbers, less memory, slower; for benchmarks).
     #[arg(long)]
@@ -54,6 +58,7 @@ pub struct Args {
 }
 
 pub fn execute(args: Args) -> Result<ExitCode> {
+    crate::model::cpu::select_arg(&args.kernels)?;
     crate::outputs::check_capture_out(&args.out, &[args.plan.as_path()])?;
     let precision = Precision::parse(&args.dtype).ok_or_else(|| {
         Error::usage(format!(

@@ -26,6 +26,10 @@ pub struct Args {
     /// Where the oracle runs: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// CPU kernels: auto (the fastest this CPU runs), avx512, avx2 or portable (plain Rust, any CPU).
+    /// Forcing a set this CPU cannot run is an error. Same numbers on every set (see README).
+    #[arg(long, default_value = "auto", value_name = "KERNELS")]
+    pub kernels: String,
     /// Control capture of the same plan (typically fp16): confident flips it shares are attributed to the oracle's resolution.
     #[arg(long)]
     pub control: Option<PathBuf>,
@@ -112,6 +116,7 @@ fn tokenizer_for(args: &Args, inputs: &[CandidateInput]) -> Result<report::token
 }
 
 pub fn execute(args: Args) -> Result<ExitCode> {
+    crate::model::cpu::select_arg(&args.kernels)?;
     let mut policy = Policy::load(args.gate.as_deref())?;
     let space = args.margin_space.map(|s| match s {
         SpaceArg::Prob => MarginSpace::Prob,

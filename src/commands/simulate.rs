@@ -45,6 +45,10 @@ pub struct Args {
     /// Where the oracle runs: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// CPU kernels: auto (the fastest this CPU runs), avx512, avx2 or portable (plain Rust, any CPU).
+    /// Forcing a set this CPU cannot run is an error. Same numbers on every set (see README).
+    #[arg(long, default_value = "auto", value_name = "KERNELS")]
+    pub kernels: String,
 }
 
 pub struct SimRequest<'a> {
@@ -160,6 +164,7 @@ pub fn print_skipped(label: &str, r: &QuantReport) {
 }
 
 pub fn execute(args: Args) -> Result<ExitCode> {
+    crate::model::cpu::select_arg(&args.kernels)?;
     crate::outputs::check_capture_out(&args.out, &[args.plan.as_path()])?;
     let compute = parse_compute(&args.compute)?;
     let sd = parse_scale_dtype(&args.scale_dtype)?;

@@ -90,6 +90,10 @@ pub struct Args {
     /// Where the oracle runs: cpu, cuda or cuda:N (a build with the `cuda` feature; scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// CPU kernels: auto (the fastest this CPU runs), avx512, avx2 or portable (plain Rust, any CPU).
+    /// Forcing a set this CPU cannot run is an error. Same numbers on every set (see README).
+    #[arg(long, default_value = "auto", value_name = "KERNELS")]
+    pub kernels: String,
 }
 
 fn safe(name: &str) -> String {
@@ -135,6 +139,7 @@ fn identity(s: &Sim) -> Identity {
 }
 
 pub fn execute(args: Args) -> Result<ExitCode> {
+    crate::model::cpu::select_arg(&args.kernels)?;
     let policy = Policy::load(args.gate.as_deref())?;
     let sens_method = args
         .sensitivity

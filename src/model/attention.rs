@@ -141,24 +141,29 @@ fn scaled_masked_softmax(
     let total = dims[dims.len() - 1];
     let (mul, add) = (scale as f32, 0f32);
     let row = |r: usize, x: &[f32], out: &mut [f32]| {
-        for (o, &x) in out.iter_mut().zip(x) {
-            *o = p.round_scalar(p.round_scalar(x) * mul + add);
-        }
         let visible = start + (r % t) + 1;
+        super::cpu::vectorised(|| {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = p.round_scalar(p.round_scalar(x) * mul + add);
+            }
+            let seen = &mut out[..visible];
+            let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in seen.iter_mut() {
+                *x -= max;
+            }
+        });
         let (seen, hidden) = out.split_at_mut(visible);
-        let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for x in seen.iter_mut() {
-            *x -= max;
-        }
         super::expf::exp_in_place(seen);
-        let mut sum = 0f32;
-        for x in seen.iter() {
-            sum += *x;
-        }
-        for x in seen.iter_mut() {
-            *x = p.round_scalar(*x / sum);
-        }
-        hidden.iter_mut().for_each(|x| *x = 0.0);
+        super::cpu::vectorised(|| {
+            let mut sum = 0f32;
+            for x in seen.iter() {
+                sum += *x; // in order (not vectorised: a reordered sum would change bits)
+            }
+            for x in seen.iter_mut() {
+                *x = p.round_scalar(*x / sum);
+            }
+            hidden.iter_mut().for_each(|x| *x = 0.0);
+        })
     };
     super::ops::map_rows(scores, total, row)
 }

@@ -1,31 +1,25 @@
-//! bf16 × bf16 → f32 matrix product on CPUs with AVX-512-BF16 (`vdpbf16ps`), for the bf16 oracle.
+//! bf16 × bf16 → f32 matrix product for the bf16 oracle: `vdpbf16ps` on CPUs with AVX-512-BF16, else
+//! (AVX2+FMA, portable) the bf16 weights are widened to f32 in registers, per tile, and multiplied with
+//! FMAs in `vdpbf16ps`'s order. The weights stay bf16 in memory on every path.
 //!
 //! In bf16 mode every Linear input and weight is a bf16 value, so the products are exact in f32 and only
 //! the accumulation order matters. `vdpbf16ps` is the instruction oneDNN uses for torch's CPU bf16 GEMM;
 //! each output element here accumulates its k pairs in order (`acc += a[2p+1]·b[2p+1]; acc += a[2p]·b[2p]`,
 //! RNE), whatever the tile it falls in, so results do not depend on the matrix size or on how the columns
 //! are split across threads or head chunks. Weights are packed once at load (half the memory of f32).
+use super::cpu::Kernels;
+use crate::error::Result;
 use rayon::prelude::*;
 
 /// Weights `[n, k]` (bf16 bits) packed as `[n/16][k/2][16]` pairs: lane j of pair p holds
 /// `(w[j][2p], w[j][2p+1])`. `n` is padded to 16 and `k` to an even count with zeros.
+/// Only built (`pack`, `pack_with`) when this CPU runs its kernel set.
 pub struct PackedBf16 {
     pub n: usize,
     pub k: usize,
     k2: usize,
+    kernels: Kernels,
     data: Vec<u32>,
-}
-
-/// Whether this CPU runs the kernel (checked once per call site; cheap).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 fn to_bf16_bits(x: f32) -> u16 {
@@ -34,12 +28,19 @@ fn to_bf16_bits(x: f32) -> u16 {
 
 impl PackedBf16 {
     /// Pack `w` (`[n, k]` row-major f32 holding bf16 values).
-    pub fn pack(w: &[f32], n: usize, k: usize) -> PackedBf16 {
-        Self::pack_with(n, k, |j, i| to_bf16_bits(w[j * k + i]))
+    pub fn pack(w: &[f32], n: usize, k: usize, kernels: Kernels) -> Result<PackedBf16> {
+        Self::pack_with(n, k, kernels, |j, i| to_bf16_bits(w[j * k + i]))
     }
 
     /// Pack from any source of `[n, k]` bf16 bit patterns (`at(row, col)`).
-    pub fn pack_with(n: usize, k: usize, at: impl Fn(usize, usize) -> u16 + Sync) -> PackedBf16 {
+    /// An error when this CPU cannot run `kernels`.
+    pub fn pack_with(
+        n: usize,
+        k: usize,
+        kernels: Kernels,
+        at: impl Fn(usize, usize) -> u16 + Sync,
+    ) -> Result<PackedBf16> {
+        let kernels = kernels.check()?;
         let k2 = k.div_ceil(2);
         let nb = n.div_ceil(16);
         let mut data = vec![0u32; nb * k2 * 16];
@@ -62,7 +63,18 @@ impl PackedBf16 {
                     }
                 }
             });
-        PackedBf16 { n, k, k2, data }
+        Ok(PackedBf16 {
+            n,
+            k,
+            k2,
+            kernels,
+            data,
+        })
+    }
+
+    /// The kernel set this matrix multiplies with.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Row `j` of W as f32 (exact): a tied head doubles as the embedding table.
@@ -87,6 +99,16 @@ impl PackedBf16 {
     /// As `matmul_t`; with `round_bf16` every sum is rounded to bf16 (round-to-nearest-even, as
     /// `half::bf16::from_f32`) as it is stored, which saves a pass over the output.
     pub fn matmul_t_rounded(&self, x: &[f32], m: usize, round_bf16: bool) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if self.kernels.native_bf16() {
+            return self.matmul_native(x, m, round_bf16);
+        }
+        self.matmul_widening(x, m, round_bf16)
+    }
+
+    /// `vdpbf16ps` (AVX-512-BF16): inputs packed as bf16 pairs.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_native(&self, x: &[f32], m: usize, round_bf16: bool) -> Vec<f32> {
         let (n, k, k2) = (self.n, self.k, self.k2);
         let mut a = vec![0u32; m * k2];
         let pack_row = |(r, dst): (usize, &mut [u32])| pack_pairs(&x[r * k..(r + 1) * k], dst);
@@ -101,14 +123,64 @@ impl PackedBf16 {
             lda: k2,
             b: self.data.as_ptr(),
             kp: k2,
+            a_per_k: 1,
             m,
             n,
             out: out.as_mut_ptr(),
         };
         // SAFETY: `a` is [m, k2], `data` is [ceil(n/16), k2, 16], `out` is [m, n], all alive for the
-        // call; the CPU features were checked by the caller (`available`).
-        unsafe { drive(ops, |t| bf16_dispatch(t, round_bf16)) };
+        // call; `pack_with` checked that this CPU runs `self.kernels`, and `native_bf16` that it has
+        // AVX-512-BF16.
+        unsafe { drive(ops, |t| super::cpu::avx512::bf16_dispatch(t, round_bf16)) };
         // SAFETY: `drive` stored every one of the m·n elements (masked stores cover each tile exactly).
+        unsafe { out.set_len(m * n) };
+        out
+    }
+
+    /// Widening kernels: inputs as f32 bf16 values (`[m, 2·k2]`, the last pair zero-padded), weights
+    /// widened from the packed bf16 pairs in registers.
+    fn matmul_widening(&self, x: &[f32], m: usize, round_bf16: bool) -> Vec<f32> {
+        let (n, k, k2) = (self.n, self.k, self.k2);
+        let lda = 2 * k2;
+        let mut a = vec![0f32; m * lda];
+        let pack_row = |(r, dst): (usize, &mut [f32])| {
+            for (d, &v) in dst.iter_mut().zip(&x[r * k..(r + 1) * k]) {
+                *d = super::precision::Precision::BF16.round_scalar(v);
+            }
+        };
+        if m * k >= 1 << 16 {
+            a.par_chunks_mut(lda).enumerate().for_each(pack_row);
+        } else {
+            a.chunks_mut(lda).enumerate().for_each(pack_row);
+        }
+        let mut out = output_buffer(m * n);
+        let ops = Operands {
+            a: a.as_ptr() as *const u32,
+            lda,
+            b: self.data.as_ptr(),
+            kp: k2,
+            a_per_k: 2,
+            m,
+            n,
+            out: out.as_mut_ptr(),
+        };
+        // SAFETY: `a` is [m, 2·k2] f32, `data` is [ceil(n/16), k2, 16], `out` is [m, n], all alive for
+        // the call; `pack_with` checked that this CPU runs `self.kernels`.
+        unsafe {
+            match self.kernels {
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx512 | Kernels::Avx2 => {
+                    // AVX-512F without BF16: every AVX-512F CPU has AVX2 and FMA.
+                    drive_blocked(ops, KBLOCK_BF16, |t| {
+                        super::cpu::avx2::bf16_dispatch(t, round_bf16)
+                    })
+                }
+                _ => drive_blocked(ops, KBLOCK_BF16, |t| {
+                    super::cpu::portable::bf16_dispatch(t, round_bf16)
+                }),
+            }
+        }
+        // SAFETY: `drive` stored every one of the m·n elements.
         unsafe { out.set_len(m * n) };
         out
     }
@@ -116,10 +188,10 @@ impl PackedBf16 {
 
 /// One input row as bf16 pairs (`lo | hi << 16`, the last one zero-padded): the bf16 values in order,
 /// rounded as `half::bf16::from_f32`.
+#[cfg(target_arch = "x86_64")]
 fn pack_pairs(row: &[f32], dst: &mut [u32]) {
     let k = row.len();
     let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was detected; the kernel writes dst[..k / 32 * 16] only.
         unsafe { pack_pairs_avx512(row, dst) };
@@ -166,6 +238,8 @@ pub(crate) struct Operands {
     pub lda: usize,
     pub b: *const u32,
     pub kp: usize,
+    /// Elements of `a` per k step (1; 2 for f32 pairs against packed bf16 pairs).
+    pub a_per_k: usize,
     pub m: usize,
     pub n: usize,
     pub out: *mut f32,
@@ -195,10 +269,16 @@ pub(crate) struct Tile {
 pub(crate) const MR: usize = 6;
 pub(crate) const NR: usize = 64; // 4 blocks of 16 columns
 
-// K is not blocked: every tile runs the whole k range (Tile's `load_c`/`last` support k blocks, where
-// each element would still accumulate in order on one accumulator, reloading its exact f32 partial
-// sum; measured on Zen 4, blocks sized for L1 gained nothing over whole-K tiles, the weight panel
-// streams well from L2).
+// AVX-512: K is not blocked, every tile runs the whole k range (measured on Zen 4, blocks sized for L1
+// gained nothing over whole-K tiles, the weight panel streams well from L2). The AVX2 and portable
+// kernels (16 columns per register tile, so four passes over the row tile's inputs per panel) run k
+// blocks (`drive_blocked`): each element still accumulates in order on one accumulator, reloading its
+// exact f32 partial sum.
+
+/// k blocks (in steps) of the widening kernels: a 16-column slice of a block is 16 KiB of f32 or
+/// 8 KiB of bf16 pairs (L1), the 64-column panel slice 64 / 32 KiB (L2).
+pub(crate) const KBLOCK_F32: usize = 256;
+pub(crate) const KBLOCK_BF16: usize = 128;
 
 /// Rows per task when there are few column panels (small `n`): the row range is split too, so both
 /// threads work. A task always owns whole output elements (K is never split across threads).
@@ -210,11 +290,24 @@ const ROW_GROUP: usize = 8 * MR;
 /// # Safety
 /// The operands must describe valid, live buffers of the stated shapes, and `kernel` must be safe to
 /// call on this CPU.
+#[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn drive(o: Operands, kernel: impl Fn(&Tile) + Sync) {
+    drive_blocked(o, usize::MAX, kernel)
+}
+
+/// As `drive`, with the k range cut into blocks of `kblock` steps (`kblock` ≥ 1): a task runs every
+/// row tile over one k block before the next, so the block's slice of the weight panel stays in cache.
+/// A later block continues each output's sum from the exact f32 partial stored by the previous one
+/// (`load_c`), so every element is still one in-order chain: the same bits as one whole-k pass.
+///
+/// # Safety
+/// As `drive`.
+pub(crate) unsafe fn drive_blocked(o: Operands, kblock: usize, kernel: impl Fn(&Tile) + Sync) {
     let (m, n, kp) = (o.m, o.n, o.kp);
     if m == 0 || n == 0 {
         return;
     }
+    let kblock = kblock.max(1);
     let panels = n.div_ceil(NR);
     let (groups, rows_per) = if panels >= 16 {
         (1, m)
@@ -230,28 +323,37 @@ pub(crate) unsafe fn drive(o: Operands, kernel: impl Fn(&Tile) + Sync) {
         let ncols = NR.min(n - col0);
         let bp = o.b.add((col0 / 16) * kp * 16);
         let (row_lo, row_hi) = (g * rows_per, m.min((g + 1) * rows_per));
-        let mut r0 = row_lo;
-        while r0 < row_hi {
-            let rows = MR.min(row_hi - r0);
-            kernel(&Tile {
-                a: o.a.add(r0 * o.lda),
-                lda: o.lda,
-                b: bp,
-                ldb: kp * 16,
-                kc: kp,
-                out: o.out.add(r0 * n + col0),
-                ldo: n,
-                rows,
-                ncols,
-                load_c: false,
-                last: true,
-            });
-            r0 += rows;
+        let mut p0 = 0;
+        loop {
+            let kc = kblock.min(kp - p0);
+            let mut r0 = row_lo;
+            while r0 < row_hi {
+                let rows = MR.min(row_hi - r0);
+                kernel(&Tile {
+                    a: o.a.add(r0 * o.lda + p0 * o.a_per_k),
+                    lda: o.lda,
+                    b: bp.add(p0 * 16),
+                    ldb: kp * 16,
+                    kc,
+                    out: o.out.add(r0 * n + col0),
+                    ldo: n,
+                    rows,
+                    ncols,
+                    load_c: p0 > 0,
+                    last: p0 + kc >= kp,
+                });
+                r0 += rows;
+            }
+            p0 += kc;
+            if p0 >= kp {
+                break;
+            }
         }
     });
 }
 
 /// Calls `$f::<R, NB>(tile, extra..)` for the tile's row count and 16-column block count.
+#[cfg(target_arch = "x86_64")]
 macro_rules! dispatch_tile {
     ($f:ident, $t:expr $(, $x:expr)*) => {{
         macro_rules! nb {
@@ -274,6 +376,7 @@ macro_rules! dispatch_tile {
         }
     }};
 }
+#[cfg(target_arch = "x86_64")]
 pub(crate) use dispatch_tile;
 
 #[cfg(target_arch = "x86_64")]
@@ -291,54 +394,6 @@ pub(crate) fn col_mask(ncols: usize, j: usize) -> u16 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-unsafe fn bf16_dispatch(t: &Tile, round: bool) {
-    dispatch_tile!(bf16_tile, t, round)
-}
-
-/// `R` rows × `NB` blocks of 16 columns, all accumulators in registers (at most 24 + 4 B vectors).
-/// Each element: `acc += a[2p+1]·b[2p+1]; acc += a[2p]·b[2p]` per k pair, in order (`vdpbf16ps`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn bf16_tile<const R: usize, const NB: usize>(t: &Tile, round: bool) {
-    let bh = |v: __m512i| -> __m512bh { std::mem::transmute(v) };
-    let masks: [u16; NB] = std::array::from_fn(|j| col_mask(t.ncols, j));
-    let mut c = [[_mm512_setzero_ps(); NB]; R];
-    if t.load_c {
-        for (r, cr) in c.iter_mut().enumerate() {
-            for (j, v) in cr.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(masks[j], t.out.add(r * t.ldo + j * 16));
-            }
-        }
-    }
-    for p in 0..t.kc {
-        let mut bv = [bh(_mm512_setzero_si512()); NB];
-        for (j, b) in bv.iter_mut().enumerate() {
-            *b = bh(_mm512_loadu_si512(t.b.add(j * t.ldb + p * 16) as *const _));
-        }
-        for (r, cr) in c.iter_mut().enumerate() {
-            let av = bh(_mm512_set1_epi32(*t.a.add(r * t.lda + p) as i32));
-            for (v, b) in cr.iter_mut().zip(bv.iter()) {
-                *v = _mm512_dpbf16_ps(*v, av, *b);
-            }
-        }
-    }
-    let round = round && t.last;
-    for (r, cr) in c.iter().enumerate() {
-        for (j, v) in cr.iter().enumerate() {
-            let v = if round {
-                super::precision::round_bf16_x16(*v)
-            } else {
-                *v
-            };
-            _mm512_mask_storeu_ps(t.out.add(r * t.ldo + j * 16), masks[j], v);
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn bf16_dispatch(_: &Tile, _: bool) {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,10 +402,20 @@ mod tests {
     /// for element, and every sum equals an f64 reference to f32 accuracy.
     #[test]
     fn tiles_agree_and_match_a_reference() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512-BF16");
-            return;
+        for kernels in Kernels::ALL {
+            if !kernels.supported() {
+                eprintln!("skipped: bf16 GEMM {kernels}: this CPU cannot run it");
+                continue;
+            }
+            check(kernels);
+            eprintln!("bf16 GEMM {}: checked", kernels.describe());
         }
+        if !Kernels::Avx512.native_bf16() {
+            eprintln!("skipped: bf16 GEMM with vdpbf16ps: this CPU has no AVX-512-BF16");
+        }
+    }
+
+    fn check(kernels: Kernels) {
         let (m, k, n) = (9, 131, 150);
         let mut s = 7u64;
         let mut rnd = || {
@@ -359,7 +424,7 @@ mod tests {
         };
         let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
         let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
-        let p = PackedBf16::pack(&w, n, k);
+        let p = PackedBf16::pack(&w, n, k, kernels).unwrap();
         let full = p.matmul_t(&x, m);
         for r in 0..m {
             let one = p.matmul_t(&x[r * k..(r + 1) * k], 1);
@@ -375,7 +440,9 @@ mod tests {
                 assert!((full[r * n + c] as f64 - want).abs() < 1e-4, "({r},{c})");
             }
         }
-        let half = PackedBf16::pack(&w[..70 * k], 70, k).matmul_t(&x, m);
+        let half = PackedBf16::pack(&w[..70 * k], 70, k, kernels)
+            .unwrap()
+            .matmul_t(&x, m);
         for r in 0..m {
             assert_eq!(
                 half[r * 70..(r + 1) * 70],

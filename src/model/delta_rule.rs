@@ -80,8 +80,8 @@ fn chunk_step_dispatch(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
         unsafe fn with_fma(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
             chunk_step(c, s, o)
         }
-        if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the features were detected at run time.
+        if super::cpu::active() != super::cpu::Kernels::Portable {
+            // SAFETY: the kernels in force (AVX2+FMA or AVX-512F, which implies both) run on this CPU.
             return unsafe { with_fma(c, s, o) };
         }
     }
@@ -210,10 +210,13 @@ fn chunk_step(c: &Chunk, s: &mut [f32], o: &mut [f32]) {
 fn sub_scaled_rows(x: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
     assert!(c.is_empty() || rows.len() >= (c.len() - 1) * ld + x.len());
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: bounds asserted above; the feature was detected at run time.
-        unsafe { rows_avx512::<true>(x, rows, ld, c) };
-        return;
+    match super::cpu::active() {
+        // SAFETY (both): bounds asserted above; the kernels in force run on this CPU.
+        super::cpu::Kernels::Avx512 => return unsafe { rows_avx512::<true>(x, rows, ld, c) },
+        super::cpu::Kernels::Avx2 => {
+            return unsafe { super::cpu::avx2::rows_update::<true>(x, rows, ld, c) }
+        }
+        super::cpu::Kernels::Portable => {}
     }
     let n = x.len();
     for (j, &a) in c.iter().enumerate() {
@@ -230,10 +233,13 @@ fn sub_scaled_rows(x: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
 fn fma_rows(acc: &mut [f32], rows: &[f32], ld: usize, c: &[f32]) {
     assert!(c.is_empty() || rows.len() >= (c.len() - 1) * ld + acc.len());
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: bounds asserted above; the feature was detected at run time.
-        unsafe { rows_avx512::<false>(acc, rows, ld, c) };
-        return;
+    match super::cpu::active() {
+        // SAFETY (both): bounds asserted above; the kernels in force run on this CPU.
+        super::cpu::Kernels::Avx512 => return unsafe { rows_avx512::<false>(acc, rows, ld, c) },
+        super::cpu::Kernels::Avx2 => {
+            return unsafe { super::cpu::avx2::rows_update::<false>(acc, rows, ld, c) }
+        }
+        super::cpu::Kernels::Portable => {}
     }
     let n = acc.len();
     for (j, &w) in c.iter().enumerate() {
@@ -310,10 +316,15 @@ fn mm_acc(
     assert!(c.len() >= (m - 1) * ldc + n && b.len() >= kd.saturating_sub(1) * ldb + n);
     assert!(kd == 0 || a.len() >= (m - 1) * lda + kd);
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: bounds asserted above; the feature was detected at run time.
-        unsafe { mm_acc_avx512(c, ldc, a, lda, b, ldb, m, n, kd) };
-        return;
+    match super::cpu::active() {
+        // SAFETY (both): bounds asserted above; the kernels in force run on this CPU.
+        super::cpu::Kernels::Avx512 => {
+            return unsafe { mm_acc_avx512(c, ldc, a, lda, b, ldb, m, n, kd) }
+        }
+        super::cpu::Kernels::Avx2 => {
+            return unsafe { super::cpu::avx2::mm_acc(c, ldc, a, lda, b, ldb, m, n, kd) }
+        }
+        super::cpu::Kernels::Portable => {}
     }
     for i in 0..m {
         for p in 0..kd {

@@ -8,9 +8,11 @@
 //! operations in the same order as `__expf_fma`'s fast path, so the results are identical. Inputs off
 //! that path (|x| ≥ 88, infinities, NaNs) go to `f32::exp` itself. At first use the vector path is
 //! checked against `f32::exp` on a spread of inputs and is only used when they agree everywhere (a
-//! different libm, or a CPU without AVX-512, keeps the scalar calls).
+//! different libm keeps the scalar calls). Vector paths: AVX-512 (here) and AVX2+FMA (`cpu::avx2`),
+//! chosen by the kernel set in force (`cpu::active`); the portable set calls `f32::exp`.
 
-const TABLE: [u64; 32] = [
+#[cfg(target_arch = "x86_64")]
+pub(crate) const TABLE: [u64; 32] = [
     0x3ff0000000000000,
     0x3fefd9b0d3158574,
     0x3fefb5586cf9890f,
@@ -44,33 +46,92 @@ const TABLE: [u64; 32] = [
     0x3fefa4afa2a490da,
     0x3fefd0765b6e4540,
 ];
-const INV_LN2_N: u64 = 0x40471547652b82fe;
-const C0: u64 = 0x3ebc6af84b912394;
-const C1: u64 = 0x3f2ebfce50fac4f3;
-const C2: u64 = 0x3f962e42ff0c52d6;
-const SHIFT: u64 = 0x4338000000000000;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const INV_LN2_N: u64 = 0x40471547652b82fe;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const C0: u64 = 0x3ebc6af84b912394;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const C1: u64 = 0x3f2ebfce50fac4f3;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const C2: u64 = 0x3f962e42ff0c52d6;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const SHIFT: u64 = 0x4338000000000000;
 
 /// `v[i] = v[i].exp()` for every element.
 pub fn exp_in_place(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if vector_ok() {
-        // SAFETY: `vector_ok` implies AVX-512F and AVX-512VL were detected.
-        unsafe { exp_avx512(v) };
-        return;
+    match super::cpu::active() {
+        super::cpu::Kernels::Avx512 if vector_ok() => {
+            // SAFETY: `vector_ok` implies AVX-512F and AVX-512VL were detected.
+            unsafe { exp_avx512(v) };
+            return;
+        }
+        super::cpu::Kernels::Avx512 | super::cpu::Kernels::Avx2 if avx2_ok() => {
+            // SAFETY: `avx2_ok` implies AVX2 and FMA were detected.
+            unsafe { super::cpu::avx2::exp_in_place(v) };
+            return;
+        }
+        _ => {}
     }
     v.iter_mut().for_each(|x| *x = x.exp());
 }
 
-/// Whether `exp_in_place` runs the vector path on this machine (it passed its self-check).
+/// Whether `exp_in_place` runs a vector path on this machine under the kernels in force (it passed its
+/// self-check).
 pub fn vector_path_active() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        vector_ok()
+        match super::cpu::active() {
+            super::cpu::Kernels::Avx512 => vector_ok() || avx2_ok(),
+            super::cpu::Kernels::Avx2 => avx2_ok(),
+            super::cpu::Kernels::Portable => false,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+/// Inputs for the self-checks: a dense sweep of the fast path's range and its edges, and random bit
+/// patterns.
+#[cfg(target_arch = "x86_64")]
+fn self_check_inputs() -> Vec<f32> {
+    let mut xs: Vec<f32> = (0..20_000)
+        .map(|i| -110.0 + 220.0 * (i as f32) / 20_000.0)
+        .collect();
+    let mut s = 0x2545F4914F6CDD1Du64;
+    for _ in 0..20_000 {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        xs.push(f32::from_bits(s as u32));
+    }
+    xs
+}
+
+#[cfg(target_arch = "x86_64")]
+fn agrees_with_libm(xs: &[f32], got: &[f32]) -> bool {
+    xs.iter().zip(got).all(|(x, g)| {
+        let w = x.exp();
+        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())
+    })
+}
+
+/// The AVX2 path runs here and agrees with `f32::exp` (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx2_ok() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        if !super::cpu::Kernels::Avx2.supported() {
+            return false;
+        }
+        let xs = self_check_inputs();
+        let mut got = xs.clone();
+        // SAFETY: AVX2 and FMA were detected above.
+        unsafe { super::cpu::avx2::exp_in_place(&mut got) };
+        agrees_with_libm(&xs, &got)
+    })
 }
 
 /// SiLU over a slice, `x / (1 + exp(-x))` per element (candle's f32 formula), into `out`.
@@ -79,9 +140,11 @@ pub fn silu_into(x: &[f32], out: &mut [f32]) {
         *o = -v;
     }
     exp_in_place(out);
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = v / (1.0 + *o);
-    }
+    super::cpu::vectorised(|| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v / (1.0 + *o);
+        }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -210,14 +273,38 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             xs.push(f32::from_bits((s >> 32) as u32));
         }
+        let check = |got: &[f32], path: &str| {
+            for (x, g) in xs.iter().zip(got) {
+                let w = x.exp();
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{path}: exp({x:e}): {g:e} vs {w:e}"
+                );
+            }
+            eprintln!("expf {path}: checked");
+        };
         let mut got = xs.clone();
         exp_in_place(&mut got);
-        for (x, g) in xs.iter().zip(&got) {
-            let w = x.exp();
-            assert!(
-                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                "exp({x:e}): {g:e} vs {w:e}"
-            );
+        check(&got, "in force");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::model::cpu::Kernels::Avx2.supported() {
+                let mut got = xs.clone();
+                // SAFETY: AVX2 and FMA were detected.
+                unsafe { crate::model::cpu::avx2::exp_in_place(&mut got) };
+                check(&got, "avx2");
+            } else {
+                eprintln!("skipped: expf avx2: this CPU has no AVX2+FMA");
+            }
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl")
+            {
+                let mut got = xs.clone();
+                // SAFETY: AVX-512F and AVX-512VL were detected.
+                unsafe { exp_avx512(&mut got) };
+                check(&got, "avx512");
+            } else {
+                eprintln!("skipped: expf avx512: this CPU has no AVX-512");
+            }
         }
     }
 }

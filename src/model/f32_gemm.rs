@@ -1,33 +1,29 @@
-//! f32 × f32 → f32 matrix product with AVX-512F FMA, for the f32 oracle's Linear layers.
+//! f32 × f32 → f32 matrix product for the f32 oracle's Linear layers, on the kernel set it was packed
+//! for (`cpu`: AVX-512F, AVX2+FMA or portable — the same bits on each).
 //!
 //! Weights are packed once at load as `[n/16][k][16]` (the same memory as the `[n, k]` tensor they
 //! replace, padded to 16 rows), so a 64-column tile reads four contiguous streams. Each output element
 //! accumulates `acc = fma(x[p], w[p], acc)` over `p` in order on one f32 accumulator, starting from 0:
 //! the result does not depend on the matrix size, the tile it falls in or the thread count.
-use super::bf16_gemm::{dispatch_tile, drive, Operands, Tile};
+#[cfg(target_arch = "x86_64")]
+use super::bf16_gemm::drive;
+use super::bf16_gemm::{drive_blocked, Operands, KBLOCK_F32};
+use super::cpu::Kernels;
+use crate::error::Result;
 use rayon::prelude::*;
 
+/// Weights packed for one kernel set; only built (`pack`) when this CPU runs that set.
 pub struct PackedF32 {
     pub n: usize,
     pub k: usize,
+    kernels: Kernels,
     data: Vec<f32>,
 }
 
-/// Whether this CPU runs the kernel.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 impl PackedF32 {
-    /// Pack `w` (`[n, k]` row-major).
-    pub fn pack(w: &[f32], n: usize, k: usize) -> PackedF32 {
+    /// Pack `w` (`[n, k]` row-major) for `kernels`; an error when this CPU cannot run them.
+    pub fn pack(w: &[f32], n: usize, k: usize, kernels: Kernels) -> Result<PackedF32> {
+        let kernels = kernels.check()?;
         assert_eq!(w.len(), n * k);
         let nb = n.div_ceil(16);
         let mut data = vec![0f32; nb * k * 16];
@@ -44,7 +40,17 @@ impl PackedF32 {
                     }
                 }
             });
-        PackedF32 { n, k, data }
+        Ok(PackedF32 {
+            n,
+            k,
+            kernels,
+            data,
+        })
+    }
+
+    /// The kernel set this matrix multiplies with.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Row `j` of W (a tied head doubles as the embedding table).
@@ -64,62 +70,27 @@ impl PackedF32 {
             lda: k,
             b: self.data.as_ptr() as *const u32,
             kp: k,
+            a_per_k: 1,
             m,
             n,
             out: out.as_mut_ptr(),
         };
         // SAFETY: `x` is [m, k], `data` is [ceil(n/16), k, 16], `out` is [m, n], all alive for the call;
-        // the CPU features were checked by the caller (`available`).
-        unsafe { drive(ops, |t| f32_dispatch(t)) };
+        // `pack` checked that this CPU runs `self.kernels`.
+        unsafe {
+            match self.kernels {
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx512 => drive(ops, |t| super::cpu::avx512::f32_dispatch(t)),
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx2 => {
+                    drive_blocked(ops, KBLOCK_F32, |t| super::cpu::avx2::f32_dispatch(t))
+                }
+                _ => drive_blocked(ops, KBLOCK_F32, |t| super::cpu::portable::f32_dispatch(t)),
+            }
+        }
         // SAFETY: `drive` stored every one of the m·n elements.
         unsafe { out.set_len(m * n) };
         out
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::*;
-
-#[cfg(target_arch = "x86_64")]
-unsafe fn f32_dispatch(t: &Tile) {
-    dispatch_tile!(f32_tile, t)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn f32_dispatch(_: &Tile) {}
-
-/// `R` rows × `NB` blocks of 16 columns, all accumulators in registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn f32_tile<const R: usize, const NB: usize>(t: &Tile) {
-    use super::bf16_gemm::col_mask;
-    let a = t.a as *const f32;
-    let b = t.b as *const f32;
-    let masks: [u16; NB] = std::array::from_fn(|j| col_mask(t.ncols, j));
-    let mut c = [[_mm512_setzero_ps(); NB]; R];
-    if t.load_c {
-        for (r, cr) in c.iter_mut().enumerate() {
-            for (j, v) in cr.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(masks[j], t.out.add(r * t.ldo + j * 16));
-            }
-        }
-    }
-    for p in 0..t.kc {
-        let mut bv = [_mm512_setzero_ps(); NB];
-        for (j, v) in bv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(b.add(j * t.ldb + p * 16));
-        }
-        for (r, cr) in c.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*a.add(r * t.lda + p));
-            for (v, w) in cr.iter_mut().zip(bv.iter()) {
-                *v = _mm512_fmadd_ps(av, *w, *v);
-            }
-        }
-    }
-    for (r, cr) in c.iter().enumerate() {
-        for (j, v) in cr.iter().enumerate() {
-            _mm512_mask_storeu_ps(t.out.add(r * t.ldo + j * 16), masks[j], *v);
-        }
     }
 }
 
@@ -127,13 +98,21 @@ unsafe fn f32_tile<const R: usize, const NB: usize>(t: &Tile) {
 mod tests {
     use super::*;
 
-    /// Any matrix size or split gives the same bits, and sums match an f64 reference.
+    /// On every kernel set this CPU runs: any matrix size or split gives the same bits (each output the
+    /// sequential FMA chain), and sums match an f64 reference. A set the CPU lacks is reported skipped.
     #[test]
     fn tiles_agree_and_match_a_reference() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512F");
-            return;
+        for kernels in Kernels::ALL {
+            if !kernels.supported() {
+                eprintln!("skipped: f32 GEMM {kernels}: this CPU cannot run it");
+                continue;
+            }
+            check(kernels);
+            eprintln!("f32 GEMM {kernels}: checked");
         }
+    }
+
+    fn check(kernels: Kernels) {
         let (m, k, n) = (9, 1331, 150);
         let mut s = 11u64;
         let mut rnd = || {
@@ -142,7 +121,7 @@ mod tests {
         };
         let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
         let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
-        let p = PackedF32::pack(&w, n, k);
+        let p = PackedF32::pack(&w, n, k, kernels).unwrap();
         assert_eq!(p.row(37), w[37 * k..38 * k].to_vec());
         let full = p.matmul_t(&x, m);
         for r in 0..m {
@@ -166,7 +145,9 @@ mod tests {
                 );
             }
         }
-        let part = PackedF32::pack(&w[..70 * k], 70, k).matmul_t(&x, m);
+        let part = PackedF32::pack(&w[..70 * k], 70, k, kernels)
+            .unwrap()
+            .matmul_t(&x, m);
         for r in 0..m {
             assert_eq!(
                 part[r * 70..(r + 1) * 70],

@@ -183,23 +183,30 @@ impl GatedDeltaNet {
             // One row per task (rows are independent): the taps in order, then R, SiLU, R.
             let mut conv = vec![0f32; t * c];
             let conv_row = |(ti, out): (usize, &mut [f32])| {
-                for j in 0..kk {
-                    let src = row_at(ti + j);
-                    for ((o, x), w) in out
-                        .iter_mut()
-                        .zip(src)
-                        .zip(self.conv_weight_t[j * c..(j + 1) * c].iter())
-                    {
-                        *o += w * x;
+                let mut e = vec![0f32; out.len()];
+                super::cpu::vectorised(|| {
+                    for j in 0..kk {
+                        let src = row_at(ti + j);
+                        for ((o, x), w) in out
+                            .iter_mut()
+                            .zip(src)
+                            .zip(self.conv_weight_t[j * c..(j + 1) * c].iter())
+                        {
+                            *o += w * x;
+                        }
                     }
-                }
+                    for (e, &x) in e.iter_mut().zip(out.iter()) {
+                        *e = -p.round_scalar(x);
+                    }
+                });
                 // R, then SiLU (`r / (1 + exp(-r))`), then R
-                let mut e: Vec<f32> = out.iter().map(|&x| -p.round_scalar(x)).collect();
                 super::expf::exp_in_place(&mut e);
-                for (x, e) in out.iter_mut().zip(&e) {
-                    let r = p.round_scalar(*x);
-                    *x = p.round_scalar(r / (1.0 + e));
-                }
+                super::cpu::vectorised(|| {
+                    for (x, e) in out.iter_mut().zip(&e) {
+                        let r = p.round_scalar(*x);
+                        *x = p.round_scalar(r / (1.0 + e));
+                    }
+                })
             };
             if t > 1 {
                 conv.par_chunks_mut(c).enumerate().for_each(conv_row);

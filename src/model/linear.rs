@@ -1,9 +1,10 @@
-//! Bias-free Linear layers: `R(x · Wᵀ)` with f32 accumulation and one rounding, as HF's GEMMs. In bf16
-//! mode on CPUs with AVX-512-BF16 the weight is kept packed as bf16 and multiplied with `vdpbf16ps`
-//! (`bf16_gemm`); in f32 mode on CPUs with AVX-512F it is kept packed for our f32 FMA kernel
-//! (`f32_gemm`); otherwise (and in f16 mode) it is an f32 tensor multiplied by candle.
-use super::bf16_gemm::{self, PackedBf16};
-use super::f32_gemm::{self, PackedF32};
+//! Bias-free Linear layers: `R(x · Wᵀ)` with f32 accumulation and one rounding, as HF's GEMMs. On the
+//! CPU, in bf16 mode the weight is kept packed as bf16 (`bf16_gemm`: `vdpbf16ps`, or widened per tile);
+//! in f32 mode it is kept packed for our f32 FMA kernel (`f32_gemm`) — both on the kernel set in force
+//! (`cpu::active`); in f16 mode it is an f32 tensor multiplied by candle.
+use super::bf16_gemm::PackedBf16;
+use super::cpu;
+use super::f32_gemm::PackedF32;
 use super::precision::{with_f32_slice, Precision};
 use crate::error::Result;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
@@ -26,7 +27,8 @@ impl LinearWeight {
                 None => LinearWeight::F32(w.to_dtype(candle_core::DType::F32)?.contiguous()?),
             });
         }
-        if prec == Precision::BF16 && bf16_gemm::available() {
+        let kernels = cpu::active();
+        if prec == Precision::BF16 {
             let (n, k) = w.dims2()?;
             let w = w.contiguous()?;
             let (storage, layout) = w.storage_and_layout();
@@ -34,28 +36,32 @@ impl LinearWeight {
             // Pack straight from the tensor's memory (a [vocab, hidden] head is a GiB in f32).
             let packed = match &*storage {
                 Storage::Cpu(CpuStorage::F32(v)) => {
-                    Some(PackedBf16::pack(&v[start..start + n * k], n, k))
+                    Some(PackedBf16::pack(&v[start..start + n * k], n, k, kernels))
                 }
                 Storage::Cpu(CpuStorage::BF16(v)) => {
                     let v = &v[start..start + n * k];
-                    Some(PackedBf16::pack_with(n, k, |j, i| v[j * k + i].to_bits()))
+                    Some(PackedBf16::pack_with(n, k, kernels, |j, i| {
+                        v[j * k + i].to_bits()
+                    }))
                 }
                 _ => None,
             };
             drop(storage);
             if let Some(p) = packed {
-                return Ok(LinearWeight::Bf16(p));
+                return Ok(LinearWeight::Bf16(p?));
             }
             let values: Vec<f32> = w
                 .to_dtype(candle_core::DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
-            return Ok(LinearWeight::Bf16(PackedBf16::pack(&values, n, k)));
+            return Ok(LinearWeight::Bf16(PackedBf16::pack(
+                &values, n, k, kernels,
+            )?));
         }
-        if prec == Precision::F32 && f32_gemm::available() {
+        if prec == Precision::F32 {
             let (n, k) = w.dims2()?;
             let w = w.to_dtype(candle_core::DType::F32)?;
-            let packed = with_f32_slice(&w, |v| PackedF32::pack(v, n, k))?;
+            let packed = with_f32_slice(&w, |v| PackedF32::pack(v, n, k, kernels))??;
             return Ok(LinearWeight::F32Packed(packed));
         }
         Ok(LinearWeight::F32(w.to_dtype(candle_core::DType::F32)?))

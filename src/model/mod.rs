@@ -5,6 +5,7 @@ pub mod attn_softmax;
 pub mod bf16_gemm;
 pub mod chunk_scan;
 pub mod config;
+pub mod cpu;
 pub mod delta_rule;
 pub mod delta_rule_portable;
 pub mod device;

@@ -1,5 +1,6 @@
 //! The two RMSNorm conventions of Qwen3.5: zero-centred `(1 + w)` (input/post-attention/final, q/k norms)
 //! and the GDN gated norm with a plain weight, normalised before the SiLU(z) gate.
+use super::cpu::vectorised;
 use super::ops::{map_rows, zip_rows};
 use super::precision::Precision;
 use super::weights::WeightStore;
@@ -44,9 +45,11 @@ impl RmsNormZeroCentred {
         let (p, scale) = (self.prec, &self.scale);
         map_rows(x, scale.len(), |r, x, o| {
             let s = inv[r];
-            for ((o, &x), &w) in o.iter_mut().zip(x).zip(scale) {
-                *o = p.round_scalar((x * s) * w);
-            }
+            vectorised(|| {
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(scale) {
+                    *o = p.round_scalar((x * s) * w);
+                }
+            })
         })
     }
 }
@@ -57,9 +60,11 @@ pub fn inv_rms(x: &Tensor, eps: f64) -> Result<Vec<f32>> {
     // x² on our pool (`v * v`, as candle's sqr); the row sums stay candle's (same summation order).
     let d = x.dim(D::Minus1)?;
     let sq = map_rows(x, d, |_, x, o| {
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = v * v;
-        }
+        vectorised(|| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = v * v;
+            }
+        })
     })?;
     let ms = sq.mean_keepdim(D::Minus1)?;
     Ok((ms + eps)?.sqrt()?.recip()?.flatten_all()?.to_vec1()?)
@@ -117,11 +122,13 @@ impl GatedRmsNorm {
                 let s = inv[orow];
                 let o = &os[orow * d..(orow + 1) * d];
                 super::expf::silu_into(z, out); // silu(z) first, then the norm in place
-                for ((y, &o), &w) in out.iter_mut().zip(o).zip(w) {
-                    let n = p.round_scalar(o * s);
-                    let n = p.round_scalar(n * w);
-                    *y = p.round_scalar(n * *y);
-                }
+                vectorised(|| {
+                    for ((y, &o), &w) in out.iter_mut().zip(o).zip(w) {
+                        let n = p.round_scalar(o * s);
+                        let n = p.round_scalar(n * w);
+                        *y = p.round_scalar(n * *y);
+                    }
+                })
             })
         })?
     }
@@ -139,11 +146,13 @@ impl GatedRmsNorm {
         zip_rows(o, z, w.len(), |r, o, z, out| {
             let s = inv[r];
             super::expf::silu_into(z, out);
-            for ((y, &o), &w) in out.iter_mut().zip(o).zip(w) {
-                let n = p.round_scalar(o * s);
-                let n = p.round_scalar(n * w);
-                *y = p.round_scalar(n * *y);
-            }
+            vectorised(|| {
+                for ((y, &o), &w) in out.iter_mut().zip(o).zip(w) {
+                    let n = p.round_scalar(o * s);
+                    let n = p.round_scalar(n * w);
+                    *y = p.round_scalar(n * *y);
+                }
+            })
         })
     }
 }

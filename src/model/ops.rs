@@ -58,9 +58,11 @@ pub fn zip_chunks(
 /// `f(a[i], b[i])` for every element, as a new tensor of `a`'s shape.
 pub fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
     zip_chunks(a, b, |x, y, o| {
-        for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-            *o = f(x, y);
-        }
+        super::cpu::vectorised(|| {
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                *o = f(x, y);
+            }
+        })
     })
 }
 
@@ -81,9 +83,11 @@ pub fn silu_mul_round(g: &Tensor, u: &Tensor, p: Precision, portable: bool) -> R
     }
     zip_chunks(g, u, |g, u, o| {
         super::expf::silu_into(g, o);
-        for (o, &u) in o.iter_mut().zip(u) {
-            *o = p.round_scalar(p.round_scalar(*o) * u);
-        }
+        super::cpu::vectorised(|| {
+            for (o, &u) in o.iter_mut().zip(u) {
+                *o = p.round_scalar(p.round_scalar(*o) * u);
+            }
+        })
     })
 }
 

@@ -90,10 +90,18 @@ impl Precision {
             Precision::F32 => {}
             Precision::BF16 => {
                 #[cfg(target_arch = "x86_64")]
-                if std::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the feature was detected at run time.
-                    unsafe { round_bf16_avx512(v) };
-                    return;
+                match super::cpu::active() {
+                    super::cpu::Kernels::Avx512 => {
+                        // SAFETY: the kernels in force were checked to run on this CPU.
+                        unsafe { round_bf16_avx512(v) };
+                        return;
+                    }
+                    super::cpu::Kernels::Avx2 => {
+                        // SAFETY: the kernels in force were checked to run on this CPU.
+                        unsafe { super::cpu::avx2::round_bf16_slice(v) };
+                        return;
+                    }
+                    super::cpu::Kernels::Portable => {}
                 }
                 v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32())
             }
