@@ -64,7 +64,7 @@ fn every_fixture_model_has_a_tokenizer_and_plans_like_hf() {
     };
     assert!(
         models.len() >= 6,
-        "expected the 4 random and 2 trained models"
+        "expected the 4 random, 2 trained and the planted model"
     );
     let tiny = reference("tiny-prompts.tokens.json");
     let trained = reference("trained-prompts.tokens.json");
