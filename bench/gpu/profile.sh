@@ -16,7 +16,7 @@ for dt in ${DT:-bf16}; do
     $Q/bench_oracle /tmp/bench-0.8b $dt $T cuda 3
     ncu --metrics gpu__time_duration.sum --csv --clock-control none --cache-control none \
         --log-file $Q/ncu.$dt.$T.csv $Q/bench_oracle /tmp/bench-0.8b $dt $T cuda 1 > /dev/null 2>>$OUT/ncu.err
-    echo "== ncu $dt T=$T (the profiled program runs 2 forwards: 1 timed + hidden_states/logits split)"
-    python3 bench/gpu/ncu_summary.py $Q/ncu.$dt.$T.csv 2 | tee $OUT/ncu.$dt.$T.txt
+    echo "== ncu $dt T=$T (the profiled program runs 3 forwards: full-length warm-up, 1 timed, hidden_states + logits)"
+    python3 bench/gpu/ncu_summary.py $Q/ncu.$dt.$T.csv 3 | tee $OUT/ncu.$dt.$T.txt
   done
 done
