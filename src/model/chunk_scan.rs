@@ -212,18 +212,12 @@ extern "C" __global__ void qgate_chunk_scan(const float* m, const float* nn, con
 }
 "#;
 
+/// The kernels' PTX, compiled once per process.
 #[cfg(feature = "cuda")]
 fn ptx() -> Result<&'static str> {
-    use candle_core::cuda_backend::cudarc::nvrtc;
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx(KERNEL)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile the chunk-scan kernel: {e}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(e.clone()))
+    super::device::nvrtc_ptx(&PTX, KERNEL, "the chunk-scan kernel")
 }
 
 #[cfg(test)]

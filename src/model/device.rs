@@ -121,6 +121,28 @@ pub fn matmul_model_dtype(
     }
 }
 
+/// The PTX of `source`, compiled once per process (`cell`) with NVRTC for compute capability 8.0 or newer
+/// (the kernels' bf16/f16 conversions are sm_80 PTX instructions), or the compile error naming `what`.
+#[cfg(feature = "cuda")]
+pub(crate) fn nvrtc_ptx(
+    cell: &'static std::sync::OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    what: &str,
+) -> candle_core::Result<&'static str> {
+    use candle_core::cuda_backend::cudarc::nvrtc;
+    cell.get_or_init(|| {
+        let opts = nvrtc::CompileOptions {
+            arch: Some("sm_80"),
+            ..Default::default()
+        };
+        nvrtc::compile_ptx_with_opts(source, opts)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("NVRTC could not compile {what}: {e}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
 /// A short name for reports and capture metadata: `cpu` or `cuda:N`.
 pub fn device_name(dev: &Device) -> String {
     match dev.location() {

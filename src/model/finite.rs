@@ -298,16 +298,10 @@ COUNT(qgate_nonfinite_bf16, unsigned short, (v & 0x7f80u) == 0x7f80u)
 COUNT(qgate_nonfinite_f16, unsigned short, (v & 0x7c00u) == 0x7c00u)
 "#;
 
+/// The kernels' PTX, compiled once per process.
 #[cfg(feature = "cuda")]
 fn probe_ptx() -> candle_core::Result<&'static str> {
-    use candle_core::cuda_backend::cudarc::nvrtc;
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx(PROBE_KERNEL)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile the finiteness probe: {e}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(e.clone()))
+    super::device::nvrtc_ptx(&PTX, PROBE_KERNEL, "the finiteness probe")
 }

@@ -85,22 +85,10 @@ extern "C" __global__ void qgate_round_f16(const float* x, float* y, unsigned lo
 }
 "#;
 
+/// The kernels' PTX, compiled once per process.
 #[cfg(feature = "cuda")]
 fn ptx() -> Result<&'static str> {
-    use candle_core::cuda_backend::cudarc::nvrtc;
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx_with_opts(
-            KERNEL,
-            nvrtc::CompileOptions {
-                arch: Some("sm_80"),
-                ..Default::default()
-            },
-        )
-        .map(|p| p.to_src())
-        .map_err(|e| format!("NVRTC could not compile the rounding kernel: {e}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(e.clone()))
+    super::device::nvrtc_ptx(&PTX, KERNEL, "the rounding kernel")
 }

@@ -129,17 +129,10 @@ extern "C" __global__ void qgate_solve_unit_lower(const float* a, const float* b
 }
 "#;
 
-/// The kernel's PTX, compiled once per process.
+/// The kernels' PTX, compiled once per process.
 #[cfg(feature = "cuda")]
 fn ptx() -> Result<&'static str> {
-    use candle_core::cuda_backend::cudarc::nvrtc;
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx(KERNEL)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile the delta-rule solve kernel: {e}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(e.clone()))
+    super::device::nvrtc_ptx(&PTX, KERNEL, "the delta-rule solve kernel")
 }
