@@ -124,6 +124,7 @@ impl PackedBf16 {
             b: self.data.as_ptr(),
             kp: k2,
             a_per_k: 1,
+            a_row_tiles: false,
             m,
             n,
             out: out.as_mut_ptr(),
@@ -160,6 +161,7 @@ impl PackedBf16 {
             b: self.data.as_ptr(),
             kp: k2,
             a_per_k: 2,
+            a_row_tiles: false,
             m,
             n,
             out: out.as_mut_ptr(),
@@ -224,6 +226,26 @@ unsafe fn pack_pairs_avx512(row: &[f32], dst: &mut [u32]) {
     }
 }
 
+/// `x` (`[m, k]` row-major f32) packed by row tiles of `MR` rows: `[ceil(m/MR)][k][MR]`, rows past `m`
+/// zero. A tile's inputs for one k step are then `MR` consecutive values (one pointer, fixed offsets).
+pub(crate) fn pack_row_tiles(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let mut a = vec![0f32; m.div_ceil(MR) * k * MR];
+    let pack = |(ti, dst): (usize, &mut [f32])| {
+        for r in 0..MR.min(m - ti * MR) {
+            let row = &x[(ti * MR + r) * k..(ti * MR + r + 1) * k];
+            for (p, &v) in row.iter().enumerate() {
+                dst[p * MR + r] = v;
+            }
+        }
+    };
+    if m * k >= 1 << 16 {
+        a.par_chunks_mut(k * MR).enumerate().for_each(pack);
+    } else {
+        a.chunks_mut(k * MR).enumerate().for_each(pack);
+    }
+    a
+}
+
 /// An output buffer of `len` f32 with capacity only (every element is stored by the kernel before it
 /// is read): no zeroing pass.
 pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
@@ -240,6 +262,9 @@ pub(crate) struct Operands {
     pub kp: usize,
     /// Elements of `a` per k step (1; 2 for f32 pairs against packed bf16 pairs).
     pub a_per_k: usize,
+    /// `a` is packed by row tiles (`pack_row_tiles`: `[ceil(m/MR)][kp][MR]`, a_per_k 1) rather than
+    /// `[m, lda]`; the kernel must be one that reads that layout (`Tile::a`'s k stride is then `MR`).
+    pub a_row_tiles: bool,
     pub m: usize,
     pub n: usize,
     pub out: *mut f32,
@@ -275,9 +300,11 @@ pub(crate) const NR: usize = 64; // 4 blocks of 16 columns
 // blocks (`drive_blocked`): each element still accumulates in order on one accumulator, reloading its
 // exact f32 partial sum.
 
-/// k blocks (in steps) of the widening kernels: a 16-column slice of a block is 16 KiB of f32 or
-/// 8 KiB of bf16 pairs (L1), the 64-column panel slice 64 / 32 KiB (L2).
-pub(crate) const KBLOCK_F32: usize = 256;
+/// k blocks (in steps) of the widening kernels. f32: a 16-column slice of a block is 32 KiB, the
+/// 64-column panel slice 128 KiB (L2); measured on Zen 3 (`examples/gemm_probe`, the head and MLP
+/// shapes), 512 and 1,024 steps ran at 130–150 GFLOP/s on 2 cores, 256 at 110–135, 128 at 95–135.
+/// bf16: 8 KiB of pairs per slice (L1), 32 KiB per panel slice.
+pub(crate) const KBLOCK_F32: usize = 512;
 pub(crate) const KBLOCK_BF16: usize = 128;
 
 /// Rows per task when there are few column panels (small `n`): the row range is split too, so both
@@ -329,9 +356,14 @@ pub(crate) unsafe fn drive_blocked(o: Operands, kblock: usize, kernel: impl Fn(&
             let mut r0 = row_lo;
             while r0 < row_hi {
                 let rows = MR.min(row_hi - r0);
+                let (a, lda) = if o.a_row_tiles {
+                    (o.a.add((r0 / MR) * kp * MR + p0 * MR), MR)
+                } else {
+                    (o.a.add(r0 * o.lda + p0 * o.a_per_k), o.lda)
+                };
                 kernel(&Tile {
-                    a: o.a.add(r0 * o.lda + p0 * o.a_per_k),
-                    lda: o.lda,
+                    a,
+                    lda,
                     b: bp.add(p0 * 16),
                     ldb: kp * 16,
                     kc,

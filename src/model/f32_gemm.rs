@@ -7,7 +7,7 @@
 //! the result does not depend on the matrix size, the tile it falls in or the thread count.
 #[cfg(target_arch = "x86_64")]
 use super::bf16_gemm::drive;
-use super::bf16_gemm::{drive_blocked, Operands, KBLOCK_F32};
+use super::bf16_gemm::{drive_blocked, pack_row_tiles, Operands, KBLOCK_F32};
 use super::cpu::Kernels;
 use crate::error::Result;
 use rayon::prelude::*;
@@ -65,25 +65,30 @@ impl PackedF32 {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k);
         let mut out = super::bf16_gemm::output_buffer(m * n);
+        // AVX2: the inputs packed by row tiles (the tile reads one k step's six values from one
+        // pointer; with six row pointers the loop was bound by address arithmetic).
+        let tiled = (self.kernels == Kernels::Avx2).then(|| pack_row_tiles(x, m, k));
         let ops = Operands {
-            a: x.as_ptr() as *const u32,
+            a: tiled.as_deref().unwrap_or(x).as_ptr() as *const u32,
             lda: k,
             b: self.data.as_ptr() as *const u32,
             kp: k,
             a_per_k: 1,
+            a_row_tiles: tiled.is_some(),
             m,
             n,
             out: out.as_mut_ptr(),
         };
-        // SAFETY: `x` is [m, k], `data` is [ceil(n/16), k, 16], `out` is [m, n], all alive for the call;
-        // `pack` checked that this CPU runs `self.kernels`.
+        // SAFETY: `x` is [m, k] (for AVX2 `tiled`, its row-tile packing, read by the row-tile kernel),
+        // `data` is [ceil(n/16), k, 16], `out` is [m, n], all alive for the call; `pack` checked that
+        // this CPU runs `self.kernels`.
         unsafe {
             match self.kernels {
                 #[cfg(target_arch = "x86_64")]
                 Kernels::Avx512 => drive(ops, |t| super::cpu::avx512::f32_dispatch(t)),
                 #[cfg(target_arch = "x86_64")]
                 Kernels::Avx2 => {
-                    drive_blocked(ops, KBLOCK_F32, |t| super::cpu::avx2::f32_dispatch(t))
+                    drive_blocked(ops, KBLOCK_F32, |t| super::cpu::avx2::f32_row_tiles_dispatch(t))
                 }
                 _ => drive_blocked(ops, KBLOCK_F32, |t| super::cpu::portable::f32_dispatch(t)),
             }

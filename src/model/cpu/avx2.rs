@@ -19,14 +19,8 @@ macro_rules! by_rows {
 }
 
 /// # Safety
-/// The tile must describe live buffers (see `bf16_gemm::drive`: `a` f32 `[rows, lda]`, `b` packed f32
-/// `[.., kc, 16]` blocks `ldb` apart) and the CPU must have AVX2 and FMA.
-pub(crate) unsafe fn f32_dispatch(t: &Tile) {
-    by_rows!(f32_tile, t)
-}
-
-/// # Safety
-/// As `f32_dispatch`, with `a` holding f32 bf16 values in pairs (`[rows, lda]`, `lda ≥ 2·kc`) and `b`
+/// The tile must describe live buffers (see `bf16_gemm::drive`) and the CPU must have AVX2 and FMA; `a`
+/// holds f32 bf16 values in pairs (`[rows, lda]`, `lda ≥ 2·kc`) and `b`
 /// packed bf16 pairs (`bf16_gemm::PackedBf16`).
 pub(crate) unsafe fn bf16_dispatch(t: &Tile, round: bool) {
     by_rows!(bf16_tile, t, round)
@@ -72,23 +66,35 @@ unsafe fn load_block<const R: usize>(t: &Tile, j: usize) -> [[__m256; 2]; R] {
     c
 }
 
-/// `R` rows × 16 columns per block (12 accumulators at R = 6), the blocks of the tile one after the other.
-/// Each output: `acc = fma(a[p], b[p], acc)` for p in order.
+/// # Safety
+/// The tile must describe live buffers (see `bf16_gemm::drive`: `b` packed f32 `[.., kc, 16]` blocks
+/// `ldb` apart) with `a` packed by row tiles (`bf16_gemm::pack_row_tiles`: a k step's `MR` values
+/// consecutive, `t.lda == MR`), and the CPU must have AVX2 and FMA.
+pub(crate) unsafe fn f32_row_tiles_dispatch(t: &Tile) {
+    by_rows!(f32_tile_row_tiles, t)
+}
+
+/// `R` rows × 16 columns per block (12 accumulators at R = 6), the blocks of the tile one after the
+/// other, on inputs packed by row tiles (row `r`'s value at step `p` is `a[p·MR + r]`: one input pointer
+/// and one weight pointer advance per step). Each output: `acc = fma(a[p], b[p], acc)` for p in order.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn f32_tile<const R: usize>(t: &Tile) {
-    let a = t.a as *const f32;
-    let b = t.b as *const f32;
+unsafe fn f32_tile_row_tiles<const R: usize>(t: &Tile) {
+    use crate::model::bf16_gemm::MR;
+    debug_assert_eq!(t.lda, MR);
     for j in 0..t.ncols.div_ceil(16) {
-        let bj = b.add(j * t.ldb);
         let mut c = load_block::<R>(t, j);
-        for p in 0..t.kc {
-            let b0 = _mm256_loadu_ps(bj.add(p * 16));
-            let b1 = _mm256_loadu_ps(bj.add(p * 16 + 8));
+        let mut a = t.a as *const f32;
+        let mut b = (t.b as *const f32).add(j * t.ldb);
+        for _ in 0..t.kc {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
             for (r, cr) in c.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*a.add(r * t.lda + p));
+                let av = _mm256_broadcast_ss(&*a.add(r));
                 cr[0] = _mm256_fmadd_ps(av, b0, cr[0]);
                 cr[1] = _mm256_fmadd_ps(av, b1, cr[1]);
             }
+            a = a.add(MR);
+            b = b.add(16);
         }
         store_block::<R>(t, j, &c, false);
     }
