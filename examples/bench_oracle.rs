@@ -56,11 +56,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let head_s = t0.elapsed().as_secs_f64();
     let secs = times[times.len() / 2];
     println!(
-        "{{\"runtime\": \"qgate\", \"dtype\": \"{}\", \"T\": {t}, \"device\": \"{device_name}\", \"seconds\": {secs:.4}, \"tokens_per_s\": {:.2}, \"peak_rss_gb\": {:.2}, \"load_seconds\": {load_s:.1}, \"threads\": {}, \"reps\": {reps}, \"body_seconds\": {body_s:.4}, \"head_seconds\": {head_s:.4}}}",
+        "{{\"runtime\": \"qgate\", \"dtype\": \"{}\", \"T\": {t}, \"device\": \"{device_name}\", \"seconds\": {secs:.4}, \"tokens_per_s\": {:.2}, \"peak_rss_gb\": {:.2}, \"load_seconds\": {load_s:.1}, \"threads\": {}, \"reps\": {reps}, \"body_seconds\": {body_s:.4}, \"head_seconds\": {head_s:.4}, \"cpu_kernels\": \"{}\"}}",
         prec.name(),
         t as f64 / secs,
         peak_rss_gb(),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        qgate::model::cpu::active().name()
     );
     Ok(())
 }

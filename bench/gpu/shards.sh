@@ -4,8 +4,9 @@
 # bit-identical; prints the throughput of each. Needs .gpu/qgate.gz and .whl/transformers (bench model).
 set -uo pipefail
 OUT=${OUT:-/tmp/qgate-gpu-out}; mkdir -p "$OUT"
-Q=/tmp/qgate-gpu; mkdir -p $Q
+Q=${QDIR:-/tmp/qgate-gpu}; mkdir -p $Q
 [ -x $Q/qgate ] || { gunzip -c .gpu/qgate.gz > $Q/qgate && chmod +x $Q/qgate; }
+echo "outputs in $Q: $(df -h --output=fstype,size,avail $Q | tail -n 1)"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/transformers-*.whl \
   && export PYTHONPATH=/tmp/site
 LIBS=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')

@@ -65,9 +65,10 @@ impl PackedF32 {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k);
         let mut out = super::bf16_gemm::output_buffer(m * n);
-        // AVX2: the inputs packed by row tiles (the tile reads one k step's six values from one
-        // pointer; with six row pointers the loop was bound by address arithmetic).
-        let tiled = (self.kernels == Kernels::Avx2).then(|| pack_row_tiles(x, m, k));
+        // AVX2 and AVX-512: the inputs packed by row tiles (the tile reads one k step's six values from
+        // one pointer; with six row pointers the AVX2 loop was bound by address arithmetic).
+        let tiled = matches!(self.kernels, Kernels::Avx2 | Kernels::Avx512)
+            .then(|| pack_row_tiles(x, m, k));
         let ops = Operands {
             a: tiled.as_deref().unwrap_or(x).as_ptr() as *const u32,
             lda: k,
@@ -79,13 +80,15 @@ impl PackedF32 {
             n,
             out: out.as_mut_ptr(),
         };
-        // SAFETY: `x` is [m, k] (for AVX2 `tiled`, its row-tile packing, read by the row-tile kernel),
+        // SAFETY: `x` is [m, k] (for AVX2 / AVX-512 `tiled`, its row-tile packing, read by the row-tile kernel),
         // `data` is [ceil(n/16), k, 16], `out` is [m, n], all alive for the call; `pack` checked that
         // this CPU runs `self.kernels`.
         unsafe {
             match self.kernels {
                 #[cfg(target_arch = "x86_64")]
-                Kernels::Avx512 => drive(ops, |t| super::cpu::avx512::f32_dispatch(t)),
+                Kernels::Avx512 => {
+                    drive(ops, |t| super::cpu::avx512::f32_row_tiles_dispatch(t))
+                }
                 #[cfg(target_arch = "x86_64")]
                 Kernels::Avx2 => {
                     drive_blocked(ops, KBLOCK_F32, |t| super::cpu::avx2::f32_row_tiles_dispatch(t))
