@@ -86,13 +86,11 @@ impl PackedF32 {
         unsafe {
             match self.kernels {
                 #[cfg(target_arch = "x86_64")]
-                Kernels::Avx512 => {
-                    drive(ops, |t| super::cpu::avx512::f32_row_tiles_dispatch(t))
-                }
+                Kernels::Avx512 => drive(ops, |t| super::cpu::avx512::f32_row_tiles_dispatch(t)),
                 #[cfg(target_arch = "x86_64")]
-                Kernels::Avx2 => {
-                    drive_blocked(ops, KBLOCK_F32, |t| super::cpu::avx2::f32_row_tiles_dispatch(t))
-                }
+                Kernels::Avx2 => drive_blocked(ops, KBLOCK_F32, |t| {
+                    super::cpu::avx2::f32_row_tiles_dispatch(t)
+                }),
                 _ => drive_blocked(ops, KBLOCK_F32, |t| super::cpu::portable::f32_dispatch(t)),
             }
         }
