@@ -76,42 +76,48 @@ pub fn row_margins(row: &[f32]) -> (f32, f32) {
     (p_margin as f32, l1 - l2)
 }
 
-/// As [`run_sequence`], with the logits already encoded as `kind` (the capture's bytes). On a GPU in
-/// bf16/f16 the logits stay in the model dtype from the head's product to the file (the same values: a
-/// bf16 capture of f32-widened bf16 values holds the same bits), so neither the device nor the host holds
-/// an f32 copy of the `[T, V]` block.
-pub fn run_sequence_encoded(
+/// As [`run_sequence`], with the logits written to `sink` encoded as `kind` (the capture's bytes) and the
+/// rollout returned. On a GPU in bf16/f16 the logits stay in the model dtype from the head's product to
+/// the file (the same values: a bf16 capture of f32-widened bf16 values holds the same bits), so neither
+/// the device nor the host holds an f32 copy of the `[T, V]` block; they are copied from the device once
+/// and written from that buffer (no encoded copy).
+pub fn run_sequence_into(
     model: &Model,
     tokens: &[i64],
     rollout: usize,
     kind: FloatKind,
-) -> Result<(Vec<u8>, Rollout)> {
+    sink: &mut impl Write,
+) -> Result<Rollout> {
     let v = model.cfg.vocab_size;
     let ids = token_ids(tokens)?;
     let mut cache = model.new_cache();
-    let logits = model
-        .forward_native(&ids, &mut cache)?
-        .to_device(&candle_core::Device::Cpu)?
-        .flatten_all()?;
+    let logits = model.forward_native(&ids, &mut cache)?.flatten_all()?;
     let n = logits.elem_count();
-    let (bytes, mut last) = match (logits.dtype(), kind) {
+    // the last row, for the rollout's first step (bf16/f16 → f32 is exact)
+    let mut last: Vec<f32> = logits
+        .narrow(0, n - v, v)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
+    let written = match (logits.dtype(), kind) {
+        // 16-bit logits in the capture's dtype: their bits, copied once from the device (or the host
+        // tensor) and written as they are
         (candle_core::DType::BF16, FloatKind::BF16) => {
-            let x: Vec<half::bf16> = logits.to_vec1()?;
-            let last = x[n - v..].iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
-            (x.iter().flat_map(|h| h.to_le_bytes()).collect(), last)
+            use half::slice::HalfFloatSliceExt;
+            write_u16_le(sink, logits.to_vec1::<half::bf16>()?.reinterpret_cast())
         }
         (candle_core::DType::F16, FloatKind::F16) => {
-            let x: Vec<half::f16> = logits.to_vec1()?;
-            let last = x[n - v..].iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
-            (x.iter().flat_map(|h| h.to_le_bytes()).collect(), last)
+            use half::slice::HalfFloatSliceExt;
+            write_u16_le(sink, logits.to_vec1::<half::f16>()?.reinterpret_cast())
         }
         _ => {
             let x: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
             let mut bytes = Vec::with_capacity(n * kind.size());
             encode_into(&mut bytes, kind, &x);
-            (bytes, x[n - v..].to_vec())
+            sink.write_all(&bytes)
         }
     };
+    written.map_err(|e| io_err("spill file", e))?;
+    drop(logits);
     let mut out = Rollout::default();
     for step in 0..rollout {
         let next = out.push_argmax(&last);
@@ -123,7 +129,17 @@ pub fn run_sequence_encoded(
             .flatten_all()?
             .to_vec1()?;
     }
-    Ok((bytes, out))
+    Ok(out)
+}
+
+/// 16-bit values as little-endian bytes: on a little-endian CPU their memory as it is (no copy).
+fn write_u16_le(sink: &mut impl Write, bits: &[u16]) -> std::io::Result<()> {
+    if cfg!(target_endian = "little") {
+        sink.write_all(bytemuck::cast_slice(bits))
+    } else {
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        sink.write_all(&bytes)
+    }
 }
 
 /// Teacher-forced logits `[T, V]` and the greedy rollout of up to `rollout` tokens (stopping after an EOS
@@ -414,11 +430,7 @@ fn run_in_memory(
     let bar = progress_bar(req.progress, total);
     let mut rollouts = Vec::with_capacity(req.plan.len());
     for seq in req.plan {
-        let (bytes, rollout) = run_sequence_encoded(model, seq, req.rollout, kind)?;
-        spill
-            .write_all(&bytes)
-            .map_err(|e| io_err("spill file", e))?;
-        rollouts.push(rollout);
+        rollouts.push(run_sequence_into(model, seq, req.rollout, kind, spill)?);
         bar.inc(seq.len() as u64);
     }
     bar.finish_and_clear();
