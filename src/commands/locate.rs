@@ -5,7 +5,6 @@
 use super::simulate::{parse_compute, parse_scale_dtype, simulate, SimRequest};
 use crate::capture::Capture;
 use crate::error::{ExitCode, Result};
-use crate::gate::compare;
 use crate::gate::policy::Policy;
 use crate::gate::summary::Identity;
 use crate::model::weights::resolve_model_dir;
@@ -57,16 +56,8 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         crate::error::Error::usage(format!("gate policy does not fit the plan: {m}"))
     })?;
     let device = crate::model::device::parse_device(&args.device)?;
-    let resolved = crate::oracle_cache::resolve_oracle(
-        &args.oracle,
-        Some(&model_dir),
-        None,
-        &plan_cap,
-        &device,
-        false,
-    )?;
+    let resolved = super::oracle_for_plan(&args.oracle, &model_dir, &plan_cap, &device)?;
     let oracle = &resolved.capture;
-    compare::check_same_plan(oracle, &plan_cap)?;
     let scratch = tempfile::tempdir().map_err(|e| crate::error::io_err(std::env::temp_dir(), e))?;
     let control_path = scratch.path().join("f16.capture.safetensors");
     eprintln!("qgate: simulating the f16 control…");

@@ -8,7 +8,6 @@ use super::run::write_reports_with;
 use super::simulate::{parse_compute, parse_scale_dtype, print_skipped, simulate, SimRequest};
 use crate::capture::Capture;
 use crate::error::{Error, ExitCode, Result};
-use crate::gate::compare;
 use crate::gate::evaluate::{evaluate, Inputs};
 use crate::gate::ladder;
 use crate::gate::outcome::{Ablation, Ladder, Rung};
@@ -239,16 +238,8 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     let progress = crate::progress::enabled();
     let device = crate::model::device::parse_device(&args.device)?;
 
-    let resolved = crate::oracle_cache::resolve_oracle(
-        &args.oracle,
-        Some(&model_dir),
-        None,
-        &plan_cap,
-        &device,
-        false,
-    )?;
+    let resolved = super::oracle_for_plan(&args.oracle, &model_dir, &plan_cap, &device)?;
     let oracle = &resolved.capture;
-    compare::check_same_plan(oracle, &plan_cap)?;
     let rollout = (0..oracle.len())
         .filter_map(|i| oracle.seq(i).rollout.map(|r| r.len()))
         .max()
