@@ -11,8 +11,7 @@ Q=/tmp/qgate-gpu; mkdir -p $Q
 gunzip -c ${QGZ:-.gpu/bench_oracle.gz} > $Q/bench_oracle && chmod +x $Q/bench_oracle
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/transformers-*.whl \
   && export PYTHONPATH=/tmp/site
-LIBS=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH=${LIBS}${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/cuda_libs.sh"
 grep -m1 "model name" /proc/cpuinfo; echo "cores: $(nproc); AVX-512F: $(grep -c -w -m1 avx512f /proc/cpuinfo), AVX-512-BF16: $(grep -c -w -m1 avx512_bf16 /proc/cpuinfo)"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 [ -d /tmp/bench-0.8b ] || python3 bench/make_bench_model.py /tmp/bench-0.8b >/dev/null

@@ -13,9 +13,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-# The CUDA user-space libraries PyTorch's wheels installed (cuBLAS, cuRAND, NVRTC, cudart 13).
-LIBS=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH=${LIBS}${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/cuda_libs.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 ldd $Q/qgate | grep -E "not found|cublas|cuda|nvrtc|curand" || true

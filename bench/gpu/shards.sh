@@ -9,8 +9,7 @@ Q=${QDIR:-/tmp/qgate-gpu}; mkdir -p $Q
 echo "outputs in $Q: $(df -h --output=fstype,size,avail $Q | tail -n 1)"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/transformers-*.whl \
   && export PYTHONPATH=/tmp/site
-LIBS=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH=${LIBS}${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/cuda_libs.sh"
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 [ -d /tmp/bench-0.8b ] || python3 bench/make_bench_model.py /tmp/bench-0.8b >/dev/null
 N=${N:-8}; T=${T:-2048}; DT=${DT:-bf16}
