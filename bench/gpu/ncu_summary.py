@@ -1,6 +1,6 @@
 """Sum Nsight Compute's per-kernel durations by kernel name (what a forward spends its GPU time on).
 
-Usage: python bench/gpu/ncu_summary.py NCU_CSV [FORWARDS]
+Usage: python bench/gpu/ncu_summary.py NCU_CSV [FORWARDS]  (then the 12 longest single launches)
 NCU_CSV: `ncu --metrics gpu__time_duration.sum --csv --log-file F …`. FORWARDS divides the totals (the
 profiled program ran that many forwards of the same length). Prints the top kernels with their share.
 """
@@ -12,6 +12,7 @@ path = sys.argv[1]
 forwards = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
 tot = collections.Counter()
 cnt = collections.Counter()
+launches = []  # (ms, kernel, grid, block) of every launch
 with open(path, newline="") as f:
     lines = [l for l in f if l.startswith('"')]
 for row in csv.DictReader(lines):
@@ -23,7 +24,11 @@ for row in csv.DictReader(lines):
     name = row["Kernel Name"].split("(")[0][:90]
     tot[name] += v * scale
     cnt[name] += 1
+    launches.append((v * scale, name, row.get("Grid Size", "?"), row.get("Block Size", "?")))
 all_ms = sum(tot.values())
 print(f"kernels: {sum(cnt.values())} launches, {all_ms / forwards:.2f} ms GPU time per forward (sum of kernel durations)")
 for name, ms in tot.most_common(30):
     print(f"{ms / forwards:9.2f} ms {100 * ms / all_ms:5.1f}%  {cnt[name] / forwards:8.0f}x  {name}")
+print("longest single launches (all forwards):")
+for ms, name, grid, block in sorted(launches, reverse=True)[:12]:
+    print(f"{ms:9.3f} ms  grid {grid:>16} block {block:>12}  {name}")

@@ -1,43 +1,69 @@
 //! The scan over chunks of the chunked delta rule as one op: `S_{i+1} = M_i · S_i + N_i` for every chunk
 //! `i` of every value head, returning every chunk-start state and the final one.
 //!
-//! `delta_rule_portable::chunked` computes `M_i = d_i·I − K̃_iᵀ C_i` and `N_i = K̃_iᵀ V_i` for all chunks at
-//! once; only this recurrence is sequential. As tensor ops it cost two launches per chunk (a batched GEMM
-//! over the heads and an add), 128 per layer at T = 4,096, each too small to fill the GPU. Here it is one
-//! kernel per layer: a block owns one head and 16 of its state's columns (columns of `S` never mix), keeps
-//! that `[Dk, 16]` slice in shared memory for the whole scan, and each thread accumulates its outputs over
-//! `k` in ascending order with fused multiply-adds. All f32, as HF's delta rule.
+//! `delta_rule_portable::chunked` computes, for all chunks at once, `[N | G] = K̃ᵀ [V_new | C]` (one
+//! batched GEMM) and the chunk decays `d_i`; here `M_i = d_i·I − G_i` is formed on the fly (the same
+//! two roundings as `eye·d − G`). Only this recurrence
+//! is sequential. As tensor ops it cost two launches per chunk (a batched GEMM over the heads and an add),
+//! 128 per layer at T = 4,096, each too small to fill the GPU. Here it is one kernel per layer: a block owns
+//! one head and 16 of its state's columns (columns of `S` never mix), keeps that `[Dk, 16]` slice in shared
+//! memory for the whole scan, and each thread accumulates its outputs over `k` in ascending order with
+//! fused multiply-adds. All f32, as HF's delta rule.
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-/// `m`: `[N, H, Dk, Dk]`, `nn`: `[N, H, Dk, Dv]`, `s0`: `[H, Dk, Dv]`, f32. Returns `[N + 1, H, Dk, Dv]`:
-/// entry `i` is the state at the start of chunk `i`, entry `N` the state after the last chunk.
-pub fn scan(m: &Tensor, nn: &Tensor, s0: &Tensor) -> Result<Tensor> {
-    let dk = s0.dim(1)?;
-    if !m.device().is_cpu() && dk > 128 {
-        // Wider than the kernel's shared-memory tiles: the recurrence as tensor ops (two per chunk).
-        let n = m.dim(0)?;
-        let mut states = Vec::with_capacity(n + 1);
-        let mut s = s0.clone();
-        for i in 0..n {
-            states.push(s.clone());
-            s = (super::device::matmul(&m.get(i)?, &s)? + nn.get(i)?)?;
-        }
-        states.push(s);
-        return Tensor::stack(&states, 0);
+/// `gn`: `[H·N, Dk, Dv + Dk]` (per chunk `[N | G]`, head-major), `d`: `[H·N]`, `s0`: `[H, Dk, Dv]`,
+/// f32. Returns `(starts [H·N, Dk, Dv], final [H, Dk, Dv])`: the state at the start of every chunk and the
+/// state after each head's last chunk.
+pub fn scan(gn: &Tensor, d: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (h, dk, dv) = s0.dims3()?;
+    let b = gn.dim(0)?;
+    if !gn.device().is_cpu() && (dk > MAX_DK || dk % 4 != 0 || dv % 4 != 0) {
+        // Outside the kernel's shared-memory tile or its 4-wide loads.
+        return scan_tensor_ops(gn, d, s0);
     }
-    m.contiguous()?
-        .apply_op3_no_bwd(&nn.contiguous()?, &s0.contiguous()?, &ChunkScan)
+    let out = gn
+        .contiguous()?
+        .apply_op3_no_bwd(&d.contiguous()?, &s0.contiguous()?, &ChunkScan)?;
+    let block = dk * dv;
+    Ok((
+        out.narrow(0, 0, b * block)?.reshape((b, dk, dv))?,
+        out.narrow(0, b * block, h * block)?.reshape((h, dk, dv))?,
+    ))
 }
+
+/// The same recurrence as tensor ops (two per chunk), for GPUs when `Dk` exceeds the kernel's tiles.
+fn scan_tensor_ops(gn: &Tensor, d: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (h, dk, dv) = s0.dims3()?;
+    let b = gn.dim(0)?;
+    let n = b / h.max(1);
+    let g = gn.narrow(2, dv, dk)?.reshape((h, n, dk, dk))?;
+    let nn = gn.narrow(2, 0, dv)?.reshape((h, n, dk, dv))?;
+    let d = d.reshape((h, n, 1, 1))?;
+    let eye = Tensor::eye(dk, candle_core::DType::F32, gn.device())?;
+    let mut starts = Vec::with_capacity(n);
+    let mut s = s0.clone();
+    for i in 0..n {
+        starts.push(s.clone());
+        let m = eye
+            .broadcast_mul(&d.narrow(1, i, 1)?.squeeze(1)?)?
+            .broadcast_sub(&g.narrow(1, i, 1)?.squeeze(1)?)?;
+        s = (super::device::matmul(&m, &s)? + nn.narrow(1, i, 1)?.squeeze(1)?)?;
+    }
+    Ok((Tensor::stack(&starts, 1)?.reshape((b, dk, dv))?, s))
+}
+
+/// The largest key head dim the GPU kernel's shared-memory tile holds.
+const MAX_DK: usize = 128;
 
 struct ChunkScan;
 
 fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize, usize, usize)> {
-    let (n, h, dk, dk2) = l1.shape().dims4()?;
-    let (n2, h2, dk3, dv) = l2.shape().dims4()?;
-    let (h3, dk4, dv2) = l3.shape().dims3()?;
-    if dk != dk2 || n != n2 || h != h2 || h != h3 || dk != dk3 || dk != dk4 || dv != dv2 {
+    let (b, dk, w) = l1.shape().dims3()?;
+    let b2 = l2.shape().dims1()?;
+    let (h, dk2, dv) = l3.shape().dims3()?;
+    if b != b2 || dk != dk2 || w != dv + dk || h == 0 || b % h != 0 {
         candle_core::bail!(
-            "chunk_scan: expected [N,H,Dk,Dk], [N,H,Dk,Dv], [H,Dk,Dv], got {:?}, {:?}, {:?}",
+            "chunk_scan: expected [H·N, Dk, Dv+Dk], [H·N], [H, Dk, Dv], got {:?}, {:?}, {:?}",
             l1.shape(),
             l2.shape(),
             l3.shape()
@@ -46,7 +72,7 @@ fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize, usize, u
     if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
         candle_core::bail!("chunk_scan: contiguous inputs expected");
     }
-    Ok((n, h, dk, dv))
+    Ok((b / h, h, dk, dv))
 }
 
 impl CustomOp3 for ChunkScan {
@@ -65,46 +91,50 @@ impl CustomOp3 for ChunkScan {
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
         let (n, h, dk, dv) = dims(l1, l2, l3)?;
-        let (CpuStorage::F32(m), CpuStorage::F32(nn), CpuStorage::F32(s0)) = (s1, s2, s3) else {
+        let (CpuStorage::F32(gn), CpuStorage::F32(d), CpuStorage::F32(s0)) = (s1, s2, s3) else {
             candle_core::bail!("chunk_scan: f32 only");
         };
-        let m = &m[l1.start_offset()..];
-        let nn = &nn[l2.start_offset()..];
+        let w = dv + dk;
+        let gn = &gn[l1.start_offset()..];
+        let d = &d[l2.start_offset()..];
         let s0 = &s0[l3.start_offset()..l3.start_offset() + h * dk * dv];
         let block = dk * dv;
-        let mut out = vec![0f32; (n + 1) * h * block];
-        // Heads are independent: compute each head's whole scan, then interleave into [N+1, H, ..].
+        // Per head: its N chunk-start states then its final state; laid out below.
         let per_head: Vec<Vec<f32>> = (0..h)
             .into_par_iter()
             .map(|hh| {
                 let mut states = vec![0f32; (n + 1) * block];
                 states[..block].copy_from_slice(&s0[hh * block..(hh + 1) * block]);
                 for i in 0..n {
-                    let mi = &m[(i * h + hh) * dk * dk..(i * h + hh + 1) * dk * dk];
-                    let ni = &nn[(i * h + hh) * block..(i * h + hh + 1) * block];
+                    let bi = hh * n + i;
+                    let ci = &gn[bi * dk * w..(bi + 1) * dk * w];
+                    let di = d[bi];
                     let (done, rest) = states.split_at_mut((i + 1) * block);
                     let s = &done[i * block..];
                     let next = &mut rest[..block];
                     for r in 0..dk {
+                        let (nr, gr) = ci[r * w..(r + 1) * w].split_at(dv);
                         for c in 0..dv {
                             let mut acc = 0f32;
-                            for k in 0..dk {
-                                acc = mi[r * dk + k].mul_add(s[k * dv + c], acc);
+                            for (k, &g) in gr.iter().enumerate() {
+                                let m = if k == r { di - g } else { -g };
+                                acc = m.mul_add(s[k * dv + c], acc);
                             }
-                            next[r * dv + c] = acc + ni[r * dv + c];
+                            next[r * dv + c] = acc + nr[c];
                         }
                     }
                 }
                 states
             })
             .collect();
+        let mut out = vec![0f32; (n + 1) * h * block];
+        let (starts, fin) = out.split_at_mut(n * h * block);
         for (hh, states) in per_head.iter().enumerate() {
-            for i in 0..=n {
-                out[(i * h + hh) * block..(i * h + hh + 1) * block]
-                    .copy_from_slice(&states[i * block..(i + 1) * block]);
-            }
+            starts[hh * n * block..(hh + 1) * n * block].copy_from_slice(&states[..n * block]);
+            fin[hh * block..(hh + 1) * block].copy_from_slice(&states[n * block..]);
         }
-        Ok((CpuStorage::F32(out), Shape::from((n + 1, h, dk, dv))))
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -125,11 +155,12 @@ impl CustomOp3 for ChunkScan {
             candle_core::bail!("chunk_scan: the GPU kernel needs Dk ≤ {MAX_DK}, got {dk}");
         }
         let dev = s1.device().clone();
-        let m = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let nn = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let gn = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
+        let d = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
         let s0 = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
-        // SAFETY: the kernel writes all (N+1)·H·Dk·Dv outputs (entry 0 copied from s0).
-        let out = unsafe { dev.alloc::<f32>((n + 1) * h * dk * dv)? };
+        let len = (n + 1) * h * dk * dv;
+        // SAFETY: the kernel writes all N·H chunk-start states (entry 0 copied from s0) and H final ones.
+        let out = unsafe { dev.alloc::<f32>(len)? };
         let func = dev.get_or_load_custom_func("qgate_chunk_scan", "qgate_chunk_scan", ptx()?)?;
         let threads = (dk * COLS / PER_THREAD) as u32;
         let cfg = LaunchConfig {
@@ -139,72 +170,86 @@ impl CustomOp3 for ChunkScan {
         };
         let (n32, h32, dk32, dv32) = (n as i32, h as i32, dk as i32, dv as i32);
         let mut b = func.builder();
-        b.arg(&m);
-        b.arg(&nn);
+        b.arg(&gn);
+        b.arg(&d);
         b.arg(&s0);
         b.arg(&out);
         b.arg(&n32);
         b.arg(&h32);
         b.arg(&dk32);
         b.arg(&dv32);
-        // SAFETY: reads N·H·Dk·Dk + N·H·Dk·Dv + H·Dk·Dv floats and writes (N+1)·H·Dk·Dv, as allocated.
+        // SAFETY: reads H·N·(Dv+Dk)·Dk + H·N + H·Dk·Dv floats and writes (N+1)·H·Dk·Dv, as allocated.
         unsafe { b.launch(cfg) }.w()?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
-            Shape::from((n + 1, h, dk, dv)),
+            Shape::from(len),
         ))
     }
 }
 
-/// Columns of the state per block, outputs per thread, largest key head dim (the shared-memory tiles).
+/// Columns of the state per block, outputs per thread.
 #[cfg(feature = "cuda")]
 const COLS: usize = 16;
 #[cfg(feature = "cuda")]
 const PER_THREAD: usize = 8;
-#[cfg(feature = "cuda")]
-const MAX_DK: usize = 128;
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
 // Block (head h, columns c0..c0+16 of the state; fewer at the right edge); thread: row r = tid / 2,
-// columns (tid % 2)·8 .. +8. The block's state slice stays in shared memory for the whole scan; each
-// thread reads its row of M_i from global memory (L2) and accumulates over k in ascending order.
-// (Staging M_i through shared memory in 32-column tiles measured 2.3× slower on an H200: BENCHMARKS.md.)
-extern "C" __global__ void qgate_chunk_scan(const float* m, const float* nn, const float* s0, float* out,
+// columns (tid % 2)·8 .. +8. The block's state slice stays in shared memory for the whole scan. Per chunk
+// the thread walks its row of G (4 floats per load; the row stays in L1 across k) and accumulates over k
+// in ascending order; M[r][k] = (k == r ? d − G[r][k] : −G[r][k]), as eye·d − G. Dk, Dv multiples of 4.
+// (Staging M through shared memory in 32-column tiles measured 2.3× slower on an H200: BENCHMARKS.md.)
+extern "C" __global__ void qgate_chunk_scan(const float* gn, const float* d, const float* s0, float* out,
                                             int n, int h, int dk, int dv) {
-    __shared__ float S[128 * 16];
+    __shared__ __align__(16) float S[128 * 16];
     const int head = blockIdx.x, c0 = blockIdx.y * 16;
     const int r = threadIdx.x >> 1, cc = (threadIdx.x & 1) * 8;
     const int ncols = min(16, dv - c0);
-    const long blk = (long)dk * dv;
+    const long blk = (long)dk * dv, w = dv + dk;
+    float* starts = out + (long)head * n * blk;
+    float* fin = out + (long)n * h * blk + (long)head * blk;
     for (int j = 0; j < 8; ++j) {
         const int col = cc + j;
         float v = 0.0f;
         if (col < ncols) {
             v = s0[head * blk + (long)r * dv + c0 + col];
-            out[head * blk + (long)r * dv + c0 + col] = v;
+            if (n > 0) starts[(long)r * dv + c0 + col] = v;
+            else fin[(long)r * dv + c0 + col] = v;
         }
         S[r * 16 + col] = v;
     }
     __syncthreads();
     for (int i = 0; i < n; ++i) {
-        const float* mi = m + ((long)i * h + head) * dk * dk + (long)r * dk;
+        const long bi = (long)head * n + i;
+        const float* row = gn + (bi * dk + r) * w;  // [N[r][0..dv] | G[r][0..dk]]
+        const float4* g4 = (const float4*)(row + dv);
+        const float di = d[bi];
         float acc[8];
         for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-        for (int k = 0; k < dk; ++k) {
-            const float a = mi[k];
-            const float* srow = S + k * 16 + cc;
-            for (int j = 0; j < 8; ++j) acc[j] = fmaf(a, srow[j], acc[j]);
+        for (int k4 = 0; k4 < dk / 4; ++k4) {
+            const float4 g = g4[k4];
+            const float gs[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int k = 4 * k4 + u;
+                const float a = k == r ? di - gs[u] : -gs[u];
+                const float4 lo = *(const float4*)(S + k * 16 + cc);
+                const float4 hi = *(const float4*)(S + k * 16 + cc + 4);
+                acc[0] = fmaf(a, lo.x, acc[0]); acc[1] = fmaf(a, lo.y, acc[1]);
+                acc[2] = fmaf(a, lo.z, acc[2]); acc[3] = fmaf(a, lo.w, acc[3]);
+                acc[4] = fmaf(a, hi.x, acc[4]); acc[5] = fmaf(a, hi.y, acc[5]);
+                acc[6] = fmaf(a, hi.z, acc[6]); acc[7] = fmaf(a, hi.w, acc[7]);
+            }
         }
         __syncthreads();
-        const float* ni = nn + ((long)i * h + head) * blk + (long)r * dv + c0;
-        float* dst = out + ((long)(i + 1) * h + head) * blk + (long)r * dv + c0;
+        float* dst = i + 1 < n ? starts + (long)(i + 1) * blk : fin;
         for (int j = 0; j < 8; ++j) {
             const int col = cc + j;
             if (col < ncols) {
-                const float v = acc[j] + ni[col];
+                const float v = acc[j] + row[c0 + col];
                 S[r * 16 + col] = v;
-                dst[col] = v;
+                dst[(long)r * dv + c0 + col] = v;
             }
         }
         __syncthreads();
@@ -225,36 +270,49 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The op against the recurrence written with tensor ops (candle's matmul), f32.
+    fn f(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 1000.0 - 0.5)
+            .collect()
+    }
+
+    /// The op against the recurrence written out with tensor ops (candle's matmul), f32, and the
+    /// tensor-op fallback (what a GPU runs when `Dk` exceeds the kernel's tile) against both.
     #[test]
     fn scan_is_the_recurrence() {
         let (n, h, dk, dv) = (5, 3, 8, 16);
         let dev = Device::Cpu;
-        let f = |len: usize, seed: u32| -> Vec<f32> {
-            (0..len)
-                .map(|i| {
-                    (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 1000.0 - 0.5
-                })
-                .collect()
-        };
-        let m = Tensor::from_vec(f(n * h * dk * dk, 1), (n, h, dk, dk), &dev).unwrap();
-        let nn = Tensor::from_vec(f(n * h * dk * dv, 2), (n, h, dk, dv), &dev).unwrap();
+        let b = h * n;
+        let gn = Tensor::from_vec(f(b * dk * (dv + dk), 1), (b, dk, dv + dk), &dev).unwrap();
+        let d = Tensor::from_vec(f(b, 2), b, &dev).unwrap();
         let s0 = Tensor::from_vec(f(h * dk * dv, 3), (h, dk, dv), &dev).unwrap();
-        let got = scan(&m, &nn, &s0).unwrap();
-        let mut s = s0.clone();
-        for i in 0..=n {
-            let d = (got.get(i).unwrap() - &s)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d <= 1e-5, "chunk {i}: max |Δ| {d}");
-            if i < n {
-                s = (m.get(i).unwrap().matmul(&s).unwrap() + nn.get(i).unwrap()).unwrap();
+        let (starts, fin) = scan(&gn, &d, &s0).unwrap();
+        let (starts2, fin2) = scan_tensor_ops(&gn, &d, &s0).unwrap();
+        let max = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(max(&starts, &starts2) <= 1e-5 && max(&fin, &fin2) <= 1e-5);
+        let eye = Tensor::eye(dk, candle_core::DType::F32, &dev).unwrap();
+        for hh in 0..h {
+            let mut s = s0.get(hh).unwrap();
+            for i in 0..=n {
+                let got = if i < n {
+                    starts.get(hh * n + i).unwrap()
+                } else {
+                    fin.get(hh).unwrap()
+                };
+                let dlt = max(&got, &s);
+                assert!(dlt <= 1e-5, "head {hh} chunk {i}: max |Δ| {dlt}");
+                if i < n {
+                    let c = gn.get(hh * n + i).unwrap();
+                    let g = c.narrow(1, dv, dk).unwrap();
+                    let nn = c.narrow(1, 0, dv).unwrap();
+                    let di = d.get(hh * n + i).unwrap();
+                    let m = eye.broadcast_mul(&di).unwrap().sub(&g).unwrap();
+                    s = (m.matmul(&s).unwrap() + nn).unwrap();
+                }
             }
         }
+        assert!(starts.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.1);
     }
 }

@@ -1,110 +1,47 @@
-//! The gated delta rule as tensor ops on any device, op for op HF's `torch_chunk_gated_delta_rule`
-//! (chunk 64, the UT system solved by forward substitution, then the scan over chunks) and
-//! `torch_recurrent_gated_delta_rule`. All f32. The host kernels in `delta_rule` compute the same
-//! quantities; only the order of f32 additions differs (GEMM reductions), at the 1e-7 level.
+//! The gated delta rule on any device, op for op HF's `torch_chunk_gated_delta_rule` (chunk 64, the UT
+//! system solved by forward substitution, then the scan over chunks) and `torch_recurrent_gated_delta_rule`.
+//! All f32. The host kernels in `delta_rule` compute the same quantities; only the order of f32 additions
+//! differs (GEMM reductions), at the 1e-7 level.
 //!
-//! Shapes: `q`, `k`: `[H, T, Dk]` (L2-normalised, expanded to value heads, not yet scaled), `v`:
-//! `[H, T, Dv]`, `beta`, `g`: `[H, T]`, `state`: `[H, Dk, Dv]`. Both return `(o [H, T, Dv], new state)`.
-use super::delta_rule::CHUNK;
-use super::device::{matmul, standard_layout};
+//! The chunked form is a few ops per layer (each one kernel or one batched cuBLAS GEMM on a GPU): the
+//! element-wise preparation (`delta_chunk_prep`), one GEMM for both `·kᵀ` products, the decay mask, the UT
+//! solve (`solve_tril`), one GEMM for the scan's operands, the scan (`chunk_scan`) and three GEMMs for the
+//! outputs.
+use super::delta_chunk_prep::{self, Dims, C};
+use super::device::matmul;
 use super::solve_tril::solve_unit_lower;
 use candle_core::{Result, Tensor};
 
-/// Chunked form (HF's prefill path). No host loop: the recurrence over chunks is one op.
-pub fn chunked(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    beta: &Tensor,
-    g: &Tensor,
-    state: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    let (h, t, dk) = q.dims3()?;
-    let dv = v.dim(2)?;
-    let dev = q.device();
-    let q = q.affine((dk as f32).powf(-0.5) as f64, 0.0)?;
-    let pad = (CHUNK - t % CHUNK) % CHUNK;
-    let (q, k, v) = (
-        q.pad_with_zeros(1, 0, pad)?,
-        k.pad_with_zeros(1, 0, pad)?,
-        v.pad_with_zeros(1, 0, pad)?,
-    );
-    let (beta, g) = (
-        beta.pad_with_zeros(1, 0, pad)?,
-        g.pad_with_zeros(1, 0, pad)?,
-    );
-    let n = (t + pad) / CHUNK;
-    let v_beta = v.broadcast_mul(&beta.unsqueeze(2)?)?;
-    let k_beta = k.broadcast_mul(&beta.unsqueeze(2)?)?;
-    // [H·N, C, ·]: one batch entry per (head, chunk).
-    let chunks = |x: &Tensor, d: usize| x.reshape((h * n, CHUNK, d));
-    let (q, k, k_beta, v_beta) = (
-        chunks(&q, dk)?,
-        chunks(&k, dk)?,
-        chunks(&k_beta, dk)?,
-        chunks(&v_beta, dv)?,
-    );
-    let cum = g.reshape((h * n, CHUNK))?.cumsum(1)?; // [H·N, C]
+/// Chunked form (HF's prefill path). `qkv`: the conv output (`q`, `k` `[H, T, Dk]` L2-normalised and
+/// expanded to value heads, not yet scaled, then `v` `[H, T, Dv]`, in one contiguous tensor), `bg`:
+/// `[2, H, T]` (`β`, `g`), `state`: `[H, Dk, Dv]`. Returns `(o [H, T, Dv], new state)`.
+pub fn chunked(qkv: &Tensor, bg: &Tensor, dims: Dims, state: &Tensor) -> Result<(Tensor, Tensor)> {
+    let Dims { h, t, dk, dv } = dims;
+    let n = dims.n();
+    let p = delta_chunk_prep::prepare(qkv, bg, dims)?;
+    // [k_β; q·scale] · kᵀ per chunk, then × exp(γ_i − γ_j) below the diagonal.
+    let products = matmul(&p.kb_qs, &p.k.transpose(1, 2)?)?; // [B, 2C, C]
+    let (ut_system, intra) = delta_chunk_prep::decay_mask(&products, &p.cum)?;
+    // (I + strictly_lower(ut)) · [new_values | k_cumdecay] = [v_β | k_β·exp(γ)]
+    let solved = solve_unit_lower(&ut_system, &p.rhs)?; // [B, C, Dv + Dk]
 
-    // pairwise[i, j] = exp(cum_i − cum_j) for j ≤ i, 0 above the diagonal (−inf before the exp).
-    let upper: Vec<f32> = (0..CHUNK * CHUNK)
-        .map(|e| {
-            if e % CHUNK > e / CHUNK {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let upper = Tensor::from_vec(upper, (CHUNK, CHUNK), dev)?;
-    let pairwise = cum
-        .unsqueeze(2)?
-        .broadcast_sub(&cum.unsqueeze(1)?)?
-        .broadcast_add(&upper)?
-        .exp()?;
-    let kt = k.transpose(1, 2)?;
-    let ut_system = (matmul(&k_beta, &kt)? * &pairwise)?;
-    let intra = (matmul(&q, &kt)? * &pairwise)?;
-    let cum_exp = cum.exp()?.unsqueeze(2)?;
-    let decayed_k_beta = k_beta.broadcast_mul(&cum_exp)?;
-    // (I + strictly_lower(ut)) · [new_values | k_cumdecay] = [v_beta | decayed_k_beta]
-    let rhs = Tensor::cat(&[&v_beta, &decayed_k_beta], 2)?;
-    let solved = solve_unit_lower(&ut_system, &rhs)?; // one op (a CUDA kernel on the GPU)
+    // The scan over chunks carries only the state: S_{i+1} = S_i·d_i + K̃_iᵀ (V_i − W_i S_i)
+    //   = (d_i·I − K̃_iᵀ W_i) S_i + K̃_iᵀ V_i = M_i S_i + N_i,
+    // with K̃ = k·exp(γ_last − γ), V = new_values, W = k_cumdecay; [N | G] = K̃ᵀ [V | W] for every chunk
+    // at once (one GEMM), so only the recurrence is sequential (one op, `chunk_scan`). The outputs then
+    // come from the chunk-start states exactly as HF writes them: O_i = Q̃_i S_i + A_i (V_i − W_i S_i).
+    let gn = matmul(&p.k_to_end.transpose(1, 2)?, &solved)?; // [B, Dk, Dv + Dk]
+    let (starts, s) = super::chunk_scan::scan(&gn, &p.chunk_decay, state)?;
     let new_values = solved.narrow(2, 0, dv)?.contiguous()?;
     let k_cumdecay = solved.narrow(2, dv, dk)?.contiguous()?;
-
-    // Decays applied once, outside the scan.
-    let q = q.broadcast_mul(&cum_exp)?;
-    let last = cum.narrow(1, CHUNK - 1, 1)?; // [H·N, 1]
-    let k = k.broadcast_mul(&last.broadcast_sub(&cum)?.exp()?.unsqueeze(2)?)?;
-    let chunk_decay = last.exp()?; // [H·N, 1]
-
-    // The scan over chunks carries only the state: S_{i+1} = S_i·d_i + K̃_iᵀ (V_i − C_i S_i)
-    //   = (d_i·I − K̃_iᵀ C_i) S_i + K̃_iᵀ V_i = M_i S_i + N_i,
-    // with M_i and N_i for every chunk computed at once beforehand, so only this recurrence is
-    // sequential (one op, `chunk_scan`). The outputs then come from the stacked chunk-start
-    // states exactly as HF writes them: O_i = Q̃_i S_i + A_i (V_i − C_i S_i).
-    let eye = Tensor::eye(dk, candle_core::DType::F32, dev)?;
-    let k_t = k.transpose(1, 2)?; // [H·N, Dk, C]
-    let m = eye
-        .broadcast_mul(&chunk_decay.reshape((h * n, 1, 1))?)?
-        .broadcast_sub(&matmul(&k_t, &k_cumdecay)?)?; // [H·N, Dk, Dk]
-    let nn = matmul(&k_t, &new_values)?; // [H·N, Dk, Dv]
-                                         // Chunk-major [N, H, ·, ·] so that chunk i is a contiguous block.
-    let by_chunk = |x: &Tensor, r: usize, c: usize| -> Result<Tensor> {
-        standard_layout(&x.reshape((h, n, r, c))?.transpose(0, 1)?)
-    };
-    let (m, nn) = (by_chunk(&m, dk, dk)?, by_chunk(&nn, dk, dv)?);
-    // One op for the whole recurrence (`chunk_scan`: one kernel on a GPU): [N + 1, H, Dk, Dv].
-    let states = super::chunk_scan::scan(&m, &nn, state)?;
-    let s = states.get(n)?.copy()?; // its own buffer: the cache must not keep every chunk state alive
-                                    // [N, H, Dk, Dv] → [H·N, Dk, Dv], batch order matching the other [H·N, ·, ·] tensors.
-    let starts =
-        standard_layout(&states.narrow(0, 0, n)?.transpose(0, 1)?)?.reshape((h * n, dk, dv))?;
     let v_new = (new_values - matmul(&k_cumdecay, &starts)?)?;
-    let o = (matmul(&q, &starts)? + matmul(&intra, &v_new)?)?; // [H·N, C, Dv]
-    let o = o.reshape((h, n * CHUNK, dv))?;
-    Ok((standard_layout(&o.narrow(1, 0, t)?)?, s))
+    let o = (matmul(&p.q_decayed, &starts)? + matmul(&intra, &v_new)?)?; // [B, C, Dv]
+    let o = o.reshape((h, n * C, dv))?;
+    if n * C == t {
+        Ok((o, s))
+    } else {
+        Ok((o.narrow(1, 0, t)?.contiguous()?, s))
+    }
 }
 
 /// Recurrent form over the positions given (HF's path for single cached steps).
@@ -134,4 +71,74 @@ pub fn recurrent(
         outs.push(s.broadcast_mul(&q_i)?.sum_keepdim(1)?); // [H, 1, Dv]
     }
     Ok((Tensor::cat(&outs, 1)?, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::delta_rule::{self, DeltaInputs};
+    use candle_core::Device;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The op pipeline against the host kernel (HF's algorithm written out in loops), over lengths that
+    /// end inside a chunk, on one chunk, and on a chunk boundary, from a non-zero state.
+    #[test]
+    fn chunked_ops_match_the_host_kernel() {
+        let (h, dk, dv) = (3, 16, 24);
+        for t in [150, 64, 5] {
+            let l2 = |v: &mut Vec<f32>| {
+                for r in v.chunks_exact_mut(dk) {
+                    let x = r.to_vec();
+                    crate::model::gated_deltanet::l2_normalise_into(&x, r);
+                }
+            };
+            let (mut q, mut k) = (noise(h * t * dk, 1), noise(h * t * dk, 2));
+            l2(&mut q);
+            l2(&mut k);
+            let v = noise(h * t * dv, 3);
+            let beta: Vec<f32> = noise(h * t, 4).iter().map(|x| 0.5 + 0.5 * x).collect();
+            let g: Vec<f32> = noise(h * t, 5).iter().map(|x| -0.3 * (x + 1.0)).collect();
+            let init = noise(h * dk * dv, 6);
+            let mut host_state = init.clone();
+            let host = delta_rule::chunked(
+                &DeltaInputs {
+                    heads: h,
+                    t,
+                    dk,
+                    dv,
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    beta: &beta,
+                    g: &g,
+                },
+                &mut host_state,
+            );
+            let dev = Device::Cpu;
+            let qkv = Tensor::from_vec([q, k, v].concat(), h * t * (2 * dk + dv), &dev).unwrap();
+            let bg = Tensor::from_vec([beta, g].concat(), (2, h, t), &dev).unwrap();
+            let s0 = Tensor::from_vec(init, (h, dk, dv), &dev).unwrap();
+            let (o, s) = chunked(&qkv, &bg, Dims { h, t, dk, dv }, &s0).unwrap();
+            assert_eq!(o.dims(), [h, t, dv]);
+            let max = |a: &[f32], b: &[f32]| {
+                a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+            };
+            let o = o.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let s = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(max(&o, &host) <= 1e-5, "T={t}: outputs differ by {}", max(&o, &host));
+            assert!(max(&s, &host_state) <= 1e-5, "T={t}: states differ");
+            assert!(o.iter().any(|x| x.abs() > 0.05), "degenerate test: outputs ~0");
+        }
+    }
 }

@@ -143,6 +143,36 @@ pub(crate) fn nvrtc_ptx(
     .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
+/// [`nvrtc_ptx`] of `source` after the device functions the rounding kernels share: `rnd(x, mode)` (`R`:
+/// mode 0 f32, 1 bf16, 2 f16, as [`super::precision::round_code`]) and `silu(x) = x / (1 + exp(−x))`
+/// rounded as on the host.
+#[cfg(feature = "cuda")]
+pub(crate) fn nvrtc_ptx_with_rounding(
+    cell: &'static std::sync::OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    what: &str,
+) -> candle_core::Result<&'static str> {
+    const HELPERS: &str = r#"
+__device__ __forceinline__ float rnd(float x, int mode) {
+    if (mode == 1) {
+        unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+        return __uint_as_float(((unsigned int)h) << 16);
+    }
+    if (mode == 2) {
+        float f; asm("{ .reg .f16 t; cvt.rn.f16.f32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "f"(x));
+        return f;
+    }
+    return x;
+}
+__device__ __forceinline__ float silu(float x) { return __fdiv_rn(x, __fadd_rn(1.0f, expf(-x))); }
+
+"#;
+    if let Some(done) = cell.get() {
+        return done.as_deref().map_err(|e| candle_core::Error::Msg(e.clone()));
+    }
+    nvrtc_ptx(cell, &format!("{HELPERS}{source}"), what)
+}
+
 /// A short name for reports and capture metadata: `cpu` or `cuda:N`.
 pub fn device_name(dev: &Device) -> String {
     match dev.location() {

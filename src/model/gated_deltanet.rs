@@ -3,6 +3,7 @@
 //! gated RMSNorm and out_proj.
 use super::config::TextConfig;
 use super::delta_rule::{self, DeltaInputs};
+use super::delta_chunk_prep;
 use super::delta_rule_portable;
 use super::device::standard_layout;
 use super::gdn_prep;
@@ -314,7 +315,7 @@ impl GatedDeltaNet {
             None => Tensor::zeros((hist, c), candle_core::DType::F32, dev)?,
         };
         let dims = gdn_prep::Dims { hk, hv, dk, dv };
-        let (q, k, v) = gdn_prep::conv_qkv(&history, &qkv, &pg.conv_weight_t, dims, p)?;
+        let conv = gdn_prep::conv_qkv(&history, &qkv, &pg.conv_weight_t, dims, p)?;
         *conv_history = Some(if t >= hist {
             qkv.narrow(0, t - hist, hist)?.copy()?
         } else {
@@ -324,16 +325,18 @@ impl GatedDeltaNet {
         });
 
         // β = R(sigmoid(b)); g = −exp(A_log) · softplus(a + dt_bias), f32: [Hv, T] — one op.
-        let (beta, g) = gdn_prep::beta_g(&b, &a, &pg.params, p)?;
+        let bg = gdn_prep::beta_g(&b, &a, &pg.params, p)?;
 
         let initial = match state.take() {
             Some(s) => s,
             None => Tensor::zeros((hv, dk, dv), candle_core::DType::F32, dev)?,
         };
         let (o, new_state) = if t == 1 && *seen > 0 {
-            delta_rule_portable::recurrent(&q, &k, &v, &beta, &g, &initial)?
+            let (q, k, v) = gdn_prep::split_qkv(&conv, dims, t)?;
+            delta_rule_portable::recurrent(&q, &k, &v, &bg.get(0)?, &bg.get(1)?, &initial)?
         } else {
-            delta_rule_portable::chunked(&q, &k, &v, &beta, &g, &initial)?
+            let d = delta_chunk_prep::Dims { h: hv, t, dk, dv };
+            delta_rule_portable::chunked(&conv, &bg, d, &initial)?
         };
         *state = Some(new_state);
         *seen += t;

@@ -29,20 +29,24 @@ impl Dims {
 }
 
 /// `history`: `[K−1, C]` (the previous call's last rows, zeros at the start), `qkv`: `[T, C]`, `w`: `[K, C]`
-/// (tap-major conv weights). Returns `(q, k, v)` heads-first.
+/// (tap-major conv weights). Returns `q`, `k` (`[Hv, T, Dk]`) and `v` (`[Hv, T, Dv]`) one after the other
+/// in one contiguous tensor ([`split_qkv`] views them).
 pub fn conv_qkv(
     history: &Tensor,
     qkv: &Tensor,
     w: &Tensor,
     dims: Dims,
     prec: Precision,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let t = qkv.dim(0)?;
-    let out = history.contiguous()?.apply_op3_no_bwd(
+) -> Result<Tensor> {
+    history.contiguous()?.apply_op3_no_bwd(
         &qkv.contiguous()?,
         &w.contiguous()?,
         &ConvQkv { dims, prec },
-    )?;
+    )
+}
+
+/// `(q, k, v)` views of [`conv_qkv`]'s output for `t` positions.
+pub fn split_qkv(out: &Tensor, dims: Dims, t: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let Dims { hv, dk, dv, .. } = dims;
     let q = out.narrow(0, 0, hv * t * dk)?.reshape((hv, t, dk))?;
     let k = out
@@ -54,19 +58,13 @@ pub fn conv_qkv(
     Ok((q, k, v))
 }
 
-/// `b`, `a`: `[T, Hv]`; `params`: `[2, Hv]` = (dt_bias, −exp(A_log)). Returns `(β, g)`, each `[Hv, T]`.
-pub fn beta_g(
-    b: &Tensor,
-    a: &Tensor,
-    params: &Tensor,
-    prec: Precision,
-) -> Result<(Tensor, Tensor)> {
-    let out = b.contiguous()?.apply_op3_no_bwd(
+/// `b`, `a`: `[T, Hv]`; `params`: `[2, Hv]` = (dt_bias, −exp(A_log)). Returns `[2, Hv, T]`: `β`, then `g`.
+pub fn beta_g(b: &Tensor, a: &Tensor, params: &Tensor, prec: Precision) -> Result<Tensor> {
+    b.contiguous()?.apply_op3_no_bwd(
         &a.contiguous()?,
         &params.contiguous()?,
         &BetaG { prec },
-    )?;
-    Ok((out.get(0)?, out.get(1)?))
+    )
 }
 
 fn silu(x: f32) -> f32 {
@@ -217,7 +215,7 @@ impl CustomOp3 for ConvQkv {
         let ints: [i32; 7] = [
             t as i32, kk as i32, c as i32, hk as i32, hv as i32, dk as i32, dv as i32,
         ];
-        let round = round_code(self.prec);
+        let round = super::precision::round_code(self.prec);
         let mut b = func.builder();
         b.arg(&hs);
         b.arg(&xs);
@@ -323,7 +321,7 @@ impl CustomOp3 for BetaG {
             shared_mem_bytes: 0,
         };
         let (t32, hv32) = (t as i32, hv as i32);
-        let round = round_code(self.prec);
+        let round = super::precision::round_code(self.prec);
         let mut bld = func.builder();
         bld.arg(&b);
         bld.arg(&a);
@@ -341,32 +339,10 @@ impl CustomOp3 for BetaG {
     }
 }
 
-/// 0: f32 (no rounding), 1: bf16, 2: f16.
-#[cfg(feature = "cuda")]
-fn round_code(p: Precision) -> i32 {
-    match p {
-        Precision::F32 => 0,
-        Precision::BF16 => 1,
-        Precision::F16 => 2,
-    }
-}
-
 // Explicit _rn intrinsics: no contraction into FMAs, so each product and sum rounds as on the host.
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-__device__ __forceinline__ float rnd(float x, int mode) {
-    if (mode == 1) {
-        unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
-        return __uint_as_float(((unsigned int)h) << 16);
-    }
-    if (mode == 2) {
-        float f; asm("{ .reg .f16 t; cvt.rn.f16.f32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "f"(x));
-        return f;
-    }
-    return x;
-}
-__device__ __forceinline__ float silu(float x) { return __fdiv_rn(x, __fadd_rn(1.0f, expf(-x))); }
-
+// (rnd and silu: `device::nvrtc_ptx_with_rounding`.)
 // Block (t, slot): slots 0..hk-1 are q heads, hk..2hk-1 k heads, 2hk.. v heads; thread = channel in head.
 extern "C" __global__ void qgate_gdn_conv_qkv(const float* hist, const float* x, const float* w, float* out,
                                               int t, int kk, int c, int hk, int hv, int dk, int dv, int mode) {
@@ -432,5 +408,5 @@ extern "C" __global__ void qgate_gdn_beta_g(const float* b, const float* a, cons
 fn ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
-    super::device::nvrtc_ptx(&PTX, KERNEL, "the GDN pre-processing kernels")
+    super::device::nvrtc_ptx_with_rounding(&PTX, KERNEL, "the GDN pre-processing kernels")
 }

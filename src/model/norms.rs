@@ -38,8 +38,12 @@ impl RmsNormZeroCentred {
     /// Normalise over the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.portable || !x.device().is_cpu() {
-            let normed = normalise(x, self.eps)?;
-            return Ok(self.prec.round(&normed.broadcast_mul(&self.scale_t)?)?);
+            return Ok(super::norm_ops::zero_centred(
+                x,
+                &self.scale_t,
+                self.eps,
+                self.prec,
+            )?);
         }
         let inv = inv_rms(x, self.eps)?;
         let (p, scale) = (self.prec, &self.scale);
@@ -54,8 +58,8 @@ impl RmsNormZeroCentred {
     }
 }
 
-/// `rsqrt(mean(x²) + eps)` of every row of `x` (over the last axis), computed by the same tensor ops as
-/// `normalise`, so `x · inv` is `normalise(x)` bit for bit.
+/// `rsqrt(mean(x²) + eps)` of every row of `x` (over the last axis): `1 / sqrt(Σx² / D + eps)`, the row
+/// sums candle's.
 pub fn inv_rms(x: &Tensor, eps: f64) -> Result<Vec<f32>> {
     // x² on our pool (`v * v`, as candle's sqr); the row sums stay candle's (same summation order).
     let d = x.dim(D::Minus1)?;
@@ -70,14 +74,7 @@ pub fn inv_rms(x: &Tensor, eps: f64) -> Result<Vec<f32>> {
     Ok((ms + eps)?.sqrt()?.recip()?.flatten_all()?.to_vec1()?)
 }
 
-/// `x · rsqrt(mean(x²) + eps)` over the last axis, in f32.
-pub fn normalise(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?)
-}
-
-/// GDN output norm: `n = R(normalise(o))`, `n = R(w · n)`, `y = R(n · silu_f32(z))` per value head.
+/// GDN output norm: `n = R(o · inv_rms(o))`, `n = R(w · n)`, `y = R(n · silu_f32(z))` per value head.
 pub struct GatedRmsNorm {
     weight: Vec<f32>, // plain scale (HF initialises it to 1)
     weight_t: Tensor, // the same on the weights' device, for the portable kernels
@@ -137,9 +134,7 @@ impl GatedRmsNorm {
     pub fn forward(&self, o: &Tensor, z: &Tensor) -> Result<Tensor> {
         let p = self.prec;
         if self.portable || !o.device().is_cpu() {
-            let n = p.round(&normalise(o, self.eps)?)?;
-            let n = p.round(&n.broadcast_mul(&self.weight_t)?)?;
-            return Ok(p.round(&(n * z.silu()?)?)?);
+            return Ok(super::norm_ops::gated(o, z, &self.weight_t, self.eps, p)?);
         }
         let inv = inv_rms(o, self.eps)?;
         let w = &self.weight;

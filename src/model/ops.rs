@@ -67,19 +67,19 @@ pub fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Re
 }
 
 /// `R(x + y)` (the residual adds).
-/// `portable` (or a tensor off the CPU): the same expression as tensor ops on the tensors' device.
+/// `portable` (or a tensor off the CPU): one op on the tensors' device (`pair_ops`).
 pub fn add_round(x: &Tensor, y: &Tensor, p: Precision, portable: bool) -> Result<Tensor> {
     if portable || !x.device().is_cpu() {
-        return Ok(p.round(&(x + y)?)?);
+        return Ok(super::pair_ops::add_round(x, y, p)?);
     }
     zip_map(x, y, |a, b| p.round_scalar(a + b))
 }
 
 /// SwiGLU's middle: `R(R(silu(g)) · u)`.
-/// `portable` (or a tensor off the CPU): the same expression as tensor ops on the tensors' device.
+/// `portable` (or a tensor off the CPU): one op on the tensors' device (`pair_ops`).
 pub fn silu_mul_round(g: &Tensor, u: &Tensor, p: Precision, portable: bool) -> Result<Tensor> {
     if portable || !g.device().is_cpu() {
-        return Ok(p.round(&(p.round(&g.silu()?)? * u)?)?);
+        return Ok(super::pair_ops::silu_mul_round(g, u, p)?);
     }
     zip_chunks(g, u, |g, u, o| {
         super::expf::silu_into(g, o);

@@ -255,3 +255,13 @@ mod tests {
         assert_eq!(r, old);
     }
 }
+
+#[cfg(feature = "cuda")]
+/// The rounding mode the CUDA kernels take (`rnd(x, mode)`): 0 f32 (none), 1 bf16, 2 f16.
+pub(crate) fn round_code(p: Precision) -> i32 {
+    match p {
+        Precision::F32 => 0,
+        Precision::BF16 => 1,
+        Precision::F16 => 2,
+    }
+}
