@@ -6,7 +6,7 @@
 //! two roundings as `eye·d − G`). Only this recurrence
 //! is sequential. As tensor ops it cost two launches per chunk (a batched GEMM over the heads and an add),
 //! 128 per layer at T = 4,096, each too small to fill the GPU. Here it is one kernel per layer: a block owns
-//! one head and 16 of its state's columns (columns of `S` never mix), keeps that `[Dk, 16]` slice in shared
+//! one head and 8 of its state's columns (columns of `S` never mix), keeps that `[Dk, 8]` slice in shared
 //! memory for the whole scan, and each thread accumulates its outputs over `k` in ascending order with
 //! fused multiply-adds. All f32, as HF's delta rule.
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -189,27 +189,27 @@ impl CustomOp3 for ChunkScan {
 
 /// Columns of the state per block, outputs per thread.
 #[cfg(feature = "cuda")]
-const COLS: usize = 16;
+const COLS: usize = 8;
 #[cfg(feature = "cuda")]
-const PER_THREAD: usize = 8;
+const PER_THREAD: usize = 4;
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// Block (head h, columns c0..c0+16 of the state; fewer at the right edge); thread: row r = tid / 2,
-// columns (tid % 2)·8 .. +8. The block's state slice stays in shared memory for the whole scan. Per chunk
+// Block (head h, columns c0..c0+8 of the state; fewer at the right edge); thread: row r = tid / 2,
+// columns (tid % 2)·4 .. +4. The block's state slice stays in shared memory for the whole scan. Per chunk
 // the thread walks its row of G (4 floats per load; the row stays in L1 across k) and accumulates over k
 // in ascending order; M[r][k] = (k == r ? d − G[r][k] : −G[r][k]), as eye·d − G. Dk, Dv multiples of 4.
 // (Staging M through shared memory in 32-column tiles measured 2.3× slower on an H200: BENCHMARKS.md.)
 extern "C" __global__ void qgate_chunk_scan(const float* gn, const float* d, const float* s0, float* out,
                                             int n, int h, int dk, int dv) {
-    __shared__ __align__(16) float S[128 * 16];
-    const int head = blockIdx.x, c0 = blockIdx.y * 16;
-    const int r = threadIdx.x >> 1, cc = (threadIdx.x & 1) * 8;
-    const int ncols = min(16, dv - c0);
+    __shared__ __align__(16) float S[128 * 8];
+    const int head = blockIdx.x, c0 = blockIdx.y * 8;
+    const int r = threadIdx.x >> 1, cc = (threadIdx.x & 1) * 4;
+    const int ncols = min(8, dv - c0);
     const long blk = (long)dk * dv, w = dv + dk;
     float* starts = out + (long)head * n * blk;
     float* fin = out + (long)n * h * blk + (long)head * blk;
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 4; ++j) {
         const int col = cc + j;
         float v = 0.0f;
         if (col < ncols) {
@@ -217,7 +217,7 @@ extern "C" __global__ void qgate_chunk_scan(const float* gn, const float* d, con
             if (n > 0) starts[(long)r * dv + c0 + col] = v;
             else fin[(long)r * dv + c0 + col] = v;
         }
-        S[r * 16 + col] = v;
+        S[r * 8 + col] = v;
     }
     __syncthreads();
     for (int i = 0; i < n; ++i) {
@@ -225,8 +225,7 @@ extern "C" __global__ void qgate_chunk_scan(const float* gn, const float* d, con
         const float* row = gn + (bi * dk + r) * w;  // [N[r][0..dv] | G[r][0..dk]]
         const float4* g4 = (const float4*)(row + dv);
         const float di = d[bi];
-        float acc[8];
-        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int k4 = 0; k4 < dk / 4; ++k4) {
             const float4 g = g4[k4];
             const float gs[4] = {g.x, g.y, g.z, g.w};
@@ -234,21 +233,18 @@ extern "C" __global__ void qgate_chunk_scan(const float* gn, const float* d, con
             for (int u = 0; u < 4; ++u) {
                 const int k = 4 * k4 + u;
                 const float a = k == r ? di - gs[u] : -gs[u];
-                const float4 lo = *(const float4*)(S + k * 16 + cc);
-                const float4 hi = *(const float4*)(S + k * 16 + cc + 4);
-                acc[0] = fmaf(a, lo.x, acc[0]); acc[1] = fmaf(a, lo.y, acc[1]);
-                acc[2] = fmaf(a, lo.z, acc[2]); acc[3] = fmaf(a, lo.w, acc[3]);
-                acc[4] = fmaf(a, hi.x, acc[4]); acc[5] = fmaf(a, hi.y, acc[5]);
-                acc[6] = fmaf(a, hi.z, acc[6]); acc[7] = fmaf(a, hi.w, acc[7]);
+                const float4 sv = *(const float4*)(S + k * 8 + cc);
+                acc[0] = fmaf(a, sv.x, acc[0]); acc[1] = fmaf(a, sv.y, acc[1]);
+                acc[2] = fmaf(a, sv.z, acc[2]); acc[3] = fmaf(a, sv.w, acc[3]);
             }
         }
         __syncthreads();
         float* dst = i + 1 < n ? starts + (long)(i + 1) * blk : fin;
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < 4; ++j) {
             const int col = cc + j;
             if (col < ncols) {
                 const float v = acc[j] + row[c0 + col];
-                S[r * 16 + col] = v;
+                S[r * 8 + col] = v;
                 dst[(long)r * dv + c0 + col] = v;
             }
         }
@@ -289,7 +285,14 @@ mod tests {
         let (starts, fin) = scan(&gn, &d, &s0).unwrap();
         let (starts2, fin2) = scan_tensor_ops(&gn, &d, &s0).unwrap();
         let max = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         assert!(max(&starts, &starts2) <= 1e-5 && max(&fin, &fin2) <= 1e-5);
         let eye = Tensor::eye(dk, candle_core::DType::F32, &dev).unwrap();
@@ -313,6 +316,15 @@ mod tests {
                 }
             }
         }
-        assert!(starts.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.1);
+        assert!(
+            starts
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.1
+        );
     }
 }

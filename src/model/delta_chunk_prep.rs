@@ -218,7 +218,8 @@ impl CustomOp2 for Prepare {
         let len = self.out_len();
         // SAFETY: every output element is written (padded positions as zeros).
         let out = unsafe { dev.alloc::<f32>(len)? };
-        let func = dev.get_or_load_custom_func("qgate_delta_prepare", "qgate_delta_prep", ptx()?)?;
+        let func =
+            dev.get_or_load_custom_func("qgate_delta_prepare", "qgate_delta_prep", ptx()?)?;
         let cfg = LaunchConfig {
             grid_dim: (self.dims.b() as u32, 1, 1),
             block_dim: (256, 1, 1),

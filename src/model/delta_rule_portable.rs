@@ -132,13 +132,23 @@ mod tests {
             let (o, s) = chunked(&qkv, &bg, Dims { h, t, dk, dv }, &s0).unwrap();
             assert_eq!(o.dims(), [h, t, dv]);
             let max = |a: &[f32], b: &[f32]| {
-                a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max)
             };
             let o = o.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let s = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(max(&o, &host) <= 1e-5, "T={t}: outputs differ by {}", max(&o, &host));
+            assert!(
+                max(&o, &host) <= 1e-5,
+                "T={t}: outputs differ by {}",
+                max(&o, &host)
+            );
             assert!(max(&s, &host_state) <= 1e-5, "T={t}: states differ");
-            assert!(o.iter().any(|x| x.abs() > 0.05), "degenerate test: outputs ~0");
+            assert!(
+                o.iter().any(|x| x.abs() > 0.05),
+                "degenerate test: outputs ~0"
+            );
         }
     }
 }

@@ -6,6 +6,7 @@
 //! MoE router's `[T, experts]` probabilities cross to the host once per layer, for torch's top-k
 //! tie-breaking. The portable kernels also run on the CPU (`portable_kernels`), which is how CI checks
 //! them against HF's own outputs without a GPU.
+use super::round_op::cast;
 use crate::error::{Error, Result};
 use candle_core::Device;
 
@@ -100,7 +101,8 @@ pub fn matmul_rounded(
 ) -> candle_core::Result<candle_core::Tensor> {
     match prec.half_dtype() {
         Some(dt) if !a.device().is_cpu() => {
-            matmul(&a.to_dtype(dt)?, &b.to_dtype(dt)?)?.to_dtype(candle_core::DType::F32)
+            let c = matmul(&cast(a, dt)?, &cast(b, dt)?)?;
+            cast(&c, candle_core::DType::F32)
         }
         _ if a.dtype() != b.dtype() => prec.round(&a.to_dtype(b.dtype())?.matmul(b)?),
         _ => prec.round(&a.matmul(b)?),
@@ -116,7 +118,7 @@ pub fn matmul_model_dtype(
     prec: super::precision::Precision,
 ) -> candle_core::Result<candle_core::Tensor> {
     match prec.half_dtype() {
-        Some(dt) if !a.device().is_cpu() => matmul(&a.to_dtype(dt)?, &b.to_dtype(dt)?),
+        Some(dt) if !a.device().is_cpu() => matmul(&cast(a, dt)?, &cast(b, dt)?),
         _ => prec.round(&a.matmul(b)?),
     }
 }
@@ -168,7 +170,9 @@ __device__ __forceinline__ float silu(float x) { return __fdiv_rn(x, __fadd_rn(1
 
 "#;
     if let Some(done) = cell.get() {
-        return done.as_deref().map_err(|e| candle_core::Error::Msg(e.clone()));
+        return done
+            .as_deref()
+            .map_err(|e| candle_core::Error::Msg(e.clone()));
     }
     nvrtc_ptx(cell, &format!("{HELPERS}{source}"), what)
 }

@@ -2,8 +2,8 @@
 //! mapping, L2 norm, β and g, the delta rule (chunked for sequences, recurrent for cached single steps),
 //! gated RMSNorm and out_proj.
 use super::config::TextConfig;
-use super::delta_rule::{self, DeltaInputs};
 use super::delta_chunk_prep;
+use super::delta_rule::{self, DeltaInputs};
 use super::delta_rule_portable;
 use super::device::standard_layout;
 use super::gdn_prep;

@@ -60,11 +60,8 @@ pub fn split_qkv(out: &Tensor, dims: Dims, t: usize) -> Result<(Tensor, Tensor, 
 
 /// `b`, `a`: `[T, Hv]`; `params`: `[2, Hv]` = (dt_bias, −exp(A_log)). Returns `[2, Hv, T]`: `β`, then `g`.
 pub fn beta_g(b: &Tensor, a: &Tensor, params: &Tensor, prec: Precision) -> Result<Tensor> {
-    b.contiguous()?.apply_op3_no_bwd(
-        &a.contiguous()?,
-        &params.contiguous()?,
-        &BetaG { prec },
-    )
+    b.contiguous()?
+        .apply_op3_no_bwd(&a.contiguous()?, &params.contiguous()?, &BetaG { prec })
 }
 
 fn silu(x: f32) -> f32 {

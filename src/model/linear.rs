@@ -6,6 +6,7 @@ use super::bf16_gemm::PackedBf16;
 use super::cpu;
 use super::f32_gemm::PackedF32;
 use super::precision::{with_f32_slice, Precision};
+use super::round_op::cast;
 use crate::error::Result;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
@@ -93,8 +94,8 @@ pub fn linear(x: &Tensor, w: &LinearWeight, prec: Precision) -> Result<Tensor> {
         LinearWeight::F32(w) => Ok(prec.round(&x.matmul(&w.t()?)?)?),
         LinearWeight::Half(w) => {
             // x holds model-dtype values (rounded upstream), so the cast is exact.
-            let y = x.to_dtype(w.dtype())?.matmul(&w.t()?)?;
-            Ok(y.to_dtype(candle_core::DType::F32)?)
+            let y = cast(x, w.dtype())?.matmul(&w.t()?)?;
+            Ok(cast(&y, candle_core::DType::F32)?)
         }
         LinearWeight::Bf16(p) => {
             let (m, _) = x.dims2()?;

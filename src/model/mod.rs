@@ -20,8 +20,8 @@ pub mod mlp;
 pub mod moe;
 pub mod norm_ops;
 pub mod norms;
-pub mod pair_ops;
 pub mod ops;
+pub mod pair_ops;
 pub mod precision;
 pub mod rope;
 pub mod round_op;
@@ -323,7 +323,7 @@ impl Model {
         let mut check = FiniteCheck::new(self.portable, &report);
         let hidden = self.hidden_states_checked(tokens, cache, None, &mut check)?;
         let logits = match &self.head {
-            linear::LinearWeight::Half(w) => hidden.to_dtype(w.dtype())?.matmul(&w.t()?)?,
+            linear::LinearWeight::Half(w) => round_op::cast(&hidden, w.dtype())?.matmul(&w.t()?)?,
             _ => self.logits(&hidden)?,
         };
         check.check(Stage::Head, &logits)?;

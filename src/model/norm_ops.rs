@@ -16,7 +16,10 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 pub fn zero_centred(x: &Tensor, scale: &Tensor, eps: f64, prec: Precision) -> Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(
         &scale.contiguous()?,
-        &ZeroCentred(Norm { eps: eps as f32, prec }),
+        &ZeroCentred(Norm {
+            eps: eps as f32,
+            prec,
+        }),
     )
 }
 
@@ -25,7 +28,10 @@ pub fn gated(x: &Tensor, z: &Tensor, w: &Tensor, eps: f64, prec: Precision) -> R
     x.contiguous()?.apply_op3_no_bwd(
         &z.contiguous()?,
         &w.contiguous()?,
-        &Gated(Norm { eps: eps as f32, prec }),
+        &Gated(Norm {
+            eps: eps as f32,
+            prec,
+        }),
     )
 }
 
@@ -159,7 +165,10 @@ impl CustomOp2 for ZeroCentred {
         };
         let x = &x[l1.start_offset()..l1.start_offset() + rows * d];
         let s = &s[l2.start_offset()..l2.start_offset() + d];
-        Ok((CpuStorage::F32(self.0.cpu(x, None, s, rows)), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.0.cpu(x, None, s, rows)),
+            l1.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -197,7 +206,10 @@ impl CustomOp3 for Gated {
         let x = &x[l1.start_offset()..l1.start_offset() + rows * d];
         let z = &z[l2.start_offset()..l2.start_offset() + rows * d];
         let w = &w[l3.start_offset()..l3.start_offset() + d];
-        Ok((CpuStorage::F32(self.0.cpu(x, Some(z), w, rows)), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.0.cpu(x, Some(z), w, rows)),
+            l1.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -293,13 +305,33 @@ mod tests {
             let got_zc = zero_centred(&x, &w, eps, prec).unwrap();
             let got_g = gated(&x, &z, &w, eps, prec).unwrap();
             let max = |a: &Tensor, b: &Tensor| -> f32 {
-                (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
             };
             // Within one model-dtype ulp of values below 8 (a sum order may move a rounding).
             let tol = if prec == Precision::F32 { 1e-5 } else { 0.04 };
-            assert!(max(&got_zc, &want_zc) <= tol, "{}: zero-centred", prec.name());
+            assert!(
+                max(&got_zc, &want_zc) <= tol,
+                "{}: zero-centred",
+                prec.name()
+            );
             assert!(max(&got_g, &want_g) <= tol, "{}: gated", prec.name());
-            assert!(want_g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.5);
+            assert!(
+                want_g
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.5
+            );
         }
     }
 }

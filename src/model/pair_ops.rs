@@ -72,7 +72,11 @@ impl CustomOp2 for PairOp {
         let y = &y[l2.start_offset()..l2.start_offset() + n];
         let p = self.prec;
         let out = match self.kind {
-            Kind::Add => x.iter().zip(y).map(|(a, b)| p.round_scalar(a + b)).collect(),
+            Kind::Add => x
+                .iter()
+                .zip(y)
+                .map(|(a, b)| p.round_scalar(a + b))
+                .collect(),
             Kind::SiluMul => x
                 .iter()
                 .zip(y)
@@ -175,7 +179,11 @@ mod tests {
                     got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                     want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 );
-                assert!(g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()), "{}", p.name());
+                assert!(
+                    g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{}",
+                    p.name()
+                );
             }
         }
     }
