@@ -9,9 +9,11 @@ OUT=${OUT:-/tmp/qgate-gpu-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"check bench"}
 Q=/tmp/qgate-gpu; mkdir -p $Q
 gunzip -c .gpu/qgate.gz > $Q/qgate && gunzip -c .gpu/bench_oracle.gz > $Q/bench_oracle && chmod +x $Q/qgate $Q/bench_oracle
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+# transformers alone on the path: fla (if carried) goes into its own folder below, for the second peer only.
+# (Until 2026-11-30 every carried wheel went into /tmp/site, so the "eager" peer had fla's GDN kernels too.)
+if ls .whl/transformers-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-tf .whl/transformers-*.whl \
+    && export PYTHONPATH=/tmp/site-tf
 fi
 source "$(dirname "$0")/cuda_libs.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -59,7 +61,7 @@ with_gpu_peak() {
 }
 
 if [[ " $STEPS " == *" bench "* ]]; then
-  echo "== benchmark: 0.8B shapes, teacher-forced forward; qgate, transformers eager (torch GDN fallback) and"
+  echo "== benchmark: 0.8B shapes, teacher-forced forward; qgate, transformers eager (torch GDN fallback: fla not importable) and"
   echo "   transformers + flash-linear-attention + sdpa, same GPU, same call; warm-up at full length, median of REPS"
   [ -d /tmp/bench-0.8b ] || python3 bench/make_bench_model.py /tmp/bench-0.8b >/dev/null
   # fla into its own folder: on PYTHONPATH only for the second peer.
@@ -89,7 +91,7 @@ except Exception as e:
 qp, hp, fp = sys.argv[5:8]
 fr = f"{q['tokens_per_s']/f['tokens_per_s']:.2f}x" if f.get("tokens_per_s") else "n/a"
 ft = f"{f['tokens_per_s']:.0f}" if f.get("tokens_per_s") else "n/a"
-print(f"ROW {q['dtype']} T={q['T']}: qgate {q['tokens_per_s']:.0f} tok/s | eager {h['tokens_per_s']:.0f} ({q['tokens_per_s']/h['tokens_per_s']:.2f}x) "
+print(f"ROW {q['dtype']} T={q['T']}: qgate {q['tokens_per_s']:.0f} tok/s | eager (fla importable: {h.get('fla')}) {h['tokens_per_s']:.0f} ({q['tokens_per_s']/h['tokens_per_s']:.2f}x) "
       f"| fla+sdpa {ft} ({fr}) | GPU peak MiB qgate {qp} eager {hp} fla {fp} | roofline {r['roofline_tok_s']:.0f} tok/s "
       f"(weights {r['t_weights_ms']:.2f} ms, FLOPs {r['t_flops_ms']:.2f} ms; {r['tflop']:.2f} TFLOP): qgate at {q['tokens_per_s']/r['roofline_tok_s']:.1%}")
 PY
