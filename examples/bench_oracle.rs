@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     dev.synchronize()?;
     let body_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
-    drop(model.logits(&hidden)?);
+    drop(model.logits_native(&hidden)?); // the oracle's head (as `forward_native`), not an f32 copy
     dev.synchronize()?;
     let head_s = t0.elapsed().as_secs_f64();
     let secs = times[times.len() / 2];

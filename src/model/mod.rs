@@ -322,10 +322,7 @@ impl Model {
         let report = |stage| self.nonfinite(stage);
         let mut check = FiniteCheck::new(self.portable, &report);
         let hidden = self.hidden_states_checked(tokens, cache, None, &mut check)?;
-        let logits = match &self.head {
-            linear::LinearWeight::Half(w) => round_op::cast(&hidden, w.dtype())?.matmul(&w.t()?)?,
-            _ => self.logits(&hidden)?,
-        };
+        let logits = self.logits_native(&hidden)?;
         check.check(Stage::Head, &logits)?;
         check.finish()?;
         Ok(logits)
@@ -544,6 +541,17 @@ impl Model {
     /// The head: `R(x · Wᵀ)` over the whole vocabulary.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         linear(hidden, &self.head, self.prec)
+    }
+
+    /// `logits` in the dtype the head's product writes them (`forward_native`'s head): the model dtype on
+    /// a GPU in bf16/f16, else f32.
+    pub fn logits_native(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            linear::LinearWeight::Half(w) => {
+                Ok(round_op::cast(hidden, w.dtype())?.matmul(&w.t()?)?)
+            }
+            _ => self.logits(hidden),
+        }
     }
 }
 
