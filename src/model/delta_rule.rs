@@ -493,64 +493,17 @@ pub fn recurrent(x: &DeltaInputs, state: &mut [f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn l2(v: &mut [f32], d: usize) {
-        for r in v.chunks_exact_mut(d) {
-            let x = r.to_vec();
-            crate::model::gated_deltanet::l2_normalise_into(&x, r);
-        }
-    }
+    use crate::model::test_util::{max_diff, DeltaCase};
 
     #[test]
     fn chunked_and_recurrent_agree_across_chunk_boundaries_and_carry_state() {
-        let (h, t, dk, dv) = (3, 150, 16, 24);
-        let mut q = noise(h * t * dk, 1);
-        let mut k = noise(h * t * dk, 2);
-        l2(&mut q, dk);
-        l2(&mut k, dk);
-        let v = noise(h * t * dv, 3);
-        let beta: Vec<f32> = noise(h * t, 4).iter().map(|x| 0.5 + 0.5 * x).collect();
-        let g: Vec<f32> = noise(h * t, 5).iter().map(|x| -0.3 * (x + 1.0)).collect();
-        let x = DeltaInputs {
-            heads: h,
-            t,
-            dk,
-            dv,
-            q: &q,
-            k: &k,
-            v: &v,
-            beta: &beta,
-            g: &g,
-        };
-        let init = noise(h * dk * dv, 6);
-        let (mut s1, mut s2) = (init.clone(), init);
+        let case = DeltaCase::random(3, 150, 16, 24);
+        let x = case.inputs();
+        let (mut s1, mut s2) = (case.state.clone(), case.state.clone());
         let a = chunked(&x, &mut s1);
         let b = recurrent(&x, &mut s2);
-        let max_o = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let max_s = s1
-            .iter()
-            .zip(&s2)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let max_o = max_diff(&a, &b);
+        let max_s = max_diff(&s1, &s2);
         assert!(max_o <= 1e-4, "outputs differ by {max_o}");
         assert!(max_s <= 1e-4, "final states differ by {max_s}");
         assert!(

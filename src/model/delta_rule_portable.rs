@@ -76,20 +76,9 @@ pub fn recurrent(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::delta_rule::{self, DeltaInputs};
+    use crate::model::delta_rule;
+    use crate::model::test_util::{max_diff_t, DeltaCase};
     use candle_core::Device;
-
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// The op pipeline against the host kernel (HF's algorithm written out in loops), over lengths that
     /// end inside a chunk, on one chunk, and on a chunk boundary, from a non-zero state.
@@ -97,54 +86,22 @@ mod tests {
     fn chunked_ops_match_the_host_kernel() {
         let (h, dk, dv) = (3, 16, 24);
         for t in [150, 64, 5] {
-            let l2 = |v: &mut Vec<f32>| {
-                for r in v.chunks_exact_mut(dk) {
-                    let x = r.to_vec();
-                    crate::model::gated_deltanet::l2_normalise_into(&x, r);
-                }
-            };
-            let (mut q, mut k) = (noise(h * t * dk, 1), noise(h * t * dk, 2));
-            l2(&mut q);
-            l2(&mut k);
-            let v = noise(h * t * dv, 3);
-            let beta: Vec<f32> = noise(h * t, 4).iter().map(|x| 0.5 + 0.5 * x).collect();
-            let g: Vec<f32> = noise(h * t, 5).iter().map(|x| -0.3 * (x + 1.0)).collect();
-            let init = noise(h * dk * dv, 6);
-            let mut host_state = init.clone();
-            let host = delta_rule::chunked(
-                &DeltaInputs {
-                    heads: h,
-                    t,
-                    dk,
-                    dv,
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    beta: &beta,
-                    g: &g,
-                },
-                &mut host_state,
-            );
+            let case = DeltaCase::random(h, t, dk, dv);
+            let mut host_state = case.state.clone();
+            let host = delta_rule::chunked(&case.inputs(), &mut host_state);
             let dev = Device::Cpu;
-            let qkv = Tensor::from_vec([q, k, v].concat(), h * t * (2 * dk + dv), &dev).unwrap();
-            let bg = Tensor::from_vec([beta, g].concat(), (2, h, t), &dev).unwrap();
-            let s0 = Tensor::from_vec(init, (h, dk, dv), &dev).unwrap();
-            let (o, s) = chunked(&qkv, &bg, Dims { h, t, dk, dv }, &s0).unwrap();
+            let qkv = [case.q.as_slice(), &case.k, &case.v].concat();
+            let qkv = Tensor::from_vec(qkv, h * t * (2 * dk + dv), &dev).unwrap();
+            let bg = Tensor::from_vec([case.beta.as_slice(), &case.g].concat(), (2, h, t), &dev);
+            let s0 = Tensor::from_vec(case.state.clone(), (h, dk, dv), &dev).unwrap();
+            let (o, s) = chunked(&qkv, &bg.unwrap(), Dims { h, t, dk, dv }, &s0).unwrap();
             assert_eq!(o.dims(), [h, t, dv]);
-            let max = |a: &[f32], b: &[f32]| {
-                a.iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max)
-            };
+            let host_o = Tensor::from_vec(host, (h, t, dv), &dev).unwrap();
+            let host_s = Tensor::from_vec(host_state, (h, dk, dv), &dev).unwrap();
+            let (dlt_o, dlt_s) = (max_diff_t(&o, &host_o), max_diff_t(&s, &host_s));
+            assert!(dlt_o <= 1e-5, "T={t}: outputs differ by {dlt_o}");
+            assert!(dlt_s <= 1e-5, "T={t}: states differ by {dlt_s}");
             let o = o.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let s = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(
-                max(&o, &host) <= 1e-5,
-                "T={t}: outputs differ by {}",
-                max(&o, &host)
-            );
-            assert!(max(&s, &host_state) <= 1e-5, "T={t}: states differ");
             assert!(
                 o.iter().any(|x| x.abs() > 0.05),
                 "degenerate test: outputs ~0"

@@ -27,6 +27,8 @@ pub mod rope;
 pub mod round_op;
 pub mod solve_tril;
 pub mod streaming;
+#[cfg(test)]
+mod test_util;
 pub mod torch_topk;
 pub mod weights;
 

@@ -153,17 +153,14 @@ fn ptx() -> Result<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::noise;
     use candle_core::Device;
 
     /// Both ops against the tensor-op expressions on the CPU, bit for bit, in f32 and bf16.
     #[test]
     fn pair_ops_are_the_expressions() {
         let dev = Device::Cpu;
-        let f = |seed: u32| -> Vec<f32> {
-            (0..999u32)
-                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 4001) as f32 / 400.0 - 5.0)
-                .collect()
-        };
+        let f = |seed| -> Vec<f32> { noise(999, seed).iter().map(|x| 5.0 * x).collect() };
         let x = Tensor::from_vec(f(1), (27, 37), &dev).unwrap();
         let y = Tensor::from_vec(f(2), (27, 37), &dev).unwrap();
         for p in [Precision::F32, Precision::BF16, Precision::F16] {

@@ -181,6 +181,16 @@ pub(crate) unsafe fn round_bf16_x16(v: std::arch::x86_64::__m512) -> std::arch::
     _mm512_castsi512_ps(_mm512_mask_blend_epi32(nan, rounded, quiet))
 }
 
+#[cfg(feature = "cuda")]
+/// The rounding mode the CUDA kernels take (`rnd(x, mode)`): 0 f32 (none), 1 bf16, 2 f16.
+pub(crate) fn round_code(p: Precision) -> i32 {
+    match p {
+        Precision::F32 => 0,
+        Precision::BF16 => 1,
+        Precision::F16 => 2,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,15 +263,5 @@ mod tests {
             .map(|x| x.to_bits())
             .collect();
         assert_eq!(r, old);
-    }
-}
-
-#[cfg(feature = "cuda")]
-/// The rounding mode the CUDA kernels take (`rnd(x, mode)`): 0 f32 (none), 1 bf16, 2 f16.
-pub(crate) fn round_code(p: Precision) -> i32 {
-    match p {
-        Precision::F32 => 0,
-        Precision::BF16 => 1,
-        Precision::F16 => 2,
     }
 }
