@@ -155,9 +155,9 @@ impl CustomOp3 for ChunkScan {
             candle_core::bail!("chunk_scan: the GPU kernel needs Dk ≤ {MAX_DK}, got {dk}");
         }
         let dev = s1.device().clone();
-        let gn = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let d = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-        let s0 = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let gn = super::device::cuda_f32(s1, l1)?;
+        let d = super::device::cuda_f32(s2, l2)?;
+        let s0 = super::device::cuda_f32(s3, l3)?;
         let len = (n + 1) * h * dk * dv;
         // SAFETY: the kernel writes all N·H chunk-start states (entry 0 copied from s0) and H final ones.
         let out = unsafe { dev.alloc::<f32>(len)? };

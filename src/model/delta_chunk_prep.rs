@@ -213,8 +213,8 @@ impl CustomOp2 for Prepare {
         self.check(l1, l2)?;
         let Dims { h, t, dk, dv } = self.dims;
         let dev = s1.device().clone();
-        let qkv = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let bg = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let qkv = super::device::cuda_f32(s1, l1)?;
+        let bg = super::device::cuda_f32(s2, l2)?;
         let len = self.out_len();
         // SAFETY: every output element is written (padded positions as zeros).
         let out = unsafe { dev.alloc::<f32>(len)? };
@@ -307,8 +307,8 @@ impl CustomOp2 for DecayMask {
         use candle_core::cuda_backend::WrapErr;
         let b = mask_dims(l1, l2)?;
         let dev = s1.device().clone();
-        let p = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let cum = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let p = super::device::cuda_f32(s1, l1)?;
+        let cum = super::device::cuda_f32(s2, l2)?;
         // SAFETY: every output element is written (zeros above the diagonal).
         let out = unsafe { dev.alloc::<f32>(2 * b * C * C)? };
         let func = dev.get_or_load_custom_func("qgate_delta_mask", "qgate_delta_prep", ptx()?)?;

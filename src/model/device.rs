@@ -177,6 +177,26 @@ __device__ __forceinline__ float silu(float x) { return __fdiv_rn(x, __fadd_rn(1
     nvrtc_ptx(cell, &format!("{HELPERS}{source}"), what)
 }
 
+/// The f32 data a custom op's CUDA kernel reads: `s` from the layout's start offset.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_f32<'a>(
+    s: &'a candle_core::CudaStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
+    Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
+}
+
+/// Launch shape of the grid-stride element-wise kernels over `n` elements: 256 threads a block, one
+/// element per thread up to 262,140 blocks.
+#[cfg(feature = "cuda")]
+pub(crate) fn grid_stride(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65535 * 4) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A short name for reports and capture metadata: `cpu` or `cuda:N`.
 pub fn device_name(dev: &Device) -> String {
     match dev.location() {

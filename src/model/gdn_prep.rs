@@ -196,9 +196,9 @@ impl CustomOp3 for ConvQkv {
             candle_core::bail!("conv_qkv: head dims above 1024 are not supported on the GPU");
         }
         let dev = s1.device().clone();
-        let hs = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let xs = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-        let ws = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let hs = super::device::cuda_f32(s1, l1)?;
+        let xs = super::device::cuda_f32(s2, l2)?;
+        let ws = super::device::cuda_f32(s3, l3)?;
         let n = hv * t * (2 * dk + dv);
         // SAFETY: every output element is written (each (t, head slot) block writes its rows).
         let out = unsafe { dev.alloc::<f32>(n)? };
@@ -305,9 +305,9 @@ impl CustomOp3 for BetaG {
             candle_core::bail!("beta_g: expected [T, Hv], [T, Hv], [2, Hv]");
         }
         let dev = s1.device().clone();
-        let b = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let a = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-        let pr = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let b = super::device::cuda_f32(s1, l1)?;
+        let a = super::device::cuda_f32(s2, l2)?;
+        let pr = super::device::cuda_f32(s3, l3)?;
         let n = t * hv;
         // SAFETY: every one of the 2·n outputs is written.
         let out = unsafe { dev.alloc::<f32>(2 * n)? };

@@ -107,12 +107,12 @@ impl Norm {
         use candle_core::cuda_backend::WrapErr;
         let (rows, d) = self.rows(x.1, z.map(|z| z.1), w.1)?;
         let dev = x.0.device().clone();
-        let xs = x.0.as_cuda_slice::<f32>()?.slice(x.1.start_offset()..);
-        let ws = w.0.as_cuda_slice::<f32>()?.slice(w.1.start_offset()..);
+        let xs = super::device::cuda_f32(x.0, x.1)?;
+        let ws = super::device::cuda_f32(w.0, w.1)?;
         // The ungated kernel reads `z` never; it gets `x` in that slot.
         let zs = match z {
-            Some((s, l)) => s.as_cuda_slice::<f32>()?.slice(l.start_offset()..),
-            None => x.0.as_cuda_slice::<f32>()?.slice(x.1.start_offset()..),
+            Some((s, l)) => super::device::cuda_f32(s, l)?,
+            None => super::device::cuda_f32(x.0, x.1)?,
         };
         // SAFETY: every one of the rows·d outputs is written.
         let out = unsafe { dev.alloc::<f32>(rows * d)? };

@@ -95,20 +95,16 @@ impl CustomOp2 for PairOp {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         let n = self.len(l1, l2)?;
         let dev = s1.device().clone();
-        let x = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let y = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let x = super::device::cuda_f32(s1, l1)?;
+        let y = super::device::cuda_f32(s2, l2)?;
         // SAFETY: every one of the n outputs is written.
         let out = unsafe { dev.alloc::<f32>(n)? };
         let func = dev.get_or_load_custom_func("qgate_pair_op", "qgate_pair_ops", ptx()?)?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 65535 * 4) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = super::device::grid_stride(n);
         let n64 = n as u64;
         let ints = [
             (self.kind == Kind::SiluMul) as i32,

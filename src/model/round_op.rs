@@ -39,16 +39,12 @@ impl CustomOp1 for CastOp {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         use half::{bf16, f16};
         let n = l.shape().elem_count();
         let dev = s.device().clone();
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 65535 * 4) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = super::device::grid_stride(n);
         let n64 = n as u64;
         let o = l.start_offset();
         macro_rules! launch {
@@ -108,7 +104,7 @@ impl CustomOp1 for RoundOp {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         let n = l.shape().elem_count();
         let dev = s.device().clone();
@@ -118,14 +114,10 @@ impl CustomOp1 for RoundOp {
             Precision::F32 => candle_core::bail!("round_on_device: nothing to round in f32"),
         };
         let func = dev.get_or_load_custom_func(name, "qgate_round", ptx()?)?;
-        let x = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
+        let x = super::device::cuda_f32(s, l)?;
         // SAFETY: every one of the n outputs is written.
         let y = unsafe { dev.alloc::<f32>(n)? };
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 65535 * 4) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = super::device::grid_stride(n);
         let n64 = n as u64;
         let mut b = func.builder();
         b.arg(&x);

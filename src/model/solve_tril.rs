@@ -83,8 +83,8 @@ impl CustomOp2 for SolveUnitLower {
         use candle_core::cuda_backend::WrapErr;
         let (batch, c, w) = dims(l1, l2)?;
         let dev = s1.device().clone();
-        let a = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let b = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let a = super::device::cuda_f32(s1, l1)?;
+        let b = super::device::cuda_f32(s2, l2)?;
         // SAFETY: every element is written by the kernel before it is read.
         let x = unsafe { dev.alloc::<f32>(batch * c * w)? };
         let func =
