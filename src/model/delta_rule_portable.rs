@@ -27,11 +27,12 @@ pub fn chunked(qkv: &Tensor, bg: &Tensor, dims: Dims, state: &Tensor) -> Result<
 
     // The scan over chunks carries only the state: S_{i+1} = S_i·d_i + K̃_iᵀ (V_i − W_i S_i)
     //   = (d_i·I − K̃_iᵀ W_i) S_i + K̃_iᵀ V_i = M_i S_i + N_i,
-    // with K̃ = k·exp(γ_last − γ), V = new_values, W = k_cumdecay; [N | G] = K̃ᵀ [V | W] for every chunk
-    // at once (one GEMM), so only the recurrence is sequential (one op, `chunk_scan`). The outputs then
-    // come from the chunk-start states exactly as HF writes them: O_i = Q̃_i S_i + A_i (V_i − W_i S_i).
-    let gn = matmul(&p.k_to_end.transpose(1, 2)?, &solved)?; // [B, Dk, Dv + Dk]
-    let (starts, s) = super::chunk_scan::scan(&gn, &p.chunk_decay, state)?;
+    // with K̃ = k·exp(γ_last − γ), V = new_values, W = k_cumdecay; [Nᵀ; Gᵀ] = [V | W]ᵀ K̃ for every
+    // chunk at once (one GEMM; transposed, so the scan reads a column of G as contiguous memory), so only
+    // the recurrence is sequential (one op, `chunk_scan`). The outputs then come from the chunk-start
+    // states exactly as HF writes them: O_i = Q̃_i S_i + A_i (V_i − W_i S_i).
+    let gnt = matmul(&solved.transpose(1, 2)?, &p.k_to_end)?; // [B, Dv + Dk, Dk]
+    let (starts, s) = super::chunk_scan::scan(&gnt, &p.chunk_decay, state)?;
     let new_values = solved.narrow(2, 0, dv)?.contiguous()?;
     let k_cumdecay = solved.narrow(2, dv, dk)?.contiguous()?;
     let v_new = (new_values - matmul(&k_cumdecay, &starts)?)?;

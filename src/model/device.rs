@@ -146,8 +146,9 @@ pub(crate) fn nvrtc_ptx(
 }
 
 /// [`nvrtc_ptx`] of `source` after the device functions the rounding kernels share: `rnd(x, mode)` (`R`:
-/// mode 0 f32, 1 bf16, 2 f16, as [`super::precision::round_code`]) and `silu(x) = x / (1 + exp(−x))`
-/// rounded as on the host.
+/// mode 0 f32, 1 bf16, 2 f16, as [`super::precision::round_code`]), `silu(x) = x / (1 + exp(−x))`
+/// rounded as on the host, and `ld(p, i, dt)` / `st(p, i, v, dt)` for activations stored in any of the
+/// three dtypes ([`super::act_io`]).
 #[cfg(feature = "cuda")]
 pub(crate) fn nvrtc_ptx_with_rounding(
     cell: &'static std::sync::OnceLock<std::result::Result<String, String>>,
@@ -167,6 +168,27 @@ __device__ __forceinline__ float rnd(float x, int mode) {
     return x;
 }
 __device__ __forceinline__ float silu(float x) { return __fdiv_rn(x, __fadd_rn(1.0f, expf(-x))); }
+// Activations of any storage dtype (`act_io`: 0 f32, 1 bf16, 2 f16), read as f32 (exact) and stored
+// rounded to nearest (exact for values the kernel already rounded to that dtype).
+__device__ __forceinline__ float ld(const void* p, long i, int dt) {
+    if (dt == 1) return __uint_as_float(((unsigned int)((const unsigned short*)p)[i]) << 16);
+    if (dt == 2) {
+        float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(((const unsigned short*)p)[i]));
+        return f;
+    }
+    return ((const float*)p)[i];
+}
+__device__ __forceinline__ void st(void* p, long i, float v, int dt) {
+    if (dt == 1) {
+        unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        ((unsigned short*)p)[i] = h;
+    } else if (dt == 2) {
+        unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        ((unsigned short*)p)[i] = h;
+    } else {
+        ((float*)p)[i] = v;
+    }
+}
 
 "#;
     if let Some(done) = cell.get() {

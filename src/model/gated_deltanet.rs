@@ -5,9 +5,8 @@ use super::config::TextConfig;
 use super::delta_chunk_prep;
 use super::delta_rule::{self, DeltaInputs};
 use super::delta_rule_portable;
-use super::device::standard_layout;
 use super::gdn_prep;
-use super::mlp::{linear, LinearWeight};
+use super::mlp::{linear, linear_to, LinearWeight};
 use super::norms::GatedRmsNorm;
 use super::precision::{with_f32_slice, Precision};
 use super::weights::WeightStore;
@@ -302,8 +301,10 @@ impl GatedDeltaNet {
         let (t, _) = h.dims2()?;
         let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
         let c = 2 * hk * dk + hv * dv;
-        let qkv = linear(h, &self.in_proj_qkv, p)?;
-        let z = linear(h, &self.in_proj_z, p)?;
+        // Products' outputs stored in the model dtype where our kernels read them (`act_io`).
+        let io = super::act_io::storage_dtype(p, true);
+        let qkv = linear_to(h, &self.in_proj_qkv, p, io)?;
+        let z = linear_to(h, &self.in_proj_z, p, io)?;
         let b = linear(h, &self.in_proj_b, p)?;
         let a = linear(h, &self.in_proj_a, p)?;
 
@@ -312,7 +313,7 @@ impl GatedDeltaNet {
         let hist = kk - 1;
         let history = match conv_history.take() {
             Some(x) => x,
-            None => Tensor::zeros((hist, c), candle_core::DType::F32, dev)?,
+            None => Tensor::zeros((hist, c), qkv.dtype(), dev)?,
         };
         let dims = gdn_prep::Dims { hk, hv, dk, dv };
         let conv = gdn_prep::conv_qkv(&history, &qkv, &pg.conv_weight_t, dims, p)?;
@@ -340,10 +341,11 @@ impl GatedDeltaNet {
         };
         *state = Some(new_state);
         *seen += t;
-        let o = standard_layout(&p.round(&o)?.transpose(0, 1)?)?; // [T, Hv, Dv]
+        // R(o), heads first → [T, Hv, Dv], the gated norm: one op.
         let z = z.reshape((t, hv, dv))?;
-        let y = self.norm.forward(&o, &z)?.reshape((t, hv * dv))?;
-        linear(&y, &self.out_proj, p)
+        let y = self.norm.forward_heads_first(&o, &z, io)?;
+        let y = y.reshape((t, hv * dv))?;
+        linear_to(&y, &self.out_proj, p, io)
     }
 }
 

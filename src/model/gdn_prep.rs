@@ -9,7 +9,8 @@
 //!   softplus, threshold 20, `log1p` computed accurately), both `[Hv, T]` f32.
 //!
 //! On the CPU the ops compute exactly what the tensor ops computed (same operations in the same order);
-//! on the GPU only the order of the L2 norm's sum of squares differs (a block reduction).
+//! on the GPU only the order of the L2 norm's sum of squares differs (a block reduction). The conv's
+//! input (`qkv` and its history) may be stored as f32, bf16 or f16 (`act_io`).
 use super::precision::Precision;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -111,11 +112,11 @@ impl CustomOp3 for ConvQkv {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (t, kk, c) = self.shapes(l1, l2, l3)?;
-        let (CpuStorage::F32(hs), CpuStorage::F32(xs), CpuStorage::F32(ws)) = (s1, s2, s3) else {
-            candle_core::bail!("conv_qkv: f32 only");
+        let CpuStorage::F32(ws) = s3 else {
+            candle_core::bail!("conv_qkv: f32 weights expected");
         };
-        let hs = &hs[l1.start_offset()..];
-        let xs = &xs[l2.start_offset()..];
+        let hs = super::act_io::f32_of(s1, l1, (kk - 1) * c, "conv_qkv")?;
+        let xs = super::act_io::f32_of(s2, l2, t * c, "conv_qkv")?;
         let ws = &ws[l3.start_offset()..];
         let p = self.prec;
         let hist = kk - 1;
@@ -196,8 +197,8 @@ impl CustomOp3 for ConvQkv {
             candle_core::bail!("conv_qkv: head dims above 1024 are not supported on the GPU");
         }
         let dev = s1.device().clone();
-        let hs = super::device::cuda_f32(s1, l1)?;
-        let xs = super::device::cuda_f32(s2, l2)?;
+        let hs = super::act_io::view(s1, l1)?;
+        let xs = super::act_io::view(s2, l2)?;
         let ws = super::device::cuda_f32(s3, l3)?;
         let n = hv * t * (2 * dk + dv);
         // SAFETY: every output element is written (each (t, head slot) block writes its rows).
@@ -212,17 +213,21 @@ impl CustomOp3 for ConvQkv {
         let ints: [i32; 7] = [
             t as i32, kk as i32, c as i32, hk as i32, hv as i32, dk as i32, dv as i32,
         ];
-        let round = super::precision::round_code(self.prec);
+        let codes = [
+            super::precision::round_code(self.prec),
+            hs.code(),
+            xs.code(),
+        ];
         let mut b = func.builder();
-        b.arg(&hs);
-        b.arg(&xs);
+        hs.push(&mut b);
+        xs.push(&mut b);
         b.arg(&ws);
         b.arg(&out);
-        for i in &ints {
+        for i in ints.iter().chain(&codes) {
             b.arg(i);
         }
-        b.arg(&round);
-        // SAFETY: reads (K−1)·C + T·C + K·C floats, writes n, as allocated.
+        // SAFETY: reads (K−1)·C + T·C elements (in the dtypes coded) + K·C floats, writes n floats, as
+        // allocated.
         unsafe { b.launch(cfg) }.w()?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
@@ -341,8 +346,9 @@ impl CustomOp3 for BetaG {
 const KERNEL: &str = r#"
 // (rnd and silu: `device::nvrtc_ptx_with_rounding`.)
 // Block (t, slot): slots 0..hk-1 are q heads, hk..2hk-1 k heads, 2hk.. v heads; thread = channel in head.
-extern "C" __global__ void qgate_gdn_conv_qkv(const float* hist, const float* x, const float* w, float* out,
-                                              int t, int kk, int c, int hk, int hv, int dk, int dv, int mode) {
+extern "C" __global__ void qgate_gdn_conv_qkv(const void* hist, const void* x, const float* w, float* out,
+                                              int t, int kk, int c, int hk, int hv, int dk, int dv, int mode,
+                                              int ht, int xt) {
     __shared__ float red[32];
     const int tt = blockIdx.x, slot = blockIdx.y, d = threadIdx.x;
     const int is_v = slot >= 2 * hk;
@@ -352,7 +358,7 @@ extern "C" __global__ void qgate_gdn_conv_qkv(const float* hist, const float* x,
     if (d < width) {
         for (int j = 0; j < kk; ++j) {
             const int i = tt + j;
-            const float r = (i < kk - 1) ? hist[(long)i * c + ch] : x[(long)(i - (kk - 1)) * c + ch];
+            const float r = (i < kk - 1) ? ld(hist, (long)i * c + ch, ht) : ld(x, (long)(i - (kk - 1)) * c + ch, xt);
             const float prod = __fmul_rn(r, w[(long)j * c + ch]);
             val = (j == 0) ? prod : __fadd_rn(val, prod);
         }

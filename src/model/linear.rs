@@ -8,7 +8,7 @@ use super::f32_gemm::PackedF32;
 use super::precision::{with_f32_slice, Precision};
 use super::round_op::cast;
 use crate::error::Result;
-use candle_core::{CpuStorage, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 pub enum LinearWeight {
     F32(Tensor),
@@ -88,15 +88,43 @@ impl LinearWeight {
     }
 }
 
-/// `R(x · wᵀ)` for `x: [T, in]`.
+/// `R(x · wᵀ)` for `x: [T, in]` (stored as f32, or as the model dtype: `act_io`), as f32.
 pub fn linear(x: &Tensor, w: &LinearWeight, prec: Precision) -> Result<Tensor> {
-    match w {
-        LinearWeight::F32(w) => Ok(prec.round(&x.matmul(&w.t()?)?)?),
+    linear_to(x, w, prec, DType::F32)
+}
+
+/// [`linear`] with the result stored as `out` (`act_io::storage_dtype`). On a GPU in bf16/f16 with `out`
+/// the model dtype, cuBLAS's output is returned as written: no cast on either side when `x` is stored in
+/// the model dtype too.
+pub fn linear_to(x: &Tensor, w: &LinearWeight, prec: Precision, out: DType) -> Result<Tensor> {
+    let y = match w {
         LinearWeight::Half(w) => {
-            // x holds model-dtype values (rounded upstream), so the cast is exact.
-            let y = cast(x, w.dtype())?.matmul(&w.t()?)?;
-            Ok(cast(&y, candle_core::DType::F32)?)
+            // x holds model-dtype values (rounded upstream), so a cast is exact.
+            let x = if x.dtype() == w.dtype() {
+                x.clone()
+            } else {
+                cast(x, w.dtype())?
+            };
+            x.matmul(&w.t()?)?
         }
+        _ => linear_f32(x, w, prec)?,
+    };
+    Ok(if y.dtype() == out { y } else { cast(&y, out)? })
+}
+
+fn linear_f32(x: &Tensor, w: &LinearWeight, prec: Precision) -> Result<Tensor> {
+    match w {
+        LinearWeight::F32(w) => {
+            let x = if x.dtype() == DType::F32 {
+                x.clone()
+            } else {
+                x.to_dtype(DType::F32)?
+            };
+            Ok(prec.round(&x.matmul(&w.t()?)?)?)
+        }
+        LinearWeight::Half(_) => Err(crate::error::Error::Internal(
+            "linear_f32 called with a half-precision weight".into(),
+        )),
         LinearWeight::Bf16(p) => {
             let (m, _) = x.dims2()?;
             // bf16 mode rounds each sum as it is stored (same bits as a rounding pass afterwards).

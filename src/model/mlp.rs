@@ -1,5 +1,5 @@
 //! SwiGLU MLP: `R(R(R(silu(R(h·Wgᵀ))) · R(h·Wuᵀ)) · Wdᵀ)`; also the shape of every routed and shared expert.
-pub use super::linear::{linear, LinearWeight};
+pub use super::linear::{linear, linear_to, LinearWeight};
 use super::precision::Precision;
 use super::weights::WeightStore;
 use crate::error::Result;
@@ -31,19 +31,19 @@ impl Mlp {
         })
     }
 
+    /// `h` stored as f32 or the model dtype (`act_io`); the result as f32.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        swiglu(
-            h,
-            &self.gate,
-            &self.up,
-            &self.down,
-            self.prec,
-            self.portable,
-        )
+        self.forward_to(h, candle_core::DType::F32)
+    }
+
+    /// [`Mlp::forward`] with the result stored as `out`.
+    pub fn forward_to(&self, h: &Tensor, out: candle_core::DType) -> Result<Tensor> {
+        let (p, portable) = (self.prec, self.portable);
+        swiglu_to(h, &self.gate, &self.up, &self.down, p, portable, out)
     }
 }
 
-/// The SwiGLU body shared by dense MLPs and experts.
+/// The SwiGLU body shared by dense MLPs and experts, as f32.
 pub fn swiglu(
     h: &Tensor,
     gate: &LinearWeight,
@@ -52,8 +52,23 @@ pub fn swiglu(
     p: Precision,
     portable: bool,
 ) -> Result<Tensor> {
-    let g = linear(h, gate, p)?;
-    let u = linear(h, up, p)?;
+    swiglu_to(h, gate, up, down, p, portable, candle_core::DType::F32)
+}
+
+/// [`swiglu`] with the result stored as `out`; the gate and up products and SwiGLU's middle are stored as
+/// `act_io::storage_dtype` (the model dtype on the portable kernels in bf16/f16).
+pub fn swiglu_to(
+    h: &Tensor,
+    gate: &LinearWeight,
+    up: &LinearWeight,
+    down: &LinearWeight,
+    p: Precision,
+    portable: bool,
+    out: candle_core::DType,
+) -> Result<Tensor> {
+    let io = super::act_io::storage_dtype(p, portable);
+    let g = linear_to(h, gate, p, io)?;
+    let u = linear_to(h, up, p, io)?;
     let a = super::ops::silu_mul_round(&g, &u, p, portable)?;
-    linear(&a, down, p)
+    linear_to(&a, down, p, out)
 }

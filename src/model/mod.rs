@@ -1,5 +1,6 @@
 //! The Qwen3.5 / Qwen3.5-MoE text decoder, exact to HF transformers 5.23.0 (eager attention, torch
 //! fallbacks for the causal conv and the delta rule), in f32, bf16 or f16 rounding.
+pub mod act_io;
 pub mod attention;
 pub mod attn_softmax;
 pub mod bf16_gemm;
@@ -123,10 +124,11 @@ impl FeedForward {
         })
     }
 
+    /// `h` stored as f32 or the model dtype; the result as `h` (dense) or f32 (MoE, which works in f32).
     fn forward(&self, h: &Tensor) -> Result<Tensor> {
         match self {
-            FeedForward::Dense(m) => m.forward(h),
-            FeedForward::Moe(m) => m.forward(h),
+            FeedForward::Dense(m) => m.forward_to(h, h.dtype()),
+            FeedForward::Moe(m) => m.forward(&act_io::to_f32(h)?),
         }
     }
 }
@@ -508,10 +510,13 @@ impl Model {
         lc: &mut LayerCache,
     ) -> Result<(Tensor, Tensor)> {
         let p = self.prec;
-        let h = layer.input_norm.forward(x)?;
+        // The residual stream stays f32; the normed inputs of the products and the products' outputs
+        // are stored in the model dtype on the portable kernels (`act_io`).
+        let io = act_io::storage_dtype(p, self.portable);
+        let h = layer.input_norm.forward_to(x, io)?;
         let y = layer.mixer.forward(&h, &self.rope, lc)?;
         let x = ops::add_round(x, &y, p, self.portable)?;
-        let h = layer.post_norm.forward(&x)?;
+        let h = layer.post_norm.forward_to(&x, io)?;
         let y = layer.ffn.forward(&h)?;
         let out = ops::add_round(&x, &y, p, self.portable)?;
         Ok((x, out))

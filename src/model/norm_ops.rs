@@ -8,37 +8,87 @@
 //! with `inv = 1 / sqrt(Σx² / D + eps)` per row of the last dimension `D`, as HF's
 //! `x * torch.rsqrt(x.pow(2).mean(-1) + eps)` (torch's CPU `rsqrt` is `1 / sqrt`). `R` rounds to the
 //! model dtype (identity in f32). On the CPU the squares are summed in order; on a GPU by a block
-//! reduction (a different order of f32 additions, at the 1e-7 level).
+//! reduction (a different order of f32 additions, at the 1e-7 level). `x` and `z` may be stored as f32,
+//! bf16 or f16 (`act_io`); the weights are f32; the result is stored as `out`.
+use super::act_io;
 use super::precision::Precision;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// `x`: `[.., D]`, `scale`: `[D]` (`1 + w`). Same shape as `x`, f32.
-pub fn zero_centred(x: &Tensor, scale: &Tensor, eps: f64, prec: Precision) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(
-        &scale.contiguous()?,
-        &ZeroCentred(Norm {
-            eps: eps as f32,
-            prec,
-        }),
-    )
+/// `x`: `[.., D]`, `scale`: `[D]` (`1 + w`). Same shape as `x`, stored as `out`.
+pub fn zero_centred(
+    x: &Tensor,
+    scale: &Tensor,
+    eps: f64,
+    prec: Precision,
+    out: DType,
+) -> Result<Tensor> {
+    let norm = Norm {
+        eps: eps as f32,
+        prec,
+        out,
+        heads_first: None,
+    };
+    x.contiguous()?
+        .apply_op2_no_bwd(&scale.contiguous()?, &ZeroCentred(norm))
 }
 
-/// `x`, `z`: `[.., D]` with the same shape, `w`: `[D]`. Same shape as `x`, f32.
-pub fn gated(x: &Tensor, z: &Tensor, w: &Tensor, eps: f64, prec: Precision) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(
-        &z.contiguous()?,
-        &w.contiguous()?,
-        &Gated(Norm {
-            eps: eps as f32,
-            prec,
-        }),
-    )
+/// `x`, `z`: `[.., D]` with the same shape, `w`: `[D]`. Same shape as `x`, stored as `out`.
+pub fn gated(
+    x: &Tensor,
+    z: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    prec: Precision,
+    out: DType,
+) -> Result<Tensor> {
+    let norm = Norm {
+        eps: eps as f32,
+        prec,
+        out,
+        heads_first: None,
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&z.contiguous()?, &w.contiguous()?, &Gated(norm))
+}
+
+/// [`gated`] of `R(x)` for `x`: `[H, T, D]` (heads first, f32, not yet rounded: the delta rule's output)
+/// and `z`: `[T, H, D]`; the result is `[T, H, D]` (row `(t, h)` normalises `R(x[h, t])`), as
+/// `gated(&R(x).transpose(0, 1), z, ..)` without the rounding pass and the transposed copy.
+pub fn gated_heads_first(
+    x: &Tensor,
+    z: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    prec: Precision,
+    out: DType,
+) -> Result<Tensor> {
+    let (h, t, d) = x.dims3()?;
+    if z.dims() != [t, h, d] {
+        candle_core::bail!(
+            "gated rms norm: expected z [{t}, {h}, {d}] for x {:?}, got {:?}",
+            x.dims(),
+            z.dims()
+        );
+    }
+    let norm = Norm {
+        eps: eps as f32,
+        prec,
+        out,
+        heads_first: Some(h),
+    };
+    // x viewed with z's shape (same element count) so that the shape checks hold; rows are mapped below.
+    let xv = x.contiguous()?.reshape((t, h, d))?;
+    xv.apply_op3_no_bwd(&z.contiguous()?, &w.contiguous()?, &Gated(norm))
 }
 
 #[derive(Clone, Copy)]
 struct Norm {
     eps: f32,
     prec: Precision,
+    out: DType,
+    /// `Some(H)`: `x` is `[H, T, D]` heads first and rounded (`R`) as it is read; output row `t·H + h`
+    /// reads row `h·T + t` of `x`.
+    heads_first: Option<usize>,
 }
 
 impl Norm {
@@ -72,8 +122,18 @@ impl Norm {
         let d = w.len();
         let p = self.prec;
         let mut out = vec![0f32; rows * d];
+        let mut xrow = vec![0f32; d];
         for r in 0..rows {
-            let xr = &x[r * d..(r + 1) * d];
+            let xr: &[f32] = match self.heads_first {
+                None => &x[r * d..(r + 1) * d],
+                Some(h) => {
+                    let xi = (r % h) * (rows / h) + r / h;
+                    for (o, &v) in xrow.iter_mut().zip(&x[xi * d..(xi + 1) * d]) {
+                        *o = p.round_scalar(v);
+                    }
+                    &xrow
+                }
+            };
             let inv = self.inv(xr);
             let o = &mut out[r * d..(r + 1) * d];
             match z {
@@ -107,15 +167,15 @@ impl Norm {
         use candle_core::cuda_backend::WrapErr;
         let (rows, d) = self.rows(x.1, z.map(|z| z.1), w.1)?;
         let dev = x.0.device().clone();
-        let xs = super::device::cuda_f32(x.0, x.1)?;
+        let xs = act_io::view(x.0, x.1)?;
         let ws = super::device::cuda_f32(w.0, w.1)?;
         // The ungated kernel reads `z` never; it gets `x` in that slot.
         let zs = match z {
-            Some((s, l)) => super::device::cuda_f32(s, l)?,
-            None => super::device::cuda_f32(x.0, x.1)?,
+            Some((s, l)) => act_io::view(s, l)?,
+            None => act_io::view(x.0, x.1)?,
         };
         // SAFETY: every one of the rows·d outputs is written.
-        let out = unsafe { dev.alloc::<f32>(rows * d)? };
+        let out = unsafe { act_io::Out::alloc(&dev, self.out, rows * d)? };
         let func = dev.get_or_load_custom_func("qgate_rms_norm", "qgate_norms", ptx()?)?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -124,24 +184,26 @@ impl Norm {
         };
         let ints = [
             d as i32,
+            self.heads_first.map_or(0, |h| h as i32),
             z.is_some() as i32,
             super::precision::round_code(self.prec),
+            xs.code(),
+            zs.code(),
+            out.code(),
         ];
         let mut b = func.builder();
-        b.arg(&xs);
-        b.arg(&zs);
+        xs.push(&mut b);
+        zs.push(&mut b);
         b.arg(&ws);
-        b.arg(&out);
+        out.push(&mut b);
         b.arg(&self.eps);
         for i in &ints {
             b.arg(i);
         }
-        // SAFETY: reads rows·d floats of x (and z) and d of w, writes rows·d, as allocated.
+        // SAFETY: reads rows·d elements of x (and z) and d floats of w, writes rows·d, as allocated, in
+        // the dtypes coded.
         unsafe { b.launch(cfg) }.w()?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
-            x.1.shape().clone(),
-        ))
+        Ok((out.storage(dev), x.1.shape().clone()))
     }
 }
 
@@ -160,15 +222,13 @@ impl CustomOp2 for ZeroCentred {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = self.0.rows(l1, None, l2)?;
-        let (CpuStorage::F32(x), CpuStorage::F32(s)) = (s1, s2) else {
-            candle_core::bail!("rms norm: f32 only");
+        let CpuStorage::F32(s) = s2 else {
+            candle_core::bail!("rms norm: f32 weights expected");
         };
-        let x = &x[l1.start_offset()..l1.start_offset() + rows * d];
+        let x = act_io::f32_of(s1, l1, rows * d, "rms norm")?;
         let s = &s[l2.start_offset()..l2.start_offset() + d];
-        Ok((
-            CpuStorage::F32(self.0.cpu(x, None, s, rows)),
-            l1.shape().clone(),
-        ))
+        let out = self.0.cpu(&x, None, s, rows);
+        Ok((act_io::storage_of(out, self.0.out)?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -200,16 +260,14 @@ impl CustomOp3 for Gated {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = self.0.rows(l1, Some(l2), l3)?;
-        let (CpuStorage::F32(x), CpuStorage::F32(z), CpuStorage::F32(w)) = (s1, s2, s3) else {
-            candle_core::bail!("gated rms norm: f32 only");
+        let CpuStorage::F32(w) = s3 else {
+            candle_core::bail!("gated rms norm: f32 weights expected");
         };
-        let x = &x[l1.start_offset()..l1.start_offset() + rows * d];
-        let z = &z[l2.start_offset()..l2.start_offset() + rows * d];
+        let x = act_io::f32_of(s1, l1, rows * d, "gated rms norm")?;
+        let z = act_io::f32_of(s2, l2, rows * d, "gated rms norm")?;
         let w = &w[l3.start_offset()..l3.start_offset() + d];
-        Ok((
-            CpuStorage::F32(self.0.cpu(x, Some(z), w, rows)),
-            l1.shape().clone(),
-        ))
+        let out = self.0.cpu(&x, Some(&z), w, rows);
+        Ok((act_io::storage_of(out, self.0.out)?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -230,14 +288,20 @@ impl CustomOp3 for Gated {
 // into an FMA; the sum of squares is a block reduction.
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-extern "C" __global__ void qgate_rms_norm(const float* x, const float* z, const float* w, float* out,
-                                          float eps, int d, int gated_norm, int mode) {
+// heads (> 0): x is [heads, T, d], rounded as read; output row t·heads + h reads x row h·T + t.
+extern "C" __global__ void qgate_rms_norm(const void* x, const void* z, const float* w, void* out,
+                                          float eps, int d, int heads, int gated_norm, int mode, int xt, int zt,
+                                          int ot) {
     __shared__ float red[32];
     __shared__ float inv_s;
-    const long row = blockIdx.x;
-    const float* xr = x + row * d;
+    const long row0 = blockIdx.x * (long)d;
+    const long xrow0 = heads > 0
+        ? ((long)(blockIdx.x % heads) * (gridDim.x / heads) + blockIdx.x / heads) * d : row0;
     float acc = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) acc = fmaf(xr[i], xr[i], acc);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = heads > 0 ? rnd(ld(x, xrow0 + i, xt), mode) : ld(x, xrow0 + i, xt);
+        acc = fmaf(v, v, acc);
+    }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
     __syncthreads();
@@ -248,15 +312,15 @@ extern "C" __global__ void qgate_rms_norm(const float* x, const float* z, const 
     }
     __syncthreads();
     const float inv = inv_s;
-    float* o = out + row * d;
     if (!gated_norm) {
-        for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = rnd(__fmul_rn(__fmul_rn(xr[i], inv), w[i]), mode);
+        for (int i = threadIdx.x; i < d; i += blockDim.x)
+            st(out, row0 + i, rnd(__fmul_rn(__fmul_rn(ld(x, xrow0 + i, xt), inv), w[i]), mode), ot);
         return;
     }
-    const float* zr = z + row * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float n = rnd(__fmul_rn(rnd(__fmul_rn(xr[i], inv), mode), w[i]), mode);
-        o[i] = rnd(__fmul_rn(n, silu(zr[i])), mode);
+        const float xv = heads > 0 ? rnd(ld(x, xrow0 + i, xt), mode) : ld(x, xrow0 + i, xt);
+        const float n = rnd(__fmul_rn(rnd(__fmul_rn(xv, inv), mode), w[i]), mode);
+        st(out, row0 + i, rnd(__fmul_rn(n, silu(ld(z, row0 + i, zt))), mode), ot);
     }
 }
 "#;
@@ -299,8 +363,8 @@ mod tests {
             let n = prec.round(&normed).unwrap();
             let n = prec.round(&n.broadcast_mul(&w).unwrap()).unwrap();
             let want_g = prec.round(&(n * z.silu().unwrap()).unwrap()).unwrap();
-            let got_zc = zero_centred(&x, &w, eps, prec).unwrap();
-            let got_g = gated(&x, &z, &w, eps, prec).unwrap();
+            let got_zc = zero_centred(&x, &w, eps, prec, DType::F32).unwrap();
+            let got_g = gated(&x, &z, &w, eps, prec, DType::F32).unwrap();
             // Within one model-dtype ulp of values below 8 (a sum order may move a rounding).
             let tol = if prec == Precision::F32 { 1e-5 } else { 0.04 };
             assert!(
@@ -311,6 +375,63 @@ mod tests {
             assert!(max(&got_g, &want_g) <= tol, "{}: gated", prec.name());
             let zeros = want_g.zeros_like().unwrap();
             assert!(max(&want_g, &zeros) > 0.5, "degenerate test: outputs ~0");
+        }
+    }
+
+    /// Inputs stored as bf16 (`act_io`) and outputs asked as bf16 give the f32 run's values.
+    #[test]
+    fn norms_read_and_write_the_model_dtype() {
+        let dev = Device::Cpu;
+        let p = Precision::BF16;
+        let (rows, d) = (5, 64);
+        let r = |seed| {
+            let v: Vec<f32> = noise(rows * d, seed).iter().map(|x| 2.0 * x).collect();
+            p.round(&Tensor::from_vec(v, (rows, d), &dev).unwrap())
+                .unwrap()
+        };
+        let (x, z) = (r(5), r(6));
+        let w = Tensor::from_vec(noise(d, 7), d, &dev).unwrap();
+        let (xh, zh) = (
+            x.to_dtype(DType::BF16).unwrap(),
+            z.to_dtype(DType::BF16).unwrap(),
+        );
+        let f32_of = |t: Tensor| {
+            assert_eq!(t.dtype(), DType::BF16);
+            t.to_dtype(DType::F32).unwrap()
+        };
+        let zc = zero_centred(&x, &w, 1e-6, p, DType::F32).unwrap();
+        let zc_h = f32_of(zero_centred(&xh, &w, 1e-6, p, DType::BF16).unwrap());
+        assert_eq!(max(&zc, &zc_h), 0.0);
+        let g = gated(&x, &z, &w, 1e-6, p, DType::F32).unwrap();
+        let g_h = f32_of(gated(&x, &zh, &w, 1e-6, p, DType::BF16).unwrap());
+        assert_eq!(max(&g, &g_h), 0.0);
+        assert!(max(&g, &g.zeros_like().unwrap()) > 0.1, "degenerate test");
+    }
+
+    /// The heads-first form equals rounding, transposing and the plain gated norm, bit for bit.
+    #[test]
+    fn gated_heads_first_is_round_transpose_gated() {
+        let dev = Device::Cpu;
+        let (h, t, d) = (3, 5, 32);
+        for p in [Precision::F32, Precision::BF16] {
+            let x = Tensor::from_vec(noise(h * t * d, 8), (h, t, d), &dev).unwrap();
+            let z = Tensor::from_vec(noise(h * t * d, 9), (t, h, d), &dev).unwrap();
+            let w = Tensor::from_vec(noise(d, 10), d, &dev).unwrap();
+            let xt = p
+                .round(&x)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let want = gated(&xt, &z, &w, 1e-6, p, DType::F32).unwrap();
+            let got = gated_heads_first(&x, &z, &w, 1e-6, p, DType::F32).unwrap();
+            assert_eq!(got.dims(), [t, h, d]);
+            assert_eq!(max(&got, &want), 0.0, "{}", p.name());
+            assert!(
+                max(&got, &got.zeros_like().unwrap()) > 0.1,
+                "degenerate test"
+            );
         }
     }
 }

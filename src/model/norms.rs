@@ -37,12 +37,19 @@ impl RmsNormZeroCentred {
 
     /// Normalise over the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_to(x, candle_core::DType::F32)
+    }
+
+    /// `forward`, the result stored as `out` (`act_io::storage_dtype`: the model dtype only on the
+    /// portable kernels).
+    pub fn forward_to(&self, x: &Tensor, out: candle_core::DType) -> Result<Tensor> {
         if self.portable || !x.device().is_cpu() {
             return Ok(super::norm_ops::zero_centred(
                 x,
                 &self.scale_t,
                 self.eps,
                 self.prec,
+                out,
             )?);
         }
         let inv = inv_rms(x, self.eps)?;
@@ -130,11 +137,33 @@ impl GatedRmsNorm {
         })?
     }
 
+    /// The portable kernels' form: `R(o)` for `o`: `[Hv, T, Dv]` (the delta rule's f32 output, heads
+    /// first), `z`: `[T, Hv, Dv]`; the result `[T, Hv, Dv]` stored as `out` (one op, no transposed copy).
+    pub fn forward_heads_first(
+        &self,
+        o: &Tensor,
+        z: &Tensor,
+        out: candle_core::DType,
+    ) -> Result<Tensor> {
+        let (p, w) = (self.prec, &self.weight_t);
+        Ok(super::norm_ops::gated_heads_first(
+            o, z, w, self.eps, p, out,
+        )?)
+    }
+
     /// `o`, `z`: `[.., Dv]` with the same shape.
     pub fn forward(&self, o: &Tensor, z: &Tensor) -> Result<Tensor> {
         let p = self.prec;
         if self.portable || !o.device().is_cpu() {
-            return Ok(super::norm_ops::gated(o, z, &self.weight_t, self.eps, p)?);
+            let f32 = candle_core::DType::F32;
+            return Ok(super::norm_ops::gated(
+                o,
+                z,
+                &self.weight_t,
+                self.eps,
+                p,
+                f32,
+            )?);
         }
         let inv = inv_rms(o, self.eps)?;
         let w = &self.weight;

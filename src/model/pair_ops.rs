@@ -5,16 +5,18 @@
 //! - [`silu_mul_round`]: `R(R(silu(g)) · u)` (SwiGLU's middle; `silu(g) = g / (1 + exp(−g))` in f32).
 //!
 //! `R` rounds to the model dtype (identity in f32). Products and sums are rounded as on the host (no
-//! contraction into FMAs).
+//! contraction into FMAs). The operands may be stored as f32, bf16 or f16 (`act_io`); the result is
+//! stored in the first operand's dtype.
+use super::act_io;
 use super::precision::Precision;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-/// `R(x + y)`.
+/// `R(x + y)`, stored as `x`.
 pub fn add_round(x: &Tensor, y: &Tensor, prec: Precision) -> Result<Tensor> {
     apply(x, y, Kind::Add, prec)
 }
 
-/// `R(R(silu(g)) · u)`.
+/// `R(R(silu(g)) · u)`, stored as `g`.
 pub fn silu_mul_round(g: &Tensor, u: &Tensor, prec: Precision) -> Result<Tensor> {
     apply(g, u, Kind::SiluMul, prec)
 }
@@ -65,25 +67,23 @@ impl CustomOp2 for PairOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = self.len(l1, l2)?;
-        let (CpuStorage::F32(x), CpuStorage::F32(y)) = (s1, s2) else {
-            candle_core::bail!("{}: f32 only", self.name());
-        };
-        let x = &x[l1.start_offset()..l1.start_offset() + n];
-        let y = &y[l2.start_offset()..l2.start_offset() + n];
+        let x = act_io::f32_of(s1, l1, n, self.name())?;
+        let y = act_io::f32_of(s2, l2, n, self.name())?;
         let p = self.prec;
-        let out = match self.kind {
+        let out: Vec<f32> = match self.kind {
             Kind::Add => x
                 .iter()
-                .zip(y)
+                .zip(y.iter())
                 .map(|(a, b)| p.round_scalar(a + b))
                 .collect(),
             Kind::SiluMul => x
                 .iter()
-                .zip(y)
+                .zip(y.iter())
                 .map(|(&g, &u)| p.round_scalar(p.round_scalar(g / (1.0 + (-g).exp())) * u))
                 .collect(),
         };
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        use candle_core::backend::BackendStorage;
+        Ok((act_io::storage_of(out, s1.dtype())?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -99,41 +99,42 @@ impl CustomOp2 for PairOp {
         use candle_core::cuda_backend::WrapErr;
         let n = self.len(l1, l2)?;
         let dev = s1.device().clone();
-        let x = super::device::cuda_f32(s1, l1)?;
-        let y = super::device::cuda_f32(s2, l2)?;
+        let x = act_io::view(s1, l1)?;
+        let y = act_io::view(s2, l2)?;
         // SAFETY: every one of the n outputs is written.
-        let out = unsafe { dev.alloc::<f32>(n)? };
+        let out = unsafe { act_io::Out::alloc(&dev, s1.dtype(), n)? };
         let func = dev.get_or_load_custom_func("qgate_pair_op", "qgate_pair_ops", ptx()?)?;
         let cfg = super::device::grid_stride(n);
         let n64 = n as u64;
         let ints = [
             (self.kind == Kind::SiluMul) as i32,
             super::precision::round_code(self.prec),
+            x.code(),
+            y.code(),
+            out.code(),
         ];
         let mut b = func.builder();
-        b.arg(&x);
-        b.arg(&y);
-        b.arg(&out);
+        x.push(&mut b);
+        y.push(&mut b);
+        out.push(&mut b);
         b.arg(&n64);
         for i in &ints {
             b.arg(i);
         }
-        // SAFETY: reads 2·n floats and writes n, as allocated.
+        // SAFETY: reads n elements of each operand and writes n, as allocated, in the dtypes coded.
         unsafe { b.launch(cfg) }.w()?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
-            l1.shape().clone(),
-        ))
+        Ok((out.storage(dev), l1.shape().clone()))
     }
 }
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-extern "C" __global__ void qgate_pair_op(const float* x, const float* y, float* out, unsigned long long n,
-                                         int silu_mul, int mode) {
+extern "C" __global__ void qgate_pair_op(const void* x, const void* y, void* out, unsigned long long n,
+                                         int silu_mul, int mode, int xt, int yt, int ot) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
-        out[i] = silu_mul ? rnd(__fmul_rn(rnd(silu(x[i]), mode), y[i]), mode) : rnd(__fadd_rn(x[i], y[i]), mode);
+        const float a = ld(x, i, xt), b = ld(y, i, yt);
+        st(out, i, silu_mul ? rnd(__fmul_rn(rnd(silu(a), mode), b), mode) : rnd(__fadd_rn(a, b), mode), ot);
     }
 }
 "#;
@@ -178,6 +179,42 @@ mod tests {
                     p.name()
                 );
             }
+        }
+    }
+
+    /// Operands stored as bf16/f16 (`act_io`) give the f32 run's bits, stored in the first operand's
+    /// dtype.
+    #[test]
+    fn pair_ops_read_and_write_the_model_dtype() {
+        let dev = Device::Cpu;
+        for (p, dt) in [
+            (Precision::BF16, candle_core::DType::BF16),
+            (Precision::F16, candle_core::DType::F16),
+        ] {
+            let r = |seed| {
+                let v: Vec<f32> = noise(999, seed).iter().map(|x| 5.0 * x).collect();
+                p.round(&Tensor::from_vec(v, (27, 37), &dev).unwrap())
+                    .unwrap()
+            };
+            let (x, y) = (r(3), r(4));
+            let (xh, yh) = (x.to_dtype(dt).unwrap(), y.to_dtype(dt).unwrap());
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.to_dtype(candle_core::DType::F32).unwrap();
+                let v = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            for (f32_run, mixed) in [
+                (add_round(&x, &y, p), add_round(&x, &yh, p)),
+                (silu_mul_round(&x, &y, p), silu_mul_round(&xh, &yh, p)),
+            ] {
+                let (f32_run, mixed) = (f32_run.unwrap(), mixed.unwrap());
+                assert_eq!(bits(&f32_run), bits(&mixed), "{}", p.name());
+            }
+            assert_eq!(
+                add_round(&x, &yh, p).unwrap().dtype(),
+                candle_core::DType::F32
+            );
+            assert_eq!(silu_mul_round(&xh, &yh, p).unwrap().dtype(), dt);
         }
     }
 }
