@@ -32,3 +32,11 @@ for name, ms in tot.most_common(30):
 print("longest single launches (all forwards):")
 for ms, name, grid, block in sorted(launches, reverse=True)[:12]:
     print(f"{ms:9.3f} ms  grid {grid:>16} block {block:>12}  {name}")
+# One layer's launches in order (from the 2nd to the 3rd launch of $LAYER_MARK, default the GDN conv):
+# which ops a layer runs, e.g. where its copies come from.
+mark = __import__("os").environ.get("LAYER_MARK", "qgate_gdn_conv_qkv")
+idx = [i for i, l in enumerate(launches) if l[1] == mark]
+if len(idx) >= 3:
+    print(f"one layer's launches in order (between the 2nd and 3rd {mark}):")
+    for ms, name, grid, block in launches[idx[1]:idx[2]]:
+        print(f"{ms:9.3f} ms  grid {grid:>16} block {block:>12}  {name}")

@@ -62,10 +62,10 @@ pub use gpu::{view, Out, View};
 
 #[cfg(feature = "cuda")]
 mod gpu {
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, LaunchArgs, PushKernelArg,
     };
-    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{CudaStorage, DType, Layout, Result};
     use half::{bf16, f16};

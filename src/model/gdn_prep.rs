@@ -193,21 +193,21 @@ impl CustomOp3 for ConvQkv {
         let (t, kk, c) = self.shapes(l1, l2, l3)?;
         let Dims { hk, hv, dk, dv } = self.dims;
         let width = dk.max(dv);
-        if width > 1024 {
-            candle_core::bail!("conv_qkv: head dims above 1024 are not supported on the GPU");
+        if width > 256 {
+            candle_core::bail!("conv_qkv: head dims above 256 are not supported on the GPU");
         }
         let dev = s1.device().clone();
         let hs = super::act_io::view(s1, l1)?;
         let xs = super::act_io::view(s2, l2)?;
         let ws = super::device::cuda_f32(s3, l3)?;
         let n = hv * t * (2 * dk + dv);
-        // SAFETY: every output element is written (each (t, head slot) block writes its rows).
+        // SAFETY: every output element is written (each (head slot, position) warp writes its rows).
         let out = unsafe { dev.alloc::<f32>(n)? };
         let func = dev.get_or_load_custom_func("qgate_gdn_conv_qkv", "qgate_gdn_prep", ptx()?)?;
-        let threads = (width.div_ceil(32) * 32) as u32;
+        // A warp per (head slot, position), 8 warps a block.
         let cfg = LaunchConfig {
-            grid_dim: (t as u32, (2 * hk + hv) as u32, 1),
-            block_dim: (threads, 1, 1),
+            grid_dim: ((t * (2 * hk + hv)).div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let ints: [i32; 7] = [
@@ -346,46 +346,84 @@ impl CustomOp3 for BetaG {
 const KERNEL: &str = r#"
 // (rnd and silu: `device::nvrtc_ptx_with_rounding`.)
 // Block (t, slot): slots 0..hk-1 are q heads, hk..2hk-1 k heads, 2hk.. v heads; thread = channel in head.
+// One warp per (head slot, position): slots 0..hk are q heads, hk..2hk k heads, then the hv value heads;
+// lane l owns channels l, l + 32, .. of the slot (width ≤ 256). Consecutive warps take consecutive
+// positions of one slot, so the taps' rows are shared through L1/L2.
 extern "C" __global__ void qgate_gdn_conv_qkv(const void* hist, const void* x, const float* w, float* out,
                                               int t, int kk, int c, int hk, int hv, int dk, int dv, int mode,
                                               int ht, int xt) {
-    __shared__ float red[32];
-    const int tt = blockIdx.x, slot = blockIdx.y, d = threadIdx.x;
+    const int lane = threadIdx.x & 31;
+    const long task = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int slots = 2 * hk + hv;
+    if (task >= (long)t * slots) return;
+    const int slot = (int)(task / t), tt = (int)(task % t);
     const int is_v = slot >= 2 * hk;
     const int width = is_v ? dv : dk;
-    const int ch = is_v ? 2 * hk * dk + (slot - 2 * hk) * dv + d : slot * dk + d;
-    float val = 0.0f;
-    if (d < width) {
-        for (int j = 0; j < kk; ++j) {
-            const int i = tt + j;
-            const float r = (i < kk - 1) ? ld(hist, (long)i * c + ch, ht) : ld(x, (long)(i - (kk - 1)) * c + ch, xt);
-            const float prod = __fmul_rn(r, w[(long)j * c + ch]);
-            val = (j == 0) ? prod : __fadd_rn(val, prod);
+    const int base = is_v ? 2 * hk * dk + (slot - 2 * hk) * dv : slot * dk;
+    float val[8];
+    float ss = 0.0f;
+    // Up to 4 taps (Qwen3.5's conv is 4 wide): every tap's input and weight loaded before any is used,
+    // so the loads overlap; the sum is still taken in tap order.
+    float xin[8][4], win[8][4];
+    const int kk4 = kk <= 4 ? kk : 0;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int d = lane + 32 * q, i = tt + j, ch = base + d;
+            xin[q][j] = 0.0f;
+            win[q][j] = 0.0f;
+            if (d < width && j < kk4) {
+                xin[q][j] = (i < kk - 1) ? ld(hist, (long)i * c + ch, ht) : ld(x, (long)(i - (kk - 1)) * c + ch, xt);
+                win[q][j] = w[(long)j * c + ch];
+            }
         }
-        val = rnd(silu(rnd(val, mode)), mode);
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const int d = lane + 32 * q;
+        float v = 0.0f;
+        if (d < width) {
+            const int ch = base + d;
+            if (kk4 > 0) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    if (j < kk4) {
+                        const float prod = __fmul_rn(xin[q][j], win[q][j]);
+                        v = (j == 0) ? prod : __fadd_rn(v, prod);
+                    }
+                }
+            } else {
+                for (int j = 0; j < kk; ++j) {
+                    const int i = tt + j;
+                    const float r = (i < kk - 1) ? ld(hist, (long)i * c + ch, ht)
+                                                 : ld(x, (long)(i - (kk - 1)) * c + ch, xt);
+                    const float prod = __fmul_rn(r, w[(long)j * c + ch]);
+                    v = (j == 0) ? prod : __fadd_rn(v, prod);
+                }
+            }
+            v = rnd(silu(rnd(v, mode)), mode);
+            ss = __fadd_rn(ss, __fmul_rn(v, v));
+        }
+        val[q] = v;
     }
     if (is_v) {
-        if (d < dv) out[2L * hv * t * dk + ((long)(slot - 2 * hk) * t + tt) * dv + d] = val;
+        float* o = out + 2L * hv * t * dk + ((long)(slot - 2 * hk) * t + tt) * dv;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) if (lane + 32 * q < dv) o[lane + 32 * q] = val[q];
         return;
     }
-    float ss = (d < dk) ? __fmul_rn(val, val) : 0.0f;
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-    const int wi = d >> 5, lane = d & 31;
-    if (lane == 0) red[wi] = ss;
-    __syncthreads();
-    if (wi == 0) {
-        ss = (lane < (int)(blockDim.x >> 5)) ? red[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-        if (lane == 0) red[0] = ss;
-    }
-    __syncthreads();
-    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(red[0], 1e-6f)));
-    if (d >= dk) return;
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ss, 1e-6f)));
     const int which = slot >= hk;          // 0: q, 1: k
     const int j = slot - which * hk;       // key head
     const int r = hv / hk;
-    float* base = out + (long)which * hv * t * dk;
-    for (int i = 0; i < r; ++i) base[((long)(j * r + i) * t + tt) * dk + d] = __fmul_rn(val, inv);
+    float* basep = out + (long)which * hv * t * dk;
+    for (int i = 0; i < r; ++i) {
+        float* o = basep + ((long)(j * r + i) * t + tt) * dk;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) if (lane + 32 * q < dk) o[lane + 32 * q] = __fmul_rn(val[q], inv);
+    }
 }
 
 extern "C" __global__ void qgate_gdn_beta_g(const float* b, const float* a, const float* pr, float* out,

@@ -10,10 +10,32 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 /// `a`: `[B, C, C]` (only the strictly lower triangle is read), `b`: `[B, C, W]`, both f32.
 pub fn solve_unit_lower(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?
-        .apply_op2_no_bwd(&b.contiguous()?, &SolveUnitLower)
+        .apply_op2_no_bwd(&b.contiguous()?, &SolveUnitLower { split: None })
 }
 
-struct SolveUnitLower;
+/// [`solve_unit_lower`], and also columns `split..W` of the solution as their own contiguous `[B, C,
+/// W − split]` tensor (written by the same kernel: a product that reads them needs them contiguous, and
+/// a separate copy would read and write them again).
+pub fn solve_unit_lower_split(a: &Tensor, b: &Tensor, split: usize) -> Result<(Tensor, Tensor)> {
+    let (batch, c, w) = b.dims3()?;
+    if split >= w {
+        candle_core::bail!("solve_unit_lower_split: split {split} outside W = {w}");
+    }
+    let out = a
+        .contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &SolveUnitLower { split: Some(split) })?;
+    let n = batch * c * w;
+    Ok((
+        out.narrow(0, 0, n)?.reshape((batch, c, w))?,
+        out.narrow(0, n, batch * c * (w - split))?
+            .reshape((batch, c, w - split))?,
+    ))
+}
+
+struct SolveUnitLower {
+    /// `Some(s)`: the output is the solution `[B, C, W]` flattened, then its columns `s..W` again.
+    split: Option<usize>,
+}
 
 fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
     let (batch, c, c2) = l1.shape().dims3()?;
@@ -67,7 +89,16 @@ impl CustomOp2 for SolveUnitLower {
                 }
             }
         }
-        Ok((CpuStorage::F32(x), Shape::from((batch, c, w))))
+        let Some(split) = self.split else {
+            return Ok((CpuStorage::F32(x), Shape::from((batch, c, w))));
+        };
+        let tail: Vec<f32> = x
+            .chunks_exact(w)
+            .flat_map(|row| row[split..].to_vec())
+            .collect();
+        x.extend_from_slice(&tail);
+        let len = x.len();
+        Ok((CpuStorage::F32(x), Shape::from(len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -85,46 +116,89 @@ impl CustomOp2 for SolveUnitLower {
         let dev = s1.device().clone();
         let a = super::device::cuda_f32(s1, l1)?;
         let b = super::device::cuda_f32(s2, l2)?;
-        // SAFETY: every element is written by the kernel before it is read.
-        let x = unsafe { dev.alloc::<f32>(batch * c * w)? };
-        let func =
-            dev.get_or_load_custom_func("qgate_solve_unit_lower", "qgate_solve_tril", ptx()?)?;
-        let threads = 128u32;
+        let split = self.split.unwrap_or(w);
+        let len = batch * c * (w + w - split);
+        // SAFETY: every element is written by the kernel before it is read (the tail: columns split..w).
+        let x = unsafe { dev.alloc::<f32>(len)? };
+        // The chunk size of the delta rule (64) has its own kernel: the system in shared memory, each
+        // thread's column of X in registers.
+        let name = if c == 64 {
+            "qgate_solve_unit_lower_64"
+        } else {
+            "qgate_solve_unit_lower"
+        };
+        let func = dev.get_or_load_custom_func(name, "qgate_solve_tril", ptx()?)?;
+        let threads = if c == 64 { 256u32 } else { 128u32 };
         let cfg = LaunchConfig {
             grid_dim: (batch as u32, (w as u32).div_ceil(threads), 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (c32, w32) = (c as i32, w as i32);
+        let (c32, w32, split32) = (c as i32, w as i32, split as i32);
         let mut builder = func.builder();
         builder.arg(&a);
         builder.arg(&b);
         builder.arg(&x);
         builder.arg(&c32);
         builder.arg(&w32);
-        // SAFETY: the kernel reads B·C·C and B·C·W floats and writes B·C·W, as allocated above.
+        builder.arg(&split32);
+        // SAFETY: the kernel reads B·C·C and B·C·W floats and writes B·C·(2W − split), as allocated.
         unsafe { builder.launch(cfg) }.w()?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(x, dev),
-            Shape::from((batch, c, w)),
-        ))
+        let shape = match self.split {
+            None => Shape::from((batch, c, w)),
+            Some(_) => Shape::from(len),
+        };
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(x, dev), shape))
     }
 }
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-extern "C" __global__ void qgate_solve_unit_lower(const float* a, const float* b, float* x, int c, int w) {
+// x: the solution [B, C, w], then (split < w) its columns split..w as [B, C, w − split].
+extern "C" __global__ void qgate_solve_unit_lower(const float* a, const float* b, float* x, int c, int w, int split) {
     const int n = blockIdx.x;
     const int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= w) return;
     const float* A = a + (size_t)n * c * c;
     const float* B = b + (size_t)n * c * w;
     float* X = x + (size_t)n * c * w;
+    const int tw = w - split;
+    float* T = x + (size_t)gridDim.x * c * w + (size_t)n * c * tw + (col >= split ? col - split : 0);
     X[col] = B[col];
+    if (col >= split) T[0] = X[col];
     for (int i = 1; i < c; ++i) {
         float acc = 0.0f;
-        for (int j = 0; j < i; ++j) acc += A[i * c + j] * X[j * w + col];
+        for (int j = 0; j < i; ++j) acc = fmaf(A[i * c + j], X[j * w + col], acc);
         X[i * w + col] = B[i * w + col] - acc;
+        if (col >= split) T[(size_t)i * tw] = X[i * w + col];
+    }
+}
+
+// C = 64: the same arithmetic (fmaf over j ascending, then b − acc); A staged in shared memory (every
+// thread reads the same A[i][j]: a broadcast), the thread's column of X kept in registers (both loops
+// unrolled), so the sequential rows wait on no global load.
+extern "C" __global__ void qgate_solve_unit_lower_64(const float* a, const float* b, float* x, int c, int w,
+                                                     int split) {
+    __shared__ __align__(16) float A[64 * 64];
+    const int n = blockIdx.x;
+    const float* An = a + (size_t)n * 64 * 64;
+    for (int e = threadIdx.x; e < 64 * 64; e += blockDim.x) A[e] = An[e];
+    __syncthreads();
+    const int col = blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= w) return;
+    const float* B = b + (size_t)n * 64 * w;
+    float* X = x + (size_t)n * 64 * w;
+    const int tw = w - split;
+    float* T = x + (size_t)gridDim.x * 64 * w + (size_t)n * 64 * tw + (col >= split ? col - split : 0);
+    float xr[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < i; ++j) acc = fmaf(A[i * 64 + j], xr[j], acc);
+        xr[i] = B[(size_t)i * w + col] - acc;
+        X[(size_t)i * w + col] = xr[i];
+        if (col >= split) T[(size_t)i * tw] = xr[i];
     }
 }
 "#;
@@ -135,4 +209,40 @@ fn ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
     super::device::nvrtc_ptx(&PTX, KERNEL, "the delta-rule solve kernel")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_util::{max_diff_t, noise};
+    use candle_core::Device;
+
+    /// The solution satisfies `(I + L) X = B`, and the split form returns the same solution and a
+    /// contiguous copy of its last columns.
+    #[test]
+    fn solves_and_splits() {
+        let (batch, c, w, split) = (3, 9, 7, 4);
+        let dev = Device::Cpu;
+        let a = Tensor::from_vec(noise(batch * c * c, 11), (batch, c, c), &dev).unwrap();
+        let b = Tensor::from_vec(noise(batch * c * w, 12), (batch, c, w), &dev).unwrap();
+        let x = solve_unit_lower(&a, &b).unwrap();
+        let lower = a.broadcast_mul(&Tensor::tril2(c, candle_core::DType::F32, &dev).unwrap());
+        let strict = (lower.unwrap()
+            - Tensor::eye(c, candle_core::DType::F32, &dev)
+                .unwrap()
+                .broadcast_mul(&a)
+                .unwrap())
+        .unwrap();
+        let unit = strict
+            .broadcast_add(&Tensor::eye(c, candle_core::DType::F32, &dev).unwrap())
+            .unwrap();
+        assert!(max_diff_t(&unit.matmul(&x).unwrap(), &b) <= 1e-4);
+        let (x2, tail) = solve_unit_lower_split(&a, &b, split).unwrap();
+        assert_eq!(max_diff_t(&x, &x2), 0.0);
+        assert!(tail.is_contiguous() && tail.dims() == [batch, c, w - split]);
+        assert_eq!(
+            max_diff_t(&tail, &x.narrow(2, split, w - split).unwrap()),
+            0.0
+        );
+    }
 }
