@@ -120,8 +120,13 @@ impl GatedAttention {
                 .contiguous()?
                 .reshape((t, nh * hd))?
         };
-        let sig = p.round(&sigmoid(&gate)?)?;
-        let o = p.round(&(o * sig)?)?;
+        let o = if self.portable {
+            // R(o · R(sigmoid(gate))): one op.
+            super::pair_ops::sigmoid_gate_round(&o, &gate, p)?
+        } else {
+            let sig = p.round(&sigmoid(&gate)?)?;
+            p.round(&(o * sig)?)?
+        };
         linear(&o, &self.o_proj, p)
     }
 }

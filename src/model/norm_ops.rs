@@ -7,7 +7,7 @@
 //!
 //! with `inv = 1 / sqrt(Σx² / D + eps)` per row of the last dimension `D`, as HF's
 //! `x * torch.rsqrt(x.pow(2).mean(-1) + eps)` (torch's CPU `rsqrt` is `1 / sqrt`). `R` rounds to the
-//! model dtype (identity in f32). On the CPU the squares are summed in order; on a GPU by a block
+//! model dtype (identity in f32). On the CPU the squares are summed in order; on a GPU by a warp
 //! reduction (a different order of f32 additions, at the 1e-7 level). `x` and `z` may be stored as f32,
 //! bf16 or f16 (`act_io`); the weights are f32; the result is stored as `out`.
 use super::act_io;
@@ -177,9 +177,10 @@ impl Norm {
         // SAFETY: every one of the rows·d outputs is written.
         let out = unsafe { act_io::Out::alloc(&dev, self.out, rows * d)? };
         let func = dev.get_or_load_custom_func("qgate_rms_norm", "qgate_norms", ptx()?)?;
+        // A warp per row, 8 rows a block.
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (d.clamp(32, 256).div_ceil(32) as u32 * 32, 1, 1),
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let ints = [
@@ -190,6 +191,7 @@ impl Norm {
             xs.code(),
             zs.code(),
             out.code(),
+            rows as i32,
         ];
         let mut b = func.builder();
         xs.push(&mut b);
@@ -288,36 +290,30 @@ impl CustomOp3 for Gated {
 // into an FMA; the sum of squares is a block reduction.
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// heads (> 0): x is [heads, T, d], rounded as read; output row t·heads + h reads x row h·T + t.
+// One warp per row (8 rows a block): each lane sums the squares of its elements (lane, lane + 32, ..),
+// then a butterfly of shuffles gives every lane the row's sum. heads (> 0): x is [heads, T, d], rounded as
+// read; output row t·heads + h reads x row h·T + t.
 extern "C" __global__ void qgate_rms_norm(const void* x, const void* z, const float* w, void* out,
                                           float eps, int d, int heads, int gated_norm, int mode, int xt, int zt,
-                                          int ot) {
-    __shared__ float red[32];
-    __shared__ float inv_s;
-    const long row0 = blockIdx.x * (long)d;
-    const long xrow0 = heads > 0
-        ? ((long)(blockIdx.x % heads) * (gridDim.x / heads) + blockIdx.x / heads) * d : row0;
+                                          int ot, int rows) {
+    const int lane = threadIdx.x & 31;
+    const long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const long row0 = row * d;
+    const long xrow0 = heads > 0 ? ((row % heads) * (rows / heads) + row / heads) * d : row0;
     float acc = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    for (int i = lane; i < d; i += 32) {
         const float v = heads > 0 ? rnd(ld(x, xrow0 + i, xt), mode) : ld(x, xrow0 + i, xt);
         acc = fmaf(v, v, acc);
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float s = 0.0f;
-        for (int i = 0; i < (int)(blockDim.x >> 5); ++i) s += red[i];
-        inv_s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(s, (float)d), eps)));
-    }
-    __syncthreads();
-    const float inv = inv_s;
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc, (float)d), eps)));
     if (!gated_norm) {
-        for (int i = threadIdx.x; i < d; i += blockDim.x)
+        for (int i = lane; i < d; i += 32)
             st(out, row0 + i, rnd(__fmul_rn(__fmul_rn(ld(x, xrow0 + i, xt), inv), w[i]), mode), ot);
         return;
     }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    for (int i = lane; i < d; i += 32) {
         const float xv = heads > 0 ? rnd(ld(x, xrow0 + i, xt), mode) : ld(x, xrow0 + i, xt);
         const float n = rnd(__fmul_rn(rnd(__fmul_rn(xv, inv), mode), w[i]), mode);
         st(out, row0 + i, rnd(__fmul_rn(n, silu(ld(z, row0 + i, zt))), mode), ot);

@@ -2,7 +2,9 @@
 //! GPU (the tensor-op versions made two to four launches and as many passes):
 //!
 //! - [`add_round`]: `R(x + y)` (the residual adds);
-//! - [`silu_mul_round`]: `R(R(silu(g)) · u)` (SwiGLU's middle; `silu(g) = g / (1 + exp(−g))` in f32).
+//! - [`silu_mul_round`]: `R(R(silu(g)) · u)` (SwiGLU's middle; `silu(g) = g / (1 + exp(−g))` in f32);
+//! - [`sigmoid_gate_round`]: `R(o · R(1 / (1 + exp(−g))))` (the gated attention's output gate, as the
+//!   tensor ops `recip(exp(−g) + 1)`, rounded, times `o`, rounded).
 //!
 //! `R` rounds to the model dtype (identity in f32). Products and sums are rounded as on the host (no
 //! contraction into FMAs). The operands may be stored as f32, bf16 or f16 (`act_io`); the result is
@@ -21,6 +23,11 @@ pub fn silu_mul_round(g: &Tensor, u: &Tensor, prec: Precision) -> Result<Tensor>
     apply(g, u, Kind::SiluMul, prec)
 }
 
+/// `R(o · R(sigmoid(g)))`, stored as `o`.
+pub fn sigmoid_gate_round(o: &Tensor, g: &Tensor, prec: Precision) -> Result<Tensor> {
+    apply(o, g, Kind::SigmoidGate, prec)
+}
+
 fn apply(x: &Tensor, y: &Tensor, kind: Kind, prec: Precision) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(&y.contiguous()?, &PairOp { kind, prec })
@@ -28,8 +35,9 @@ fn apply(x: &Tensor, y: &Tensor, kind: Kind, prec: Precision) -> Result<Tensor> 
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
-    Add,
-    SiluMul,
+    Add = 0,
+    SiluMul = 1,
+    SigmoidGate = 2,
 }
 
 struct PairOp {
@@ -56,6 +64,7 @@ impl CustomOp2 for PairOp {
         match self.kind {
             Kind::Add => "qgate-add-round",
             Kind::SiluMul => "qgate-silu-mul-round",
+            Kind::SigmoidGate => "qgate-sigmoid-gate-round",
         }
     }
 
@@ -81,6 +90,11 @@ impl CustomOp2 for PairOp {
                 .zip(y.iter())
                 .map(|(&g, &u)| p.round_scalar(p.round_scalar(g / (1.0 + (-g).exp())) * u))
                 .collect(),
+            Kind::SigmoidGate => x
+                .iter()
+                .zip(y.iter())
+                .map(|(&o, &g)| p.round_scalar(o * p.round_scalar(1.0 / ((-g).exp() + 1.0))))
+                .collect(),
         };
         use candle_core::backend::BackendStorage;
         Ok((act_io::storage_of(out, s1.dtype())?, l1.shape().clone()))
@@ -104,10 +118,11 @@ impl CustomOp2 for PairOp {
         // SAFETY: every one of the n outputs is written.
         let out = unsafe { act_io::Out::alloc(&dev, s1.dtype(), n)? };
         let func = dev.get_or_load_custom_func("qgate_pair_op", "qgate_pair_ops", ptx()?)?;
-        let cfg = super::device::grid_stride(n);
+        // Four elements a thread (more loads in flight).
+        let cfg = super::device::grid_stride(n.div_ceil(4));
         let n64 = n as u64;
         let ints = [
-            (self.kind == Kind::SiluMul) as i32,
+            self.kind as i32,
             super::precision::round_code(self.prec),
             x.code(),
             y.code(),
@@ -129,12 +144,28 @@ impl CustomOp2 for PairOp {
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
+// kind 0: R(x + y); 1: R(R(silu(x)) · y); 2: R(x · R(1 / (exp(−y) + 1))). Four consecutive elements a
+// thread.
 extern "C" __global__ void qgate_pair_op(const void* x, const void* y, void* out, unsigned long long n,
-                                         int silu_mul, int mode, int xt, int yt, int ot) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        const float a = ld(x, i, xt), b = ld(y, i, yt);
-        st(out, i, silu_mul ? rnd(__fmul_rn(rnd(silu(a), mode), b), mode) : rnd(__fadd_rn(a, b), mode), ot);
+                                         int kind, int mode, int xt, int yt, int ot) {
+    for (unsigned long long i4 = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; 4 * i4 < n;
+         i4 += (unsigned long long)gridDim.x * blockDim.x) {
+        float a[4], b[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const unsigned long long i = 4 * i4 + u;
+            a[u] = i < n ? ld(x, i, xt) : 0.0f;
+            b[u] = i < n ? ld(y, i, yt) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const unsigned long long i = 4 * i4 + u;
+            float r;
+            if (kind == 1) r = rnd(__fmul_rn(rnd(silu(a[u]), mode), b[u]), mode);
+            else if (kind == 2) r = rnd(__fmul_rn(a[u], rnd(__fdiv_rn(1.0f, __fadd_rn(expf(-b[u]), 1.0f)), mode)), mode);
+            else r = rnd(__fadd_rn(a[u], b[u]), mode);
+            if (i < n) st(out, i, r, ot);
+        }
     }
 }
 "#;
@@ -165,9 +196,12 @@ mod tests {
             let sm = p
                 .round(&(p.round(&x.silu().unwrap()).unwrap() * &y).unwrap())
                 .unwrap();
+            let gate = crate::model::attention::sigmoid(&y).unwrap();
+            let sg = p.round(&(&x * p.round(&gate).unwrap()).unwrap()).unwrap();
             for (got, want) in [
                 (add_round(&x, &y, p).unwrap(), add),
                 (silu_mul_round(&x, &y, p).unwrap(), sm),
+                (sigmoid_gate_round(&x, &y, p).unwrap(), sg),
             ] {
                 let (g, w) = (
                     got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
