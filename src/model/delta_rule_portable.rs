@@ -23,8 +23,8 @@ pub fn chunked(qkv: &Tensor, bg: &Tensor, dims: Dims, state: &Tensor) -> Result<
     let products = matmul(&p.kb_qs, &p.k.transpose(1, 2)?)?; // [B, 2C, C]
     let (ut_system, intra) = delta_chunk_prep::decay_mask(&products, &p.cum)?;
     // (I + strictly_lower(ut)) · [new_values | k_cumdecay] = [v_β | k_β·exp(γ)]
-    // [B, C, Dv + Dk], and k_cumdecay (its last Dk columns) contiguous for the product below.
-    let (solved, k_cumdecay) = solve_unit_lower_split(&ut_system, &p.rhs, dv)?;
+    // [B, C, Dv + Dk], and its parts new_values and k_cumdecay contiguous for the ops below.
+    let (solved, new_values, k_cumdecay) = solve_unit_lower_split(&ut_system, &p.rhs, dv)?;
 
     // The scan over chunks carries only the state: S_{i+1} = S_i·d_i + K̃_iᵀ (V_i − W_i S_i)
     //   = (d_i·I − K̃_iᵀ W_i) S_i + K̃_iᵀ V_i = M_i S_i + N_i,
@@ -34,7 +34,6 @@ pub fn chunked(qkv: &Tensor, bg: &Tensor, dims: Dims, state: &Tensor) -> Result<
     // states exactly as HF writes them: O_i = Q̃_i S_i + A_i (V_i − W_i S_i).
     let gnt = matmul(&solved.transpose(1, 2)?, &p.k_to_end)?; // [B, Dv + Dk, Dk]
     let (starts, s) = super::chunk_scan::scan(&gnt, &p.chunk_decay, state)?;
-    let new_values = solved.narrow(2, 0, dv)?; // read in place by the subtraction
     let v_new = (new_values - matmul(&k_cumdecay, &starts)?)?;
     let o = (matmul(&p.q_decayed, &starts)? + matmul(&intra, &v_new)?)?; // [B, C, Dv]
     let o = o.reshape((h, n * C, dv))?;

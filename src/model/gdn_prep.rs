@@ -362,45 +362,18 @@ extern "C" __global__ void qgate_gdn_conv_qkv(const void* hist, const void* x, c
     const int base = is_v ? 2 * hk * dk + (slot - 2 * hk) * dv : slot * dk;
     float val[8];
     float ss = 0.0f;
-    // Up to 4 taps (Qwen3.5's conv is 4 wide): every tap's input and weight loaded before any is used,
-    // so the loads overlap; the sum is still taken in tap order.
-    float xin[8][4], win[8][4];
-    const int kk4 = kk <= 4 ? kk : 0;
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int d = lane + 32 * q, i = tt + j, ch = base + d;
-            xin[q][j] = 0.0f;
-            win[q][j] = 0.0f;
-            if (d < width && j < kk4) {
-                xin[q][j] = (i < kk - 1) ? ld(hist, (long)i * c + ch, ht) : ld(x, (long)(i - (kk - 1)) * c + ch, xt);
-                win[q][j] = w[(long)j * c + ch];
-            }
-        }
-    }
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
         const int d = lane + 32 * q;
         float v = 0.0f;
         if (d < width) {
             const int ch = base + d;
-            if (kk4 > 0) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    if (j < kk4) {
-                        const float prod = __fmul_rn(xin[q][j], win[q][j]);
-                        v = (j == 0) ? prod : __fadd_rn(v, prod);
-                    }
-                }
-            } else {
-                for (int j = 0; j < kk; ++j) {
-                    const int i = tt + j;
-                    const float r = (i < kk - 1) ? ld(hist, (long)i * c + ch, ht)
-                                                 : ld(x, (long)(i - (kk - 1)) * c + ch, xt);
-                    const float prod = __fmul_rn(r, w[(long)j * c + ch]);
-                    v = (j == 0) ? prod : __fadd_rn(v, prod);
-                }
+            for (int j = 0; j < kk; ++j) {
+                const int i = tt + j;
+                const float r = (i < kk - 1) ? ld(hist, (long)i * c + ch, ht)
+                                             : ld(x, (long)(i - (kk - 1)) * c + ch, xt);
+                const float prod = __fmul_rn(r, w[(long)j * c + ch]);
+                v = (j == 0) ? prod : __fadd_rn(v, prod);
             }
             v = rnd(silu(rnd(v, mode)), mode);
             ss = __fadd_rn(ss, __fmul_rn(v, v));

@@ -13,10 +13,14 @@ pub fn solve_unit_lower(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         .apply_op2_no_bwd(&b.contiguous()?, &SolveUnitLower { split: None })
 }
 
-/// [`solve_unit_lower`], and also columns `split..W` of the solution as their own contiguous `[B, C,
-/// W − split]` tensor (written by the same kernel: a product that reads them needs them contiguous, and
-/// a separate copy would read and write them again).
-pub fn solve_unit_lower_split(a: &Tensor, b: &Tensor, split: usize) -> Result<(Tensor, Tensor)> {
+/// [`solve_unit_lower`], and also columns `0..split` and `split..W` of the solution as their own
+/// contiguous `[B, C, split]` and `[B, C, W − split]` tensors (written by the same kernel: the products
+/// and element-wise ops that read them need them contiguous, and a copy would read and write them again).
+pub fn solve_unit_lower_split(
+    a: &Tensor,
+    b: &Tensor,
+    split: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (batch, c, w) = b.dims3()?;
     if split >= w {
         candle_core::bail!("solve_unit_lower_split: split {split} outside W = {w}");
@@ -25,15 +29,18 @@ pub fn solve_unit_lower_split(a: &Tensor, b: &Tensor, split: usize) -> Result<(T
         .contiguous()?
         .apply_op2_no_bwd(&b.contiguous()?, &SolveUnitLower { split: Some(split) })?;
     let n = batch * c * w;
+    let head = batch * c * split;
     Ok((
         out.narrow(0, 0, n)?.reshape((batch, c, w))?,
-        out.narrow(0, n, batch * c * (w - split))?
+        out.narrow(0, n, head)?.reshape((batch, c, split))?,
+        out.narrow(0, n + head, n - head)?
             .reshape((batch, c, w - split))?,
     ))
 }
 
 struct SolveUnitLower {
-    /// `Some(s)`: the output is the solution `[B, C, W]` flattened, then its columns `s..W` again.
+    /// `Some(s)`: the output is the solution `[B, C, W]` flattened, then its columns `0..s`, then its
+    /// columns `s..W`.
     split: Option<usize>,
 }
 
@@ -92,10 +99,13 @@ impl CustomOp2 for SolveUnitLower {
         let Some(split) = self.split else {
             return Ok((CpuStorage::F32(x), Shape::from((batch, c, w))));
         };
-        let tail: Vec<f32> = x
-            .chunks_exact(w)
-            .flat_map(|row| row[split..].to_vec())
-            .collect();
+        let part = |r: std::ops::Range<usize>| -> Vec<f32> {
+            x.chunks_exact(w)
+                .flat_map(|row| row[r.clone()].to_vec())
+                .collect()
+        };
+        let (head, tail) = (part(0..split), part(split..w));
+        x.extend_from_slice(&head);
         x.extend_from_slice(&tail);
         let len = x.len();
         Ok((CpuStorage::F32(x), Shape::from(len)))
@@ -117,8 +127,9 @@ impl CustomOp2 for SolveUnitLower {
         let a = super::device::cuda_f32(s1, l1)?;
         let b = super::device::cuda_f32(s2, l2)?;
         let split = self.split.unwrap_or(w);
-        let len = batch * c * (w + w - split);
-        // SAFETY: every element is written by the kernel before it is read (the tail: columns split..w).
+        let len = batch * c * w * if self.split.is_some() { 2 } else { 1 };
+        // SAFETY: every element is written by the kernel before it is read (with a split, every column
+        // once more in its part).
         let x = unsafe { dev.alloc::<f32>(len)? };
         // The chunk size of the delta rule (64) has its own kernel: the system in shared memory, each
         // thread's column of X in registers.
@@ -134,6 +145,7 @@ impl CustomOp2 for SolveUnitLower {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
+        // split == w: no parts written.
         let (c32, w32, split32) = (c as i32, w as i32, split as i32);
         let mut builder = func.builder();
         builder.arg(&a);
@@ -142,7 +154,8 @@ impl CustomOp2 for SolveUnitLower {
         builder.arg(&c32);
         builder.arg(&w32);
         builder.arg(&split32);
-        // SAFETY: the kernel reads B·C·C and B·C·W floats and writes B·C·(2W − split), as allocated.
+        // SAFETY: the kernel reads B·C·C and B·C·W floats and writes B·C·W (twice with a split), as
+        // allocated.
         unsafe { builder.launch(cfg) }.w()?;
         let shape = match self.split {
             None => Shape::from((batch, c, w)),
@@ -154,7 +167,8 @@ impl CustomOp2 for SolveUnitLower {
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// x: the solution [B, C, w], then (split < w) its columns split..w as [B, C, w − split].
+// x: the solution [B, C, w], then (split < w) its columns 0..split as [B, C, split] and split..w as
+// [B, C, w − split].
 extern "C" __global__ void qgate_solve_unit_lower(const float* a, const float* b, float* x, int c, int w, int split) {
     const int n = blockIdx.x;
     const int col = blockIdx.y * blockDim.x + threadIdx.x;
@@ -162,15 +176,17 @@ extern "C" __global__ void qgate_solve_unit_lower(const float* a, const float* b
     const float* A = a + (size_t)n * c * c;
     const float* B = b + (size_t)n * c * w;
     float* X = x + (size_t)n * c * w;
-    const int tw = w - split;
-    float* T = x + (size_t)gridDim.x * c * w + (size_t)n * c * tw + (col >= split ? col - split : 0);
+    const int parts = split < w;
+    const int tw = col < split ? split : w - split;
+    float* T = x + (size_t)gridDim.x * c * w + (col < split ? (size_t)n * c * split + col
+        : (size_t)gridDim.x * c * split + (size_t)n * c * tw + (col - split));
     X[col] = B[col];
-    if (col >= split) T[0] = X[col];
+    if (parts) T[0] = X[col];
     for (int i = 1; i < c; ++i) {
         float acc = 0.0f;
         for (int j = 0; j < i; ++j) acc = fmaf(A[i * c + j], X[j * w + col], acc);
         X[i * w + col] = B[i * w + col] - acc;
-        if (col >= split) T[(size_t)i * tw] = X[i * w + col];
+        if (parts) T[(size_t)i * tw] = X[i * w + col];
     }
 }
 
@@ -188,8 +204,10 @@ extern "C" __global__ void qgate_solve_unit_lower_64(const float* a, const float
     if (col >= w) return;
     const float* B = b + (size_t)n * 64 * w;
     float* X = x + (size_t)n * 64 * w;
-    const int tw = w - split;
-    float* T = x + (size_t)gridDim.x * 64 * w + (size_t)n * 64 * tw + (col >= split ? col - split : 0);
+    const int parts = split < w;
+    const int tw = col < split ? split : w - split;
+    float* T = x + (size_t)gridDim.x * 64 * w + (col < split ? (size_t)n * 64 * split + col
+        : (size_t)gridDim.x * 64 * split + (size_t)n * 64 * tw + (col - split));
     float xr[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
@@ -198,7 +216,7 @@ extern "C" __global__ void qgate_solve_unit_lower_64(const float* a, const float
         for (int j = 0; j < i; ++j) acc = fmaf(A[i * 64 + j], xr[j], acc);
         xr[i] = B[(size_t)i * w + col] - acc;
         X[(size_t)i * w + col] = xr[i];
-        if (col >= split) T[(size_t)i * tw] = xr[i];
+        if (parts) T[(size_t)i * tw] = xr[i];
     }
 }
 "#;
@@ -237,12 +255,12 @@ mod tests {
             .broadcast_add(&Tensor::eye(c, candle_core::DType::F32, &dev).unwrap())
             .unwrap();
         assert!(max_diff_t(&unit.matmul(&x).unwrap(), &b) <= 1e-4);
-        let (x2, tail) = solve_unit_lower_split(&a, &b, split).unwrap();
+        let (x2, head, tail) = solve_unit_lower_split(&a, &b, split).unwrap();
         assert_eq!(max_diff_t(&x, &x2), 0.0);
+        assert!(head.is_contiguous() && head.dims() == [batch, c, split]);
         assert!(tail.is_contiguous() && tail.dims() == [batch, c, w - split]);
-        assert_eq!(
-            max_diff_t(&tail, &x.narrow(2, split, w - split).unwrap()),
-            0.0
-        );
+        let part = |from, len| x.narrow(2, from, len).unwrap();
+        assert_eq!(max_diff_t(&head, &part(0, split)), 0.0);
+        assert_eq!(max_diff_t(&tail, &part(split, w - split)), 0.0);
     }
 }
