@@ -31,7 +31,7 @@ pub fn scan(gnt: &Tensor, d: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// `x` contiguous from a 16-byte boundary (the kernel's 4-wide loads and copies).
 fn aligned(x: &Tensor) -> Result<Tensor> {
-    if x.is_contiguous() && x.layout().start_offset() % 4 == 0 {
+    if x.is_contiguous() && x.layout().start_offset().is_multiple_of(4) {
         Ok(x.clone())
     } else {
         x.force_contiguous()

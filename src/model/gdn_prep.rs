@@ -9,7 +9,7 @@
 //!   softplus, threshold 20, `log1p` computed accurately), both `[Hv, T]` f32.
 //!
 //! On the CPU the ops compute exactly what the tensor ops computed (same operations in the same order);
-//! on the GPU only the order of the L2 norm's sum of squares differs (a block reduction). The conv's
+//! on the GPU only the order of the L2 norm's sum of squares differs (a warp reduction). The conv's
 //! input (`qkv` and its history) may be stored as f32, bf16 or f16 (`act_io`).
 use super::precision::Precision;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};

@@ -286,8 +286,8 @@ impl CustomOp3 for Gated {
     }
 }
 
-// One block per row. Explicit _rn intrinsics where the host rounds a product, so none is contracted
-// into an FMA; the sum of squares is a block reduction.
+// Explicit _rn intrinsics where the host rounds a product, so none is contracted
+// into an FMA; the sum of squares is a warp reduction.
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
 // One warp per row (8 rows a block): each lane sums the squares of its elements (lane, lane + 32, ..),

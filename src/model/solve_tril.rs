@@ -3,8 +3,9 @@
 //!
 //! Forward substitution, `x_i = b_i − Σ_{j<i} L_ij x_j` with `j` ascending, in f32. Every column of `X`
 //! is independent, so the CUDA kernel gives each thread one column of one system and walks the rows in
-//! order: one launch instead of one per row. The kernel is compiled at first use with NVRTC (part of the
-//! CUDA runtime candle already needs), so the build needs no extra nvcc step.
+//! order: one launch instead of one per row. For 64-row systems (the delta rule's chunks) the system sits
+//! in shared memory and the column in registers. The kernel is compiled at first use with NVRTC (part of
+//! the CUDA runtime candle already needs), so the build needs no extra nvcc step.
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `a`: `[B, C, C]` (only the strictly lower triangle is read), `b`: `[B, C, W]`, both f32.
