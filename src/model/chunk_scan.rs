@@ -168,7 +168,7 @@ impl CustomOp3 for ChunkScan {
         if dk > MAX_DK || dk % 4 != 0 || dv % 4 != 0 {
             candle_core::bail!("chunk_scan: the GPU kernel needs Dk ≤ {MAX_DK}, Dk and Dv multiples of 4, got {dk}, {dv}");
         }
-        if l1.start_offset() % 4 != 0 || l3.start_offset() % 4 != 0 {
+        if !l1.start_offset().is_multiple_of(4) || !l3.start_offset().is_multiple_of(4) {
             candle_core::bail!("chunk_scan: the GPU kernel needs 16-byte aligned inputs");
         }
         let dev = s1.device().clone();
