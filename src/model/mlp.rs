@@ -39,25 +39,14 @@ impl Mlp {
     /// [`Mlp::forward`] with the result stored as `out`.
     pub fn forward_to(&self, h: &Tensor, out: candle_core::DType) -> Result<Tensor> {
         let (p, portable) = (self.prec, self.portable);
-        swiglu_to(h, &self.gate, &self.up, &self.down, p, portable, out)
+        swiglu(h, &self.gate, &self.up, &self.down, p, portable, out)
     }
 }
 
-/// The SwiGLU body shared by dense MLPs and experts, as f32.
+/// The SwiGLU body shared by dense MLPs and experts, the result stored as `out`; the gate and up products
+/// and SwiGLU's middle are stored as `act_io::storage_dtype` (the model dtype on the portable kernels in
+/// bf16/f16).
 pub fn swiglu(
-    h: &Tensor,
-    gate: &LinearWeight,
-    up: &LinearWeight,
-    down: &LinearWeight,
-    p: Precision,
-    portable: bool,
-) -> Result<Tensor> {
-    swiglu_to(h, gate, up, down, p, portable, candle_core::DType::F32)
-}
-
-/// [`swiglu`] with the result stored as `out`; the gate and up products and SwiGLU's middle are stored as
-/// `act_io::storage_dtype` (the model dtype on the portable kernels in bf16/f16).
-pub fn swiglu_to(
     h: &Tensor,
     gate: &LinearWeight,
     up: &LinearWeight,

@@ -377,7 +377,8 @@ impl SparseMoe {
         if let Some(contrib) = routes.contrib_t.take() {
             // On the device: R(out · w) for each hit, added into its (token, slot) row (zero before).
             let dev = h.device();
-            let out = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p, true)?;
+            let out_dt = candle_core::DType::F32;
+            let out = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p, true, out_dt)?;
             let w: Vec<f32> = hits.iter().map(|(_, _, w)| *w).collect();
             let w = Tensor::from_vec(w, (hits.len(), 1), dev)?;
             let y = p.round(&out.broadcast_mul(&w)?)?;
@@ -389,9 +390,18 @@ impl SparseMoe {
             routes.contrib_t = Some(contrib.index_add(&rows, &y, 0)?);
             return Ok(());
         }
-        let out: Vec<f32> = swiglu(&xs, &expert.gate, &expert.up, &expert.down, p, false)?
-            .flatten_all()?
-            .to_vec1()?;
+        let out_dt = candle_core::DType::F32;
+        let out: Vec<f32> = swiglu(
+            &xs,
+            &expert.gate,
+            &expert.up,
+            &expert.down,
+            p,
+            false,
+            out_dt,
+        )?
+        .flatten_all()?
+        .to_vec1()?;
         for (n, (tok, slot, w)) in hits.iter().enumerate() {
             let at = (tok * self.top_k + slot) * hidden;
             let dst = &mut routes.contrib[at..at + hidden];

@@ -22,12 +22,7 @@ pub fn zero_centred(
     prec: Precision,
     out: DType,
 ) -> Result<Tensor> {
-    let norm = Norm {
-        eps: eps as f32,
-        prec,
-        out,
-        heads_first: None,
-    };
+    let norm = Norm::new(eps, prec, out, None);
     x.contiguous()?
         .apply_op2_no_bwd(&scale.contiguous()?, &ZeroCentred(norm))
 }
@@ -41,12 +36,7 @@ pub fn gated(
     prec: Precision,
     out: DType,
 ) -> Result<Tensor> {
-    let norm = Norm {
-        eps: eps as f32,
-        prec,
-        out,
-        heads_first: None,
-    };
+    let norm = Norm::new(eps, prec, out, None);
     x.contiguous()?
         .apply_op3_no_bwd(&z.contiguous()?, &w.contiguous()?, &Gated(norm))
 }
@@ -70,12 +60,7 @@ pub fn gated_heads_first(
             z.dims()
         );
     }
-    let norm = Norm {
-        eps: eps as f32,
-        prec,
-        out,
-        heads_first: Some(h),
-    };
+    let norm = Norm::new(eps, prec, out, Some(h));
     // x viewed with z's shape (same element count) so that the shape checks hold; rows are mapped below.
     let xv = x.contiguous()?.reshape((t, h, d))?;
     xv.apply_op3_no_bwd(&z.contiguous()?, &w.contiguous()?, &Gated(norm))
@@ -92,6 +77,15 @@ struct Norm {
 }
 
 impl Norm {
+    fn new(eps: f64, prec: Precision, out: DType, heads_first: Option<usize>) -> Norm {
+        Norm {
+            eps: eps as f32,
+            prec,
+            out,
+            heads_first,
+        }
+    }
+
     /// Rows and their width, after checking that every operand is contiguous f32-shaped as expected.
     fn rows(&self, x: &Layout, z: Option<&Layout>, w: &Layout) -> Result<(usize, usize)> {
         let d = x.shape().dims().last().copied().unwrap_or(0);
