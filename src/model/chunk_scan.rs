@@ -17,8 +17,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 pub fn scan(gnt: &Tensor, d: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
     let (h, dk, dv) = s0.dims3()?;
     let b = gnt.dim(0)?;
-    if !gnt.device().is_cpu() && (dk > MAX_DK || dk % 4 != 0 || dv % 4 != 0) {
-        // Outside the kernel's shared-memory tiles or its 4-wide loads.
+    if !gnt.device().is_cpu() && (dk > MAX_DK || dk % 4 != 0 || dv % 4 != 0 || !fits(gnt, dk)) {
+        // Outside the kernel's shared-memory tiles or its 4-wide loads, or a GPU whose blocks cannot
+        // have the kernel's shared memory (consumer GPUs allow ~100 KB).
         return scan_tensor_ops(gnt, d, s0);
     }
     let out = aligned(gnt)?.apply_op3_no_bwd(&d.contiguous()?, &aligned(s0)?, &ChunkScan)?;
@@ -27,6 +28,32 @@ pub fn scan(gnt: &Tensor, d: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
         out.narrow(0, 0, b * block)?.reshape((b, dk, dv))?,
         out.narrow(0, b * block, h * block)?.reshape((h, dk, dv))?,
     ))
+}
+
+/// Bytes of dynamic shared memory the GPU kernel needs: two chunks' `Gᵀ` and the state slice.
+#[cfg(feature = "cuda")]
+fn smem_bytes(dk: usize) -> usize {
+    (2 * dk * dk + COLS * dk) * 4
+}
+
+/// Whether `x`'s GPU lets a block opt in to the kernel's shared memory (the H100/H200's 227 KB do; an
+/// RTX 4090's 99 KB do not).
+#[cfg(feature = "cuda")]
+fn fits(x: &Tensor, dk: usize) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    match x.device() {
+        candle_core::Device::Cuda(dev) => dev
+            .cuda_stream()
+            .context()
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .is_ok_and(|max| max >= 0 && max as usize >= smem_bytes(dk)),
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fits(_: &Tensor, _: usize) -> bool {
+    false
 }
 
 /// `x` contiguous from a 16-byte boundary (the kernel's 4-wide loads and copies).
@@ -180,7 +207,7 @@ impl CustomOp3 for ChunkScan {
         let out = unsafe { dev.alloc::<f32>(len)? };
         let func = dev.get_or_load_custom_func("qgate_chunk_scan", "qgate_chunk_scan", ptx()?)?;
         // Two chunks' Gᵀ and the state slice; above the 48 KiB default, so opted in.
-        let smem = ((2 * dk * dk + COLS * dk) * 4) as u32;
+        let smem = smem_bytes(dk) as u32;
         use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
         func.set_attribute(
             Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
