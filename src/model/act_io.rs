@@ -18,15 +18,6 @@ pub fn storage_dtype(prec: super::precision::Precision, portable: bool) -> DType
     }
 }
 
-/// `x` as f32 (exact), no copy when it is f32 already.
-pub fn to_f32(x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-    if x.dtype() == DType::F32 {
-        Ok(x.clone())
-    } else {
-        super::round_op::cast(x, DType::F32)
-    }
-}
-
 /// `n` values of `s` from the layout's start offset, as f32 (exact for bf16/f16).
 pub fn f32_of<'a>(s: &'a CpuStorage, l: &Layout, n: usize, what: &str) -> Result<Cow<'a, [f32]>> {
     let a = l.start_offset();

@@ -15,7 +15,6 @@ use super::precision::Precision;
 #[cfg(any(feature = "cuda", test))]
 use candle_core::DType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
 
 /// `x`: `[.., R, total]` scores (any float dtype), row `r` belongs to query position `start + r % t`
 /// (rows ordered `[.., t]` innermost). Returns probabilities in `x`'s dtype, rounded to `prec`.
@@ -93,26 +92,15 @@ impl CustomOp1 for ScaledMaskedSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
         let (rows, total) = self.dims(l)?;
-        let o = l.start_offset();
         let n = rows * total;
-        let widen: Vec<f32> = match s {
-            CpuStorage::F32(v) => v[o..o + n].to_vec(),
-            CpuStorage::BF16(v) => v[o..o + n].iter().map(|x| x.to_f32()).collect(),
-            CpuStorage::F16(v) => v[o..o + n].iter().map(|x| x.to_f32()).collect(),
-            _ => candle_core::bail!("scaled_masked_softmax: float scores expected"),
-        };
+        let widen = super::act_io::f32_of(s, l, n, "scaled_masked_softmax")?;
         let mut out = vec![0f32; n];
         out.par_chunks_mut(total)
             .zip(widen.par_chunks(total))
             .enumerate()
             .for_each(|(r, (o, x))| self.row(r, x, o));
-        let storage = match s {
-            CpuStorage::BF16(_) => {
-                CpuStorage::BF16(out.iter().map(|&x| bf16::from_f32(x)).collect())
-            }
-            CpuStorage::F16(_) => CpuStorage::F16(out.iter().map(|&x| f16::from_f32(x)).collect()),
-            _ => CpuStorage::F32(out),
-        };
+        use candle_core::backend::BackendStorage;
+        let storage = super::act_io::storage_of(out, s.dtype())?;
         Ok((storage, l.shape().clone()))
     }
 

@@ -97,34 +97,11 @@ pub fn linear(x: &Tensor, w: &LinearWeight, prec: Precision) -> Result<Tensor> {
 /// the model dtype, cuBLAS's output is returned as written: no cast on either side when `x` is stored in
 /// the model dtype too.
 pub fn linear_to(x: &Tensor, w: &LinearWeight, prec: Precision, out: DType) -> Result<Tensor> {
+    // `cast` is a no-op when the dtype already matches; x holds model-dtype values (rounded upstream),
+    // so a cast to the model dtype is exact.
     let y = match w {
-        LinearWeight::Half(w) => {
-            // x holds model-dtype values (rounded upstream), so a cast is exact.
-            let x = if x.dtype() == w.dtype() {
-                x.clone()
-            } else {
-                cast(x, w.dtype())?
-            };
-            x.matmul(&w.t()?)?
-        }
-        _ => linear_f32(x, w, prec)?,
-    };
-    Ok(if y.dtype() == out { y } else { cast(&y, out)? })
-}
-
-fn linear_f32(x: &Tensor, w: &LinearWeight, prec: Precision) -> Result<Tensor> {
-    match w {
-        LinearWeight::F32(w) => {
-            let x = if x.dtype() == DType::F32 {
-                x.clone()
-            } else {
-                x.to_dtype(DType::F32)?
-            };
-            Ok(prec.round(&x.matmul(&w.t()?)?)?)
-        }
-        LinearWeight::Half(_) => Err(crate::error::Error::Internal(
-            "linear_f32 called with a half-precision weight".into(),
-        )),
+        LinearWeight::Half(w) => cast(x, w.dtype())?.matmul(&w.t()?)?,
+        LinearWeight::F32(w) => prec.round(&cast(x, DType::F32)?.matmul(&w.t()?)?)?,
         LinearWeight::Bf16(p) => {
             let (m, _) = x.dims2()?;
             // bf16 mode rounds each sum as it is stored (same bits as a rounding pass afterwards).
@@ -135,13 +112,14 @@ fn linear_f32(x: &Tensor, w: &LinearWeight, prec: Precision) -> Result<Tensor> {
                 }
                 y
             })?;
-            Ok(Tensor::from_vec(y, (m, p.n), &Device::Cpu)?)
+            Tensor::from_vec(y, (m, p.n), &Device::Cpu)?
         }
         LinearWeight::F32Packed(p) => {
             let (m, _) = x.dims2()?;
             let mut y = with_f32_slice(x, |xs| p.matmul_t(xs, m))?;
             prec.round_slice(&mut y);
-            Ok(Tensor::from_vec(y, (m, p.n), &Device::Cpu)?)
+            Tensor::from_vec(y, (m, p.n), &Device::Cpu)?
         }
-    }
+    };
+    Ok(cast(&y, out)?)
 }

@@ -128,7 +128,7 @@ impl FeedForward {
     fn forward(&self, h: &Tensor) -> Result<Tensor> {
         match self {
             FeedForward::Dense(m) => m.forward_to(h, h.dtype()),
-            FeedForward::Moe(m) => m.forward(&act_io::to_f32(h)?),
+            FeedForward::Moe(m) => m.forward(&round_op::cast(h, candle_core::DType::F32)?),
         }
     }
 }

@@ -8,7 +8,8 @@
 use super::precision::Precision;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-/// `x.to_dtype(dt)`, through [`CastOp`] for contiguous f32 ↔ bf16/f16 on a GPU.
+/// `x.to_dtype(dt)` (a no-op when `x` is `dt` already), through [`CastOp`] for contiguous f32 ↔ bf16/f16
+/// on a GPU.
 pub fn cast(x: &Tensor, dt: DType) -> Result<Tensor> {
     let half = |d: DType| matches!(d, DType::BF16 | DType::F16);
     let supported = (x.dtype() == DType::F32 && half(dt)) || (half(x.dtype()) && dt == DType::F32);
