@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build qgate with the `cuda` feature on a machine with no CUDA toolkit and no GPU driver (issue 7).
 #
-#   scripts/build-cuda.sh            # -> target/cuda/release/qgate, .gpu/qgate.gz, .gpu/bench_oracle.gz
+#   scripts/build-cuda.sh            # -> target/cuda/release/qgate, .gpu/{qgate,bench_oracle,gpu_ops_check}.gz
 #
 # The toolkit comes from NVIDIA's PyPI wheels, every piece pinned to one CUDA 13.0 release (newer
 # components emit PTX/cubins the H100's 580-series driver cannot load). libcuda.so is the driver: none is
@@ -66,9 +66,10 @@ export LIBRARY_PATH=$TK/lib:$TK/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 nvcc --version | tail -n 2 >&2
 # Own target folder: candle built with `cuda` must not evict the CPU build's artefacts.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
-cargo build --release --features cuda --bin qgate --example bench_oracle "$@"
+cargo build --release --features cuda --bin qgate --example bench_oracle --example gpu_ops_check "$@"
 # Gzipped copies for the GPU machine (the device tool carries at most 64 MiB): .gpu/ is git-ignored.
 mkdir -p .gpu
 gzip -6 -c "$CARGO_TARGET_DIR/release/qgate" > .gpu/qgate.gz
 gzip -6 -c "$CARGO_TARGET_DIR/release/examples/bench_oracle" > .gpu/bench_oracle.gz
+gzip -6 -c "$CARGO_TARGET_DIR/release/examples/gpu_ops_check" > .gpu/gpu_ops_check.gz
 ls -l .gpu/*.gz >&2

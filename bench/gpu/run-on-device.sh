@@ -23,6 +23,14 @@ ldd $Q/qgate | grep -E "not found|cublas|cuda|nvrtc|curand" || true
 if [[ " $STEPS " == *" check "* ]]; then
   echo "== GPU oracle vs CPU oracle and vs HF (fixtures)"
   fail=0
+  # The kernels op by op against their host implementations (shapes the fixtures do not reach).
+  if [ -f .gpu/gpu_ops_check.gz ]; then
+    gunzip -c .gpu/gpu_ops_check.gz > $Q/gpu_ops_check && chmod +x $Q/gpu_ops_check
+    $Q/gpu_ops_check cuda:0 > $OUT/ops.log 2>&1 || fail=1
+    grep -v PASS $OUT/ops.log; tail -n 1 $OUT/ops.log
+  else
+    echo "gpu_ops_check: .gpu/gpu_ops_check.gz missing (scripts/build-cuda.sh builds it)"; fail=1
+  fi
   for m in ${CHECK_MODELS:-dense-vl-tied dense-gva-untied moe-fused moe-experts trained-dense trained-moe}; do
     for dt in ${CHECK_DTYPES:-f32 bf16 f16}; do
       hf=fixtures/hf/$m.$dt.capture.safetensors; [ -f "$hf" ] || continue

@@ -16,17 +16,20 @@ use super::precision::Precision;
 use candle_core::DType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-/// `x`: `[.., R, total]` scores (any float dtype), row `r` belongs to query position `start + r % t`
-/// (rows ordered `[.., t]` innermost). Returns probabilities in `x`'s dtype, rounded to `prec`.
+/// `x`: `[.., R, total]` scores (any float dtype), row `r` belongs to query position
+/// `start + (r / group) % t` (rows ordered `[.., t, group]`: `group` consecutive rows share a position,
+/// the GQA query heads of one kv head). Returns probabilities in `x`'s dtype, rounded to `prec`.
 pub fn scaled_masked_softmax(
     x: &Tensor,
     t: usize,
+    group: usize,
     start: usize,
     scale: f32,
     prec: Precision,
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&ScaledMaskedSoftmax {
         t,
+        group,
         start,
         scale,
         prec,
@@ -35,6 +38,7 @@ pub fn scaled_masked_softmax(
 
 struct ScaledMaskedSoftmax {
     t: usize,
+    group: usize,
     start: usize,
     scale: f32,
     prec: Precision,
@@ -45,10 +49,10 @@ impl ScaledMaskedSoftmax {
         let dims = l.shape().dims();
         let total = *dims.last().unwrap_or(&0);
         let rows = l.shape().elem_count() / total.max(1);
-        if !l.is_contiguous() || total == 0 || self.t == 0 || !rows.is_multiple_of(self.t) {
+        let per = self.t * self.group;
+        if !l.is_contiguous() || total == 0 || per == 0 || !rows.is_multiple_of(per) {
             candle_core::bail!(
-                "scaled_masked_softmax: expected contiguous [.., R, total] with R a multiple of t = {}, got {:?}",
-                self.t,
+                "scaled_masked_softmax: expected contiguous [.., R, total] with R a multiple of t·group = {per}, got {:?}",
                 l.shape()
             );
         }
@@ -66,7 +70,7 @@ impl ScaledMaskedSoftmax {
     /// One row on the host: the reference semantics.
     fn row(&self, r: usize, x: &[f32], out: &mut [f32]) {
         let p = self.prec;
-        let visible = self.start + r % self.t + 1;
+        let visible = self.start + (r / self.group) % self.t + 1;
         let (seen, hidden) = out.split_at_mut(visible);
         for (o, &v) in seen.iter_mut().zip(&x[..visible]) {
             *o = p.round_scalar(p.round_scalar(v) * self.scale);
@@ -123,6 +127,7 @@ impl CustomOp1 for ScaledMaskedSoftmax {
             shared_mem_bytes: 0,
         };
         let (total32, t32, start32) = (total as i32, self.t as i32, self.start as i32);
+        let group32 = self.group as i32;
         let scale = self.scale;
         macro_rules! launch {
             ($ty:ty) => {{
@@ -134,6 +139,7 @@ impl CustomOp1 for ScaledMaskedSoftmax {
                 b.arg(&y);
                 b.arg(&total32);
                 b.arg(&t32);
+                b.arg(&group32);
                 b.arg(&start32);
                 b.arg(&scale);
                 // SAFETY: reads and writes rows·total elements, as allocated.
@@ -209,12 +215,12 @@ __device__ float block_sum(float v, float* red) {
 }
 
 #define SOFTMAX(NAME, TY, LOAD, STORE, RND)                                                        \
-extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int start, float scale) {   \
+extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int group, int start, float scale) { \
     __shared__ float red[32];                                                                      \
     const long row = blockIdx.x;                                                                   \
     const TY* xr = x + row * (long)total;                                                          \
     TY* yr = y + row * (long)total;                                                                \
-    const int visible = start + (int)(row % t) + 1;                                                \
+    const int visible = start + (int)((row / group) % t) + 1;                                      \
     float m = __int_as_float(0xff800000);                                                          \
     for (int j = threadIdx.x; j < visible; j += blockDim.x) m = nanmax(m, RND(RND(LOAD(xr[j])) * scale)); \
     m = block_max(m, red);                                                                         \
@@ -252,16 +258,21 @@ mod tests {
     #[test]
     fn op_is_hfs_scaled_masked_softmax() {
         let (t, start, total) = (3usize, 2usize, 5usize);
-        let vals: Vec<f32> = (0..2 * t * total)
-            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.37)
-            .collect();
-        for prec in [Precision::F32, Precision::BF16, Precision::F16] {
-            let x = Tensor::from_vec(vals.clone(), (2, t, total), &Device::Cpu).unwrap();
+        for (prec, group) in [
+            (Precision::F32, 1),
+            (Precision::BF16, 1),
+            (Precision::F16, 1),
+            (Precision::BF16, 2),
+        ] {
+            let vals: Vec<f32> = (0..2 * t * group * total)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.37)
+                .collect();
+            let x = Tensor::from_vec(vals, (2, t * group, total), &Device::Cpu).unwrap();
             let x = match prec.half_dtype() {
                 Some(d) => x.to_dtype(d).unwrap(),
                 None => x,
             };
-            let y = scaled_masked_softmax(&x, t, start, 0.5, prec).unwrap();
+            let y = scaled_masked_softmax(&x, t, group, start, 0.5, prec).unwrap();
             assert_eq!(y.dtype(), x.dtype());
             let y: Vec<f32> = y
                 .to_dtype(DType::F32)
@@ -277,8 +288,8 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            for r in 0..2 * t {
-                let vis = start + r % t + 1;
+            for r in 0..2 * t * group {
+                let vis = start + (r / group) % t + 1;
                 let row = &xs[r * total..(r + 1) * total];
                 let s: Vec<f32> = row[..vis]
                     .iter()

@@ -91,24 +91,6 @@ fn gemm_ready(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tenso
     }
 }
 
-/// `R(a · b)`: f32 accumulation and one rounding to the model dtype. On a GPU in bf16/f16 mode the operands
-/// (already model-dtype values, so the cast is exact) go to cuBLAS in that dtype with f32 accumulation —
-/// the same result class on tensor cores — instead of an f32 GEMM followed by a rounding pass.
-pub fn matmul_rounded(
-    a: &candle_core::Tensor,
-    b: &candle_core::Tensor,
-    prec: super::precision::Precision,
-) -> candle_core::Result<candle_core::Tensor> {
-    match prec.half_dtype() {
-        Some(dt) if !a.device().is_cpu() => {
-            let c = matmul(&cast(a, dt)?, &cast(b, dt)?)?;
-            cast(&c, candle_core::DType::F32)
-        }
-        _ if a.dtype() != b.dtype() => prec.round(&a.to_dtype(b.dtype())?.matmul(b)?),
-        _ => prec.round(&a.matmul(b)?),
-    }
-}
-
 /// `a · b` rounded to the model dtype and *kept* in it where the product runs on a GPU in bf16/f16 (cuBLAS
 /// writes the rounded values in that dtype; no f32 copy), else `R(a · b)` in f32. The values are the
 /// same either way; the next op (the attention softmax) reads either dtype.
@@ -119,7 +101,11 @@ pub fn matmul_model_dtype(
 ) -> candle_core::Result<candle_core::Tensor> {
     match prec.half_dtype() {
         Some(dt) if !a.device().is_cpu() => matmul(&cast(a, dt)?, &cast(b, dt)?),
-        _ => prec.round(&a.matmul(b)?),
+        // On the host the product is an f32 one (operands stored in bf16/f16 are widened exactly).
+        _ => {
+            let f = candle_core::DType::F32;
+            prec.round(&a.to_dtype(f)?.matmul(&b.to_dtype(f)?)?)
+        }
     }
 }
 

@@ -253,7 +253,10 @@ impl candle_core::CustomOp1 for NonFiniteCount {
         };
         let func = dev.get_or_load_custom_func(name, "qgate_nonfinite", probe_ptx()?)?;
         let out = dev.alloc_zeros::<f32>(1)?;
-        let blocks = (n.div_ceil(256)).clamp(1, 1024) as u32;
+        let blocks = (n.div_ceil(256 * 8)).clamp(1, 2048) as u32;
+        // Elements before the first 16-byte boundary (allocations are at least 256-byte aligned).
+        let size = s.dtype().size_in_bytes();
+        let head = (((16 - (l.start_offset() * size) % 16) % 16) / size).min(n) as u64;
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),
@@ -266,6 +269,7 @@ impl candle_core::CustomOp1 for NonFiniteCount {
                 let mut b = func.builder();
                 b.arg(&x);
                 b.arg(&n64);
+                b.arg(&head);
                 b.arg(&out);
                 // SAFETY: reads n elements of x, adds into the one zeroed float of out.
                 unsafe { b.launch(cfg) }.w()?;
@@ -285,17 +289,32 @@ impl candle_core::CustomOp1 for NonFiniteCount {
 
 #[cfg(feature = "cuda")]
 const PROBE_KERNEL: &str = r#"
-#define COUNT(NAME, TY, BAD)                                                                        \
-extern "C" __global__ void NAME(const TY* x, unsigned long long n, float* out) {                  \
+// Grid-stride count of non-finite values: the first `head` elements one by one (up to the first 16-byte
+// boundary), then 16-byte vectors, then the tail. BADW counts the bad elements packed in a 32-bit word.
+#define COUNT(NAME, TY, PER, BAD, BADW)                                                             \
+extern "C" __global__ void NAME(const TY* x, unsigned long long n, unsigned long long head, float* out) { \
     float c = 0.0f;                                                                                \
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;  \
-         i += (unsigned long long)gridDim.x * blockDim.x) { TY v = x[i]; c += (BAD) ? 1.0f : 0.0f; } \
+    const unsigned long long tid = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;      \
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;                  \
+    if (tid < head) { TY v = x[tid]; c += (BAD) ? 1.0f : 0.0f; }                                   \
+    const unsigned long long nv = (n - head) / PER;                                                \
+    const uint4* xv = (const uint4*)(x + head);                                                    \
+    for (unsigned long long i = tid; i < nv; i += stride) {                                        \
+        const uint4 q = xv[i];                                                                     \
+        c += (float)(BADW(q.x) + BADW(q.y) + BADW(q.z) + BADW(q.w));                               \
+    }                                                                                              \
+    for (unsigned long long i = head + nv * PER + tid; i < n; i += stride) {                       \
+        TY v = x[i]; c += (BAD) ? 1.0f : 0.0f;                                                     \
+    }                                                                                              \
     for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffff, c, o);                       \
     if ((threadIdx.x & 31) == 0 && c != 0.0f) atomicAdd(out, c);                                   \
 }
-COUNT(qgate_nonfinite_f32, unsigned int, (v & 0x7f800000u) == 0x7f800000u)
-COUNT(qgate_nonfinite_bf16, unsigned short, (v & 0x7f80u) == 0x7f80u)
-COUNT(qgate_nonfinite_f16, unsigned short, (v & 0x7c00u) == 0x7c00u)
+#define W32(w) ((int)(((w) & 0x7f800000u) == 0x7f800000u))
+#define WBF16(w) ((int)(((w) & 0x7f80u) == 0x7f80u) + (int)(((w) & 0x7f800000u) == 0x7f800000u))
+#define WF16(w) ((int)(((w) & 0x7c00u) == 0x7c00u) + (int)(((w) & 0x7c000000u) == 0x7c000000u))
+COUNT(qgate_nonfinite_f32, unsigned int, 4, (v & 0x7f800000u) == 0x7f800000u, W32)
+COUNT(qgate_nonfinite_bf16, unsigned short, 8, (v & 0x7f80u) == 0x7f80u, WBF16)
+COUNT(qgate_nonfinite_f16, unsigned short, 8, (v & 0x7c00u) == 0x7c00u, WF16)
 "#;
 
 /// The kernels' PTX, compiled once per process.

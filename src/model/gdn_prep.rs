@@ -213,10 +213,23 @@ impl CustomOp3 for ConvQkv {
         let ints: [i32; 7] = [
             t as i32, kk as i32, c as i32, hk as i32, hv as i32, dk as i32, dv as i32,
         ];
+        // Vector loads and stores where every row, head and offset falls on a multiple of 4 elements
+        // (allocations are 256-byte aligned).
+        let v4 = [
+            dk,
+            dv,
+            c,
+            l1.start_offset(),
+            l2.start_offset(),
+            l3.start_offset(),
+        ]
+        .iter()
+        .all(|v| v % 4 == 0);
         let codes = [
             super::precision::round_code(self.prec),
             hs.code(),
             xs.code(),
+            v4 as i32,
         ];
         let mut b = func.builder();
         hs.push(&mut b);
@@ -344,14 +357,39 @@ impl CustomOp3 for BetaG {
 // Explicit _rn intrinsics: no contraction into FMAs, so each product and sum rounds as on the host.
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// (rnd and silu: `device::nvrtc_ptx_with_rounding`.)
-// Block (t, slot): slots 0..hk-1 are q heads, hk..2hk-1 k heads, 2hk.. v heads; thread = channel in head.
+// (rnd, silu, ld: `device::nvrtc_ptx_with_rounding`.)
+// Four consecutive activations from element i (any storage dtype); v4: i is a multiple of 4 and the data
+// 8/16-byte aligned, so one vector load; else four scalar loads (the last ones only where i + e < lim).
+__device__ __forceinline__ void ld4(const void* p, long i, int dt, int v4, int lim, float* o) {
+    if (v4) {
+        if (dt == 0) {
+            const float4 f = *(const float4*)((const float*)p + i);
+            o[0] = f.x; o[1] = f.y; o[2] = f.z; o[3] = f.w;
+            return;
+        }
+        const uint2 u = *(const uint2*)((const unsigned short*)p + i);
+        const unsigned short hs[4] = {(unsigned short)(u.x & 0xffff), (unsigned short)(u.x >> 16),
+                                      (unsigned short)(u.y & 0xffff), (unsigned short)(u.y >> 16)};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (dt == 1) o[e] = __uint_as_float(((unsigned int)hs[e]) << 16);
+            else asm("cvt.f32.f16 %0, %1;" : "=f"(o[e]) : "h"(hs[e]));
+        }
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] = (e < lim) ? ld(p, i + e, dt) : 0.0f;
+}
+
 // One warp per (head slot, position): slots 0..hk are q heads, hk..2hk k heads, then the hv value heads;
-// lane l owns channels l, l + 32, .. of the slot (width ≤ 256). Consecutive warps take consecutive
-// positions of one slot, so the taps' rows are shared through L1/L2.
+// lane l owns the four consecutive channels 4l.. and 4l + 128.. of the slot (width ≤ 256). Consecutive
+// warps take consecutive positions of one slot, so the taps' rows are shared through L1/L2. Each
+// channel: Σ_j R-free products x·w over the taps in order (the host's sum), R, SiLU, R; q and k rows are
+// then L2-normalised (sum of squares: per lane in channel order, then a butterfly) and written once per
+// value head they serve. v4: vector loads (checked on the host: dims, row width and offsets multiples of 4).
 extern "C" __global__ void qgate_gdn_conv_qkv(const void* hist, const void* x, const float* w, float* out,
                                               int t, int kk, int c, int hk, int hv, int dk, int dv, int mode,
-                                              int ht, int xt) {
+                                              int ht, int xt, int v4) {
     const int lane = threadIdx.x & 31;
     const long task = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int slots = 2 * hk + hv;
@@ -363,27 +401,42 @@ extern "C" __global__ void qgate_gdn_conv_qkv(const void* hist, const void* x, c
     float val[8];
     float ss = 0.0f;
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
-        const int d = lane + 32 * q;
-        float v = 0.0f;
-        if (d < width) {
-            const int ch = base + d;
+    for (int q = 0; q < 2; ++q) {
+        const int d0 = 4 * lane + 128 * q;
+        const int lim = width - d0;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (lim > 0) {
+            const int ch = base + d0;
             for (int j = 0; j < kk; ++j) {
                 const int i = tt + j;
-                const float r = (i < kk - 1) ? ld(hist, (long)i * c + ch, ht)
-                                             : ld(x, (long)(i - (kk - 1)) * c + ch, xt);
-                const float prod = __fmul_rn(r, w[(long)j * c + ch]);
-                v = (j == 0) ? prod : __fadd_rn(v, prod);
+                float r[4], wj[4];
+                if (i < kk - 1) ld4(hist, (long)i * c + ch, ht, v4, lim, r);
+                else ld4(x, (long)(i - (kk - 1)) * c + ch, xt, v4, lim, r);
+                ld4(w, (long)j * c + ch, 0, v4, lim, wj);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float prod = __fmul_rn(r[e], wj[e]);
+                    acc[e] = (j == 0) ? prod : __fadd_rn(acc[e], prod);
+                }
             }
-            v = rnd(silu(rnd(v, mode)), mode);
-            ss = __fadd_rn(ss, __fmul_rn(v, v));
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float v = (e < lim) ? rnd(silu(rnd(acc[e], mode)), mode) : 0.0f;
+                ss = __fadd_rn(ss, __fmul_rn(v, v));
+                acc[e] = v;
+            }
         }
-        val[q] = v;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) val[4 * q + e] = acc[e];
     }
     if (is_v) {
         float* o = out + 2L * hv * t * dk + ((long)(slot - 2 * hk) * t + tt) * dv;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) if (lane + 32 * q < dv) o[lane + 32 * q] = val[q];
+        for (int q = 0; q < 2; ++q) {
+            const int d0 = 4 * lane + 128 * q;
+            if (v4 && d0 < dv) *(float4*)(o + d0) = make_float4(val[4 * q], val[4 * q + 1], val[4 * q + 2], val[4 * q + 3]);
+            else for (int e = 0; e < 4; ++e) if (d0 + e < dv) o[d0 + e] = val[4 * q + e];
+        }
         return;
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
@@ -392,10 +445,16 @@ extern "C" __global__ void qgate_gdn_conv_qkv(const void* hist, const void* x, c
     const int j = slot - which * hk;       // key head
     const int r = hv / hk;
     float* basep = out + (long)which * hv * t * dk;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) val[e] = __fmul_rn(val[e], inv);
     for (int i = 0; i < r; ++i) {
         float* o = basep + ((long)(j * r + i) * t + tt) * dk;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) if (lane + 32 * q < dk) o[lane + 32 * q] = __fmul_rn(val[q], inv);
+        for (int q = 0; q < 2; ++q) {
+            const int d0 = 4 * lane + 128 * q;
+            if (v4 && d0 < dk) *(float4*)(o + d0) = make_float4(val[4 * q], val[4 * q + 1], val[4 * q + 2], val[4 * q + 3]);
+            else for (int e = 0; e < 4; ++e) if (d0 + e < dk) o[d0 + e] = val[4 * q + e];
+        }
     }
 }
 

@@ -1,0 +1,213 @@
+//! The portable kernels' CUDA implementations against their host implementations, op by op, on shapes the
+//! fixture models do not reach (0.8B head widths, unaligned views, non-finite values at the edges of the
+//! vectorised loops). Run on the GPU machine by `bench/gpu/run-on-device.sh` (step `check`); prints one
+//! line per case and exits 1 on any mismatch. usage: gpu_ops_check [DEVICE]
+use candle_core::{DType, Device, Tensor};
+use qgate::model::precision::Precision;
+use qgate::model::{attention, attn_softmax, finite, gdn_prep, rope};
+
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn f32s(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    x.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// Largest |a − b| and whether any NaN sits where the other has none.
+fn diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    let (a, b) = (f32s(a)?, f32s(b)?);
+    if a.len() != b.len() {
+        return Ok(f32::INFINITY);
+    }
+    Ok(a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            if x.is_nan() != y.is_nan() {
+                f32::INFINITY
+            } else {
+                (x - y).abs()
+            }
+        })
+        .fold(0.0, f32::max))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let name = std::env::args().nth(1).unwrap_or_else(|| "cuda:0".into());
+    let gpu = qgate::model::device::parse_device(&name)?;
+    let cpu = Device::Cpu;
+    let fails = std::cell::Cell::new(0usize);
+    let report = |what: String, d: f32, tol: f32| {
+        let ok = d <= tol;
+        println!(
+            "{what}: max|Δ| {d:.3e} [tol {tol:.0e}: {}]",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        if !ok {
+            fails.set(fails.get() + 1);
+        }
+    };
+
+    // Non-finite counts: NaN / ±Inf at the first, a middle and the last element of views whose start
+    // is off the 16-byte boundary, in each dtype; the GPU count must be non-zero exactly when the host's is.
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for n in [1usize, 7, 8, 9, 33, 4099] {
+            for off in [0usize, 1, 3, 5] {
+                for bad in [None, Some(0), Some(n / 2), Some(n - 1)] {
+                    for val in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                        let mut v = noise(n + off, (n * 7 + off) as u64);
+                        if let Some(b) = bad {
+                            v[off + b] = val;
+                        }
+                        let host = Tensor::from_vec(v, n + off, &cpu)?.to_dtype(dt)?;
+                        let view = host.narrow(0, off, n)?;
+                        let want = f32s(&finite::nonfinite_probe(&view)?)?[0] != 0.0; // NaN on the host, a count on a GPU
+                        let on_gpu = host.to_device(&gpu)?.narrow(0, off, n)?;
+                        let got = f32s(&finite::nonfinite_probe(&on_gpu)?)?[0] != 0.0;
+                        if got != want || want != bad.is_some() {
+                            println!("nonfinite {dt:?} n {n} offset {off} bad {bad:?} {val}: gpu {got}, host {want}: FAIL");
+                            fails.set(fails.get() + 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("nonfinite probe: 3 dtypes × 6 lengths × 4 offsets × 4 positions × 3 values checked");
+
+    for p in [Precision::F32, Precision::BF16, Precision::F16] {
+        let io = p.half_dtype().unwrap_or(DType::F32);
+        // GDN conv at the 0.8B widths (vector loads) and at odd widths (scalar loads).
+        for (hk, hv, dk, dv, t) in [
+            (16, 16, 128, 128, 300),
+            (2, 4, 6, 10, 37),
+            (4, 4, 256, 256, 9),
+        ] {
+            let dims = gdn_prep::Dims { hk, hv, dk, dv };
+            let c = 2 * hk * dk + hv * dv;
+            let hist = p
+                .round(&Tensor::from_vec(noise(3 * c, 1), (3, c), &cpu)?)?
+                .to_dtype(io)?;
+            let x = p
+                .round(&Tensor::from_vec(noise(t * c, 2), (t, c), &cpu)?)?
+                .to_dtype(io)?;
+            let w = p.round(&Tensor::from_vec(noise(4 * c, 3), (4, c), &cpu)?)?;
+            let want = gdn_prep::conv_qkv(&hist, &x, &w, dims, p)?;
+            let got = gdn_prep::conv_qkv(
+                &hist.to_device(&gpu)?,
+                &x.to_device(&gpu)?,
+                &w.to_device(&gpu)?,
+                dims,
+                p,
+            )?;
+            // q, k: the L2 norm's sum is reduced in a different order on the GPU (f32 ulps); v exact.
+            let nqk = 2 * hv * t * dk;
+            let qk = diff(&got.narrow(0, 0, nqk)?, &want.narrow(0, 0, nqk)?)?;
+            report(
+                format!(
+                    "conv {} hk {hk} hv {hv} dk {dk} dv {dv} T {t} q,k",
+                    p.name()
+                ),
+                qk,
+                1e-6,
+            );
+            let vd = diff(
+                &got.narrow(0, nqk, hv * t * dv)?,
+                &want.narrow(0, nqk, hv * t * dv)?,
+            )?;
+            report(
+                format!("conv {} hk {hk} hv {hv} dk {dk} dv {dv} T {t} v", p.name()),
+                vd,
+                0.0,
+            );
+        }
+        // RoPE into the GQA layout: exact.
+        let (t, h, hd, rd, g) = (77, 8, 256, 64, 4);
+        let r = rope::Rope::new(1e7, rd, p);
+        let (cos, sin) = r.tables(5, t, &cpu)?;
+        let x = p
+            .round(&Tensor::from_vec(noise(t * h * hd, 4), (t, h, hd), &cpu)?)?
+            .to_dtype(io)?;
+        let want = rope::rotate_grouped(&x, &cos, &sin, g, p, io)?;
+        let got = rope::rotate_grouped(
+            &x.to_device(&gpu)?,
+            &cos.to_device(&gpu)?,
+            &sin.to_device(&gpu)?,
+            g,
+            p,
+            io,
+        )?;
+        report(
+            format!("rope {} grouped", p.name()),
+            diff(&got, &want)?,
+            0.0,
+        );
+        // Softmax with GQA row groups and a cached prefix: the sum's order differs (f32 ulps, then R).
+        let (nkv, tq, start) = (2, 19, 6);
+        let keys = start + tq;
+        let sc = p
+            .round(&Tensor::from_vec(
+                noise(nkv * tq * g * keys, 5),
+                (nkv, tq * g, keys),
+                &cpu,
+            )?)?
+            .to_dtype(io)?;
+        let want = attn_softmax::scaled_masked_softmax(&sc, tq, g, start, 0.0625, p)?;
+        let got =
+            attn_softmax::scaled_masked_softmax(&sc.to_device(&gpu)?, tq, g, start, 0.0625, p)?;
+        let tol = match p {
+            Precision::F32 => 1e-6,
+            _ => 4e-3,
+        };
+        report(
+            format!("softmax {} group {g}", p.name()),
+            diff(&got, &want)?,
+            tol,
+        );
+        // Attention over query blocks against one block, both on the GPU, and against the host.
+        let hd = 32;
+        let mk = |rows: usize, seed| -> candle_core::Result<Tensor> {
+            p.round(&Tensor::from_vec(
+                noise(nkv * rows * hd, seed),
+                (nkv, rows, hd),
+                &cpu,
+            )?)?
+            .to_dtype(io)
+        };
+        let (q, k, v) = (mk(tq * g, 6)?, mk(keys, 7)?, mk(keys, 8)?);
+        let host = attention::blocked(&q, &k, &v, tq, g, start, 0.18, p, tq)?;
+        let (qg, kg, vg) = (q.to_device(&gpu)?, k.to_device(&gpu)?, v.to_device(&gpu)?);
+        let one = attention::blocked(&qg, &kg, &vg, tq, g, start, 0.18, p, tq)?;
+        let tol = match p {
+            Precision::F32 => 1e-5,
+            _ => 2e-2,
+        };
+        report(
+            format!("attention {} gpu vs host", p.name()),
+            diff(&one, &host)?,
+            tol,
+        );
+        for block in [1, 4, 7] {
+            let got = attention::blocked(&qg, &kg, &vg, tq, g, start, 0.18, p, block)?;
+            report(
+                format!("attention {} block {block} vs one block", p.name()),
+                diff(&got, &one)?,
+                tol,
+            );
+        }
+    }
+    let ok = fails.get() == 0;
+    println!("gpu ops check: {}", if ok { "PASS" } else { "FAIL" });
+    std::process::exit(if ok { 0 } else { 1 });
+}
