@@ -4,7 +4,7 @@
 //! line per case and exits 1 on any mismatch. usage: gpu_ops_check [DEVICE]
 use candle_core::{DType, Device, Tensor};
 use qgate::model::precision::Precision;
-use qgate::model::{attention, attn_softmax, finite, gdn_prep, rope};
+use qgate::model::{attention, attn_softmax, finite, gdn_prep, matmul_acc, rope, strided_copy};
 
 fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -86,6 +86,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("nonfinite probe: 3 dtypes × 6 lengths × 4 offsets × 4 positions × 3 values checked");
 
+    // Strided copies (transposes and narrows, aligned and not) move the values unchanged.
+    for dt in [DType::F32, DType::BF16] {
+        let x = Tensor::from_vec(noise(7 * 6 * 20, 9), (7, 6, 20), &cpu)?.to_dtype(dt)?;
+        let xg = x.to_device(&gpu)?;
+        let views: [(&str, fn(&Tensor) -> candle_core::Result<Tensor>); 4] = [
+            ("transpose", |x| x.transpose(0, 1)),
+            ("narrow 0..8", |x| x.narrow(2, 0, 8)),
+            ("narrow 3..8 (unaligned)", |x| x.narrow(2, 3, 5)),
+            ("narrow+transpose", |x| x.narrow(2, 4, 12)?.transpose(0, 1)),
+        ];
+        for (what, view) in views {
+            let want = view(&x)?.contiguous()?;
+            let got = strided_copy::contiguous(&view(&xg)?)?;
+            let same = got.dims() == want.dims() && f32s(&got)? == f32s(&want)?;
+            report(
+                format!("strided copy {dt:?} {what}"),
+                if same { 0.0 } else { f32::INFINITY },
+                0.0,
+            );
+        }
+    }
+
+    // c ± a·b with the sum in cuBLAS's epilogue, c a view at an offset of a larger buffer (as the UT
+    // solve's parts are); against the host's product then sum (the GEMM's sum order differs: f32 ulps).
+    for sign in [1.0f32, -1.0] {
+        let (bt, m, k, n) = (33, 64, 128, 128);
+        let big = Tensor::from_vec(noise(bt * m * (n + 16), 10), (bt * m * (n + 16),), &cpu)?;
+        let c = big
+            .narrow(0, bt * m * 16, bt * m * n)?
+            .reshape((bt, m, n))?;
+        let a = Tensor::from_vec(noise(bt * m * k, 11), (bt, m, k), &cpu)?;
+        let b = Tensor::from_vec(noise(bt * k * n, 12), (bt, k, n), &cpu)?;
+        let want = matmul_acc::matmul_acc(&c, &a, &b, sign)?;
+        let cg = big
+            .to_device(&gpu)?
+            .narrow(0, bt * m * 16, bt * m * n)?
+            .reshape((bt, m, n))?;
+        let got = matmul_acc::matmul_acc(&cg, &a.to_device(&gpu)?, &b.to_device(&gpu)?, sign)?;
+        report(format!("matmul_acc sign {sign}"), diff(&got, &want)?, 2e-5);
+        // c itself is left as it was.
+        report(
+            format!("matmul_acc sign {sign} leaves c"),
+            diff(&cg, &c)?,
+            0.0,
+        );
+    }
+
     for p in [Precision::F32, Precision::BF16, Precision::F16] {
         let io = p.half_dtype().unwrap_or(DType::F32);
         // GDN conv at the 0.8B widths (vector loads) and at odd widths (scalar loads).
@@ -126,10 +173,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &got.narrow(0, nqk, hv * t * dv)?,
                 &want.narrow(0, nqk, hv * t * dv)?,
             )?;
+            // v: exact in bf16/f16; in f32 SiLU's expf and the host's exp may differ by an ulp.
+            let tol = if p == Precision::F32 { 1e-6 } else { 0.0 };
             report(
                 format!("conv {} hk {hk} hv {hv} dk {dk} dv {dv} T {t} v", p.name()),
                 vd,
-                0.0,
+                tol,
             );
         }
         // RoPE into the GQA layout: exact.

@@ -128,11 +128,8 @@ impl GatedAttention {
         let qg = linear_to(h, &self.q_proj, p, io)?.reshape((t, nh, 2 * hd))?;
         let q = self
             .q_norm
-            .forward_to(&qg.narrow(D::Minus1, 0, hd)?.contiguous()?, io)?; // [T, nh, hd]
-        let gate = qg
-            .narrow(D::Minus1, hd, hd)?
-            .contiguous()?
-            .reshape((t, nh * hd))?;
+            .forward_to(&standard_layout(&qg.narrow(D::Minus1, 0, hd)?)?, io)?; // [T, nh, hd]
+        let gate = standard_layout(&qg.narrow(D::Minus1, hd, hd)?)?.reshape((t, nh * hd))?;
         let k = linear_to(h, &self.k_proj, p, io)?.reshape((t, nkv, hd))?;
         let k = self.k_norm.forward_to(&k, io)?; // [T, nkv, hd]
         let v = standard_layout(

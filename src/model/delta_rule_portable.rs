@@ -9,6 +9,7 @@
 //! outputs.
 use super::delta_chunk_prep::{self, Dims, C};
 use super::device::matmul;
+use super::matmul_acc::matmul_acc;
 use super::solve_tril::solve_unit_lower_split;
 use candle_core::{Result, Tensor};
 
@@ -34,8 +35,9 @@ pub fn chunked(qkv: &Tensor, bg: &Tensor, dims: Dims, state: &Tensor) -> Result<
     // states exactly as HF writes them: O_i = Q̃_i S_i + A_i (V_i − W_i S_i).
     let gnt = matmul(&solved.transpose(1, 2)?, &p.k_to_end)?; // [B, Dv + Dk, Dk]
     let (starts, s) = super::chunk_scan::scan(&gnt, &p.chunk_decay, state)?;
-    let v_new = (new_values - matmul(&k_cumdecay, &starts)?)?;
-    let o = (matmul(&p.q_decayed, &starts)? + matmul(&intra, &v_new)?)?; // [B, C, Dv]
+    // Each sum is the GEMM's epilogue on a GPU (`matmul_acc`: the same single rounding).
+    let v_new = matmul_acc(&new_values, &k_cumdecay, &starts, -1.0)?;
+    let o = matmul_acc(&matmul(&p.q_decayed, &starts)?, &intra, &v_new, 1.0)?; // [B, C, Dv]
     let o = o.reshape((h, n * C, dv))?;
     if n * C == t {
         Ok((o, s))

@@ -56,8 +56,10 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
 /// `x` with row-major strides. candle's `contiguous()` keeps odd strides on size-1 axes (it treats
 /// such a tensor as contiguous already), which its CUDA matmul then rejects; a reshape of a contiguous
 /// tensor lays it out afresh without copying.
+/// On a GPU the copy is [`super::strided_copy::contiguous`] (one vectorised kernel for the transposes and
+/// narrows the kernels meet).
 pub fn standard_layout(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    x.contiguous()?.reshape(x.shape())
+    super::strided_copy::contiguous(x)?.reshape(x.shape())
 }
 
 /// `a · b` with both operands in a layout cuBLAS takes (row- or column-major last two axes, uniform batch

@@ -318,11 +318,11 @@ impl GatedDeltaNet {
         let dims = gdn_prep::Dims { hk, hv, dk, dv };
         let conv = gdn_prep::conv_qkv(&history, &qkv, &pg.conv_weight_t, dims, p)?;
         *conv_history = Some(if t >= hist {
-            qkv.narrow(0, t - hist, hist)?.copy()?
+            super::strided_copy::copy(&qkv.narrow(0, t - hist, hist)?)?
         } else {
             Tensor::cat(&[&history, &qkv], 0)?
-                .narrow(0, t, hist)?
-                .copy()?
+                .narrow(0, t, hist)
+                .and_then(|x| super::strided_copy::copy(&x))?
         });
 
         // β = R(sigmoid(b)); g = −exp(A_log) · softplus(a + dt_bias), f32: [Hv, T] — one op.

@@ -17,6 +17,7 @@ pub mod finite;
 pub mod gated_deltanet;
 pub mod gdn_prep;
 pub mod linear;
+pub mod matmul_acc;
 pub mod mlp;
 pub mod moe;
 pub mod norm_ops;
@@ -28,6 +29,7 @@ pub mod rope;
 pub mod round_op;
 pub mod solve_tril;
 pub mod streaming;
+pub mod strided_copy;
 #[cfg(test)]
 mod test_util;
 pub mod torch_topk;
