@@ -4,7 +4,9 @@
 //! line per case and exits 1 on any mismatch. usage: gpu_ops_check [DEVICE]
 use candle_core::{DType, Device, Tensor};
 use qgate::model::precision::Precision;
-use qgate::model::{attention, attn_softmax, finite, gdn_prep, matmul_acc, rope, strided_copy};
+use qgate::model::{
+    attention, attn_softmax, chunk_scan, finite, gdn_prep, matmul_acc, norm_ops, rope, strided_copy,
+};
 
 fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -133,6 +135,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
+    // The chunk scan at the 0.8B head shape (and a narrow one): the same fused multiply-adds in the same
+    // order as the host, so the same bits.
+    for (h, n, dk, dv) in [(3, 5, 128, 128), (2, 4, 16, 24)] {
+        let gnt = Tensor::from_vec(
+            noise(h * n * (dv + dk) * dk, 13),
+            (h * n, dv + dk, dk),
+            &cpu,
+        )?
+        .affine(0.05, 0.0)?;
+        let d = Tensor::from_vec(noise(h * n, 14), h * n, &cpu)?.affine(0.2, 0.7)?;
+        let s0 = Tensor::from_vec(noise(h * dk * dv, 15), (h, dk, dv), &cpu)?;
+        let (want_starts, want_fin) = chunk_scan::scan(&gnt, &d, &s0)?;
+        let (got_starts, got_fin) = chunk_scan::scan(
+            &gnt.to_device(&gpu)?,
+            &d.to_device(&gpu)?,
+            &s0.to_device(&gpu)?,
+        )?;
+        let dd = diff(&got_starts, &want_starts)?.max(diff(&got_fin, &want_fin)?);
+        report(format!("chunk scan H {h} N {n} Dk {dk} Dv {dv}"), dd, 0.0);
+    }
+
     for p in [Precision::F32, Precision::BF16, Precision::F16] {
         let io = p.half_dtype().unwrap_or(DType::F32);
         // GDN conv at the 0.8B widths (vector loads) and at odd widths (scalar loads).
@@ -181,6 +204,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tol,
             );
         }
+        // RMS norms (zero-centred at the hidden width, heads-first gated at a head's, and an odd
+        // width for the scalar loads): the sum of squares is reduced in another order (f32 ulps, then R).
+        let tol = match p {
+            Precision::F32 => 2e-6,
+            _ => 2e-2,
+        };
+        for (rows, d) in [(37, 1024), (9, 30)] {
+            let x = p
+                .round(&Tensor::from_vec(noise(rows * d, 16), (rows, d), &cpu)?)?
+                .to_dtype(io)?;
+            let sc = Tensor::from_vec(noise(d, 17), d, &cpu)?.affine(0.5, 1.0)?;
+            let want = norm_ops::zero_centred(&x, &sc, 1e-6, p, io)?;
+            let got =
+                norm_ops::zero_centred(&x.to_device(&gpu)?, &sc.to_device(&gpu)?, 1e-6, p, io)?;
+            report(
+                format!("rms norm {} D {d}", p.name()),
+                diff(&got, &want)?,
+                tol,
+            );
+        }
+        for (h, t, d) in [(16, 33, 128), (3, 5, 30)] {
+            let x = Tensor::from_vec(noise(h * t * d, 18), (h, t, d), &cpu)?;
+            let z = p
+                .round(&Tensor::from_vec(noise(h * t * d, 19), (t, h, d), &cpu)?)?
+                .to_dtype(io)?;
+            let w = Tensor::from_vec(noise(d, 20), d, &cpu)?;
+            let want = norm_ops::gated_heads_first(&x, &z, &w, 1e-6, p, io)?;
+            let got = norm_ops::gated_heads_first(
+                &x.to_device(&gpu)?,
+                &z.to_device(&gpu)?,
+                &w.to_device(&gpu)?,
+                1e-6,
+                p,
+                io,
+            )?;
+            report(
+                format!("gated norm {} heads first D {d}", p.name()),
+                diff(&got, &want)?,
+                tol,
+            );
+        }
         // RoPE into the GQA layout: exact.
         let (t, h, hd, rd, g) = (77, 8, 256, 64, 4);
         let r = rope::Rope::new(1e7, rd, p);
@@ -203,27 +267,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             0.0,
         );
         // Softmax with GQA row groups and a cached prefix: the sum's order differs (f32 ulps, then R).
+        // Rows of 25, 3,005 and 16,402 keys.
+        for (nkv, tq, start) in [(2, 19, 6), (1, 5, 3000), (1, 2, 16400)] {
+            let keys = start + tq;
+            let sc = p
+                .round(&Tensor::from_vec(
+                    noise(nkv * tq * g * keys, 5),
+                    (nkv, tq * g, keys),
+                    &cpu,
+                )?)?
+                .to_dtype(io)?;
+            let want = attn_softmax::scaled_masked_softmax(&sc, tq, g, start, 0.0625, p)?;
+            let got =
+                attn_softmax::scaled_masked_softmax(&sc.to_device(&gpu)?, tq, g, start, 0.0625, p)?;
+            let tol = match p {
+                Precision::F32 => 1e-6,
+                _ => 4e-3,
+            };
+            report(
+                format!("softmax {} group {g} keys {keys}", p.name()),
+                diff(&got, &want)?,
+                tol,
+            );
+        }
         let (nkv, tq, start) = (2, 19, 6);
         let keys = start + tq;
-        let sc = p
-            .round(&Tensor::from_vec(
-                noise(nkv * tq * g * keys, 5),
-                (nkv, tq * g, keys),
-                &cpu,
-            )?)?
-            .to_dtype(io)?;
-        let want = attn_softmax::scaled_masked_softmax(&sc, tq, g, start, 0.0625, p)?;
-        let got =
-            attn_softmax::scaled_masked_softmax(&sc.to_device(&gpu)?, tq, g, start, 0.0625, p)?;
-        let tol = match p {
-            Precision::F32 => 1e-6,
-            _ => 4e-3,
-        };
-        report(
-            format!("softmax {} group {g}", p.name()),
-            diff(&got, &want)?,
-            tol,
-        );
         // Attention over query blocks against one block, both on the GPU, and against the host.
         let hd = 32;
         let mk = |rows: usize, seed| -> candle_core::Result<Tensor> {

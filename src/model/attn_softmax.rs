@@ -159,7 +159,6 @@ impl CustomOp1 for ScaledMaskedSoftmax {
 
 #[cfg(feature = "cuda")]
 const THREADS: u32 = 256;
-
 /// The kernel for scores stored as `dtype`, rounded to `prec`.
 #[cfg(feature = "cuda")]
 fn kernel_name(dtype: DType, prec: Precision) -> Result<&'static str> {

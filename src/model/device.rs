@@ -135,8 +135,8 @@ pub(crate) fn nvrtc_ptx(
 
 /// [`nvrtc_ptx`] of `source` after the device functions the rounding kernels share: `rnd(x, mode)` (`R`:
 /// mode 0 f32, 1 bf16, 2 f16, as [`super::precision::round_code`]), `silu(x) = x / (1 + exp(−x))`
-/// rounded as on the host, and `ld(p, i, dt)` / `st(p, i, v, dt)` for activations stored in any of the
-/// three dtypes ([`super::act_io`]).
+/// rounded as on the host, and `ld(p, i, dt)` / `st(p, i, v, dt)` (and the four-wide `ld4` / `st4`) for
+/// activations stored in any of the three dtypes ([`super::act_io`]).
 #[cfg(feature = "cuda")]
 pub(crate) fn nvrtc_ptx_with_rounding(
     cell: &'static std::sync::OnceLock<std::result::Result<String, String>>,
@@ -176,6 +176,47 @@ __device__ __forceinline__ void st(void* p, long i, float v, int dt) {
     } else {
         ((float*)p)[i] = v;
     }
+}
+// Four consecutive activations from element i (any storage dtype); v4: i is a multiple of 4 and the data
+// 8/16-byte aligned, so one vector load; else four scalar loads (the last ones only where i + e < lim).
+__device__ __forceinline__ void ld4(const void* p, long i, int dt, int v4, int lim, float* o) {
+    if (v4) {
+        if (dt == 0) {
+            const float4 f = *(const float4*)((const float*)p + i);
+            o[0] = f.x; o[1] = f.y; o[2] = f.z; o[3] = f.w;
+            return;
+        }
+        const uint2 u = *(const uint2*)((const unsigned short*)p + i);
+        const unsigned short hs[4] = {(unsigned short)(u.x & 0xffff), (unsigned short)(u.x >> 16),
+                                      (unsigned short)(u.y & 0xffff), (unsigned short)(u.y >> 16)};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (dt == 1) o[e] = __uint_as_float(((unsigned int)hs[e]) << 16);
+            else asm("cvt.f32.f16 %0, %1;" : "=f"(o[e]) : "h"(hs[e]));
+        }
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] = (e < lim) ? ld(p, i + e, dt) : 0.0f;
+}
+
+// Four consecutive values stored from element i, rounded to nearest in dtype dt; v4: one vector store
+// (i a multiple of 4, aligned), else the ones with i + e < lim.
+__device__ __forceinline__ void st4(void* p, long i, const float* v, int dt, int v4, int lim) {
+    if (v4) {
+        if (dt == 0) { *(float4*)((float*)p + i) = make_float4(v[0], v[1], v[2], v[3]); return; }
+        unsigned short hs[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (dt == 1) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hs[e]) : "f"(v[e]));
+            else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hs[e]) : "f"(v[e]));
+        }
+        *(uint2*)((unsigned short*)p + i) = make_uint2((unsigned)hs[0] | ((unsigned)hs[1] << 16),
+                                                       (unsigned)hs[2] | ((unsigned)hs[3] << 16));
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) if (e < lim) st(p, i + e, v[e], dt);
 }
 
 "#;

@@ -357,30 +357,7 @@ impl CustomOp3 for BetaG {
 // Explicit _rn intrinsics: no contraction into FMAs, so each product and sum rounds as on the host.
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// (rnd, silu, ld: `device::nvrtc_ptx_with_rounding`.)
-// Four consecutive activations from element i (any storage dtype); v4: i is a multiple of 4 and the data
-// 8/16-byte aligned, so one vector load; else four scalar loads (the last ones only where i + e < lim).
-__device__ __forceinline__ void ld4(const void* p, long i, int dt, int v4, int lim, float* o) {
-    if (v4) {
-        if (dt == 0) {
-            const float4 f = *(const float4*)((const float*)p + i);
-            o[0] = f.x; o[1] = f.y; o[2] = f.z; o[3] = f.w;
-            return;
-        }
-        const uint2 u = *(const uint2*)((const unsigned short*)p + i);
-        const unsigned short hs[4] = {(unsigned short)(u.x & 0xffff), (unsigned short)(u.x >> 16),
-                                      (unsigned short)(u.y & 0xffff), (unsigned short)(u.y >> 16)};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            if (dt == 1) o[e] = __uint_as_float(((unsigned int)hs[e]) << 16);
-            else asm("cvt.f32.f16 %0, %1;" : "=f"(o[e]) : "h"(hs[e]));
-        }
-        return;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[e] = (e < lim) ? ld(p, i + e, dt) : 0.0f;
-}
-
+// (rnd, silu, ld, ld4: `device::nvrtc_ptx_with_rounding`.)
 // One warp per (head slot, position): slots 0..hk are q heads, hk..2hk k heads, then the hv value heads;
 // lane l owns the four consecutive channels 4l.. and 4l + 128.. of the slot (width ≤ 256). Consecutive
 // warps take consecutive positions of one slot, so the taps' rows are shared through L1/L2. Each

@@ -171,6 +171,12 @@ impl Norm {
         // SAFETY: every one of the rows·d outputs is written.
         let out = unsafe { act_io::Out::alloc(&dev, self.out, rows * d)? };
         let func = dev.get_or_load_custom_func("qgate_rms_norm", "qgate_norms", ptx()?)?;
+        // Four-wide loads and stores where the row width and every operand's offset allow them.
+        let v4 = d % 4 == 0
+            && [Some(x.1), z.map(|z| z.1), Some(w.1)]
+                .iter()
+                .flatten()
+                .all(|l| l.start_offset() % 4 == 0);
         // A warp per row, 8 rows a block.
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(8) as u32, 1, 1),
@@ -186,6 +192,7 @@ impl Norm {
             zs.code(),
             out.code(),
             rows as i32,
+            v4 as i32,
         ];
         let mut b = func.builder();
         xs.push(&mut b);
@@ -284,33 +291,48 @@ impl CustomOp3 for Gated {
 // into an FMA; the sum of squares is a warp reduction.
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// One warp per row (8 rows a block): each lane sums the squares of its elements (lane, lane + 32, ..),
-// then a butterfly of shuffles gives every lane the row's sum. heads (> 0): x is [heads, T, d], rounded as
-// read; output row t·heads + h reads x row h·T + t.
+// One warp per row (8 rows a block): each lane sums the squares of its elements (4 consecutive ones from
+// 4·lane, then every 128), then a butterfly of shuffles gives every lane the row's sum. heads (> 0): x is
+// [heads, T, d], rounded as read; output row t·heads + h reads x row h·T + t. v4: vector loads and
+// stores (d and every operand's offset multiples of 4).
 extern "C" __global__ void qgate_rms_norm(const void* x, const void* z, const float* w, void* out,
                                           float eps, int d, int heads, int gated_norm, int mode, int xt, int zt,
-                                          int ot, int rows) {
+                                          int ot, int rows, int v4) {
     const int lane = threadIdx.x & 31;
     const long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     const long row0 = row * d;
     const long xrow0 = heads > 0 ? ((row % heads) * (rows / heads) + row / heads) * d : row0;
     float acc = 0.0f;
-    for (int i = lane; i < d; i += 32) {
-        const float v = heads > 0 ? rnd(ld(x, xrow0 + i, xt), mode) : ld(x, xrow0 + i, xt);
-        acc = fmaf(v, v, acc);
+    for (int i = 4 * lane; i < d; i += 128) {
+        float v[4];
+        ld4(x, xrow0 + i, xt, v4, d - i, v);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float u = heads > 0 ? rnd(v[e], mode) : v[e];
+            acc = fmaf(u, u, acc);
+        }
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc, (float)d), eps)));
-    if (!gated_norm) {
-        for (int i = lane; i < d; i += 32)
-            st(out, row0 + i, rnd(__fmul_rn(__fmul_rn(ld(x, xrow0 + i, xt), inv), w[i]), mode), ot);
-        return;
-    }
-    for (int i = lane; i < d; i += 32) {
-        const float xv = heads > 0 ? rnd(ld(x, xrow0 + i, xt), mode) : ld(x, xrow0 + i, xt);
-        const float n = rnd(__fmul_rn(rnd(__fmul_rn(xv, inv), mode), w[i]), mode);
-        st(out, row0 + i, rnd(__fmul_rn(n, silu(ld(z, row0 + i, zt))), mode), ot);
+    for (int i = 4 * lane; i < d; i += 128) {
+        float v[4], ww[4], r[4];
+        ld4(x, xrow0 + i, xt, v4, d - i, v);
+        ld4(w, i, 0, v4, d - i, ww);
+        if (!gated_norm) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) r[e] = rnd(__fmul_rn(__fmul_rn(v[e], inv), ww[e]), mode);
+        } else {
+            float zz[4];
+            ld4(z, row0 + i, zt, v4, d - i, zz);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float xv = heads > 0 ? rnd(v[e], mode) : v[e];
+                const float n = rnd(__fmul_rn(rnd(__fmul_rn(xv, inv), mode), ww[e]), mode);
+                r[e] = rnd(__fmul_rn(n, silu(zz[e])), mode);
+            }
+        }
+        st4(out, row0 + i, r, ot, v4, d - i);
     }
 }
 "#;
