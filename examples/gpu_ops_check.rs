@@ -92,7 +92,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for dt in [DType::F32, DType::BF16] {
         let x = Tensor::from_vec(noise(7 * 6 * 20, 9), (7, 6, 20), &cpu)?.to_dtype(dt)?;
         let xg = x.to_device(&gpu)?;
-        let views: [(&str, fn(&Tensor) -> candle_core::Result<Tensor>); 4] = [
+        type View = fn(&Tensor) -> candle_core::Result<Tensor>;
+        let views: [(&str, View); 4] = [
             ("transpose", |x| x.transpose(0, 1)),
             ("narrow 0..8", |x| x.narrow(2, 0, 8)),
             ("narrow 3..8 (unaligned)", |x| x.narrow(2, 3, 5)),

@@ -123,6 +123,18 @@ impl CustomOp1 for StridedCopy {
     }
 }
 
+/// A fresh, compact row-major copy of `x`, even when `x` is contiguous already: a buffer an in-place op
+/// may write, or a small part of a large tensor kept past it. (candle's `copy` clones the whole buffer
+/// under a view: a 3-row narrow of a `[4096, C]` tensor kept all 4,096 rows.)
+pub fn copy(x: &Tensor) -> Result<Tensor> {
+    match merged(x.dims(), x.stride()) {
+        Some(m) => x.apply_op1_no_bwd(&StridedCopy(m)),
+        None => x
+            .contiguous()?
+            .apply_op1_no_bwd(&StridedCopy([1, 1, x.elem_count(), 0, 0])),
+    }
+}
+
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
 // out[i, j, k] = x[i·sa + j·sb + k], row-major out; a thread moves VEC consecutive k (one vector load
@@ -209,17 +221,5 @@ mod tests {
             );
             assert_eq!(g, w);
         }
-    }
-}
-
-/// A fresh, compact row-major copy of `x`, even when `x` is contiguous already: a buffer an in-place op
-/// may write, or a small part of a large tensor kept past it. (candle's `copy` clones the whole buffer
-/// under a view: a 3-row narrow of a `[4096, C]` tensor kept all 4,096 rows.)
-pub fn copy(x: &Tensor) -> Result<Tensor> {
-    match merged(x.dims(), x.stride()) {
-        Some(m) => x.apply_op1_no_bwd(&StridedCopy(m)),
-        None => x
-            .contiguous()?
-            .apply_op1_no_bwd(&StridedCopy([1, 1, x.elem_count(), 0, 0])),
     }
 }
