@@ -53,25 +53,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Where the time goes: the decoder body vs the head (each ended by a synchronisation); on a GPU also
     // the memory pool's high-water marks (MiB in use: weights, the body's peak, what the body leaves
     // alive with its cache, the head's peak).
-    let mem_at_start = pool::used_mib(false);
+    use pool::Mark;
+    let mem_at_start = pool::mib(Mark::Used);
     pool::reset_high();
     let t0 = Instant::now();
     let mut cache = model.new_cache();
     let hidden = model.hidden_states(&ids, &mut cache)?;
     dev.synchronize()?;
     let body_s = t0.elapsed().as_secs_f64();
-    let body_high = pool::used_mib(true);
-    let after_body = pool::used_mib(false);
+    let (body_high, body_reserved) = (pool::mib(Mark::UsedHigh), pool::mib(Mark::ReservedHigh));
+    let after_body = pool::mib(Mark::Used);
     pool::reset_high();
     let t0 = Instant::now();
-    drop(model.logits_native(&hidden)?); // the oracle's head (as `forward_native`), not an f32 copy
+    let logits = model.logits_native(&hidden)?; // the oracle's head (as `forward_native`), not an f32 copy
     dev.synchronize()?;
     let head_s = t0.elapsed().as_secs_f64();
-    let head_high = pool::used_mib(true);
-    drop(cache);
+    let (head_high, head_reserved) = (pool::mib(Mark::UsedHigh), pool::mib(Mark::ReservedHigh));
+    // The whole device's use with the logits alive: the pool's reservation plus what lies outside it
+    // (the CUDA context, cuBLAS's workspaces, modules).
+    let device_used = pool::device_used_mib();
+    drop((logits, cache));
     if !dev.is_cpu() {
         eprintln!(
-            "GPU pool MiB: before {mem_at_start:.0}, body peak {body_high:.0}, after body (hidden + cache) {after_body:.0}, head peak {head_high:.0}"
+            "GPU pool MiB: before {mem_at_start:.0}, body peak {body_high:.0} (reserved {body_reserved:.0}), after body (hidden + cache) {after_body:.0}, head peak {head_high:.0} (reserved {head_reserved:.0}); device in use after the head {device_used:.0}"
         );
     }
     let secs = times[times.len() / 2];
@@ -86,55 +90,76 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The CUDA default memory pool's bytes in use (candle allocates from it, stream-ordered), in MiB:
-/// current or the high-water mark since the last `reset_high`. NaN without a GPU.
+/// The CUDA default memory pool (candle allocates from it, stream-ordered), in MiB: bytes in use now, their
+/// high-water mark, and the high-water mark of the bytes the pool reserved from the device (in use or
+/// kept for reuse), the marks since the last `reset_high`. NaN without a GPU.
 mod pool {
-    #[cfg(feature = "cuda")]
-    fn attr(high: bool) -> f64 {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut v: u64 = 0;
-        // SAFETY: plain queries of device 0's default pool; the out-pointers live for the call.
-        unsafe {
-            if sys::cuDeviceGetDefaultMemPool(&mut pool, 0) != sys::CUresult::CUDA_SUCCESS {
-                return f64::NAN;
-            }
-            let attr = if high {
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH
-            } else {
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT
+    #[derive(Clone, Copy)]
+    pub enum Mark {
+        Used,
+        UsedHigh,
+        ReservedHigh,
+    }
+
+    pub fn mib(mark: Mark) -> f64 {
+        #[cfg(feature = "cuda")]
+        {
+            use candle_core::cuda_backend::cudarc::driver::sys;
+            use sys::CUmemPool_attribute as A;
+            let attr = match mark {
+                Mark::Used => A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                Mark::UsedHigh => A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                Mark::ReservedHigh => A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
             };
-            if sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _)
-                != sys::CUresult::CUDA_SUCCESS
-            {
-                return f64::NAN;
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let mut v: u64 = 0;
+            // SAFETY: plain queries of device 0's default pool; the out-pointers live for the call.
+            let ok = unsafe {
+                sys::cuDeviceGetDefaultMemPool(&mut pool, 0) == sys::CUresult::CUDA_SUCCESS
+                    && sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _)
+                        == sys::CUresult::CUDA_SUCCESS
+            };
+            if ok {
+                v as f64 / (1024.0 * 1024.0)
+            } else {
+                f64::NAN
             }
         }
-        v as f64 / (1024.0 * 1024.0)
-    }
-    pub fn used_mib(high: bool) -> f64 {
-        #[cfg(feature = "cuda")]
-        return attr(high);
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = high;
+            let _ = mark;
             f64::NAN
         }
     }
+
+    /// The device's memory in use (total − free, every allocation of every process), in MiB.
+    pub fn device_used_mib() -> f64 {
+        #[cfg(feature = "cuda")]
+        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+        {
+            return (total - free) as f64 / (1024.0 * 1024.0);
+        }
+        f64::NAN
+    }
+
     pub fn reset_high() {
         #[cfg(feature = "cuda")]
         {
             use candle_core::cuda_backend::cudarc::driver::sys;
+            use sys::CUmemPool_attribute as A;
             let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-            let mut zero: u64 = 0;
-            // SAFETY: resets device 0's default pool's high-water mark (the driver's documented use).
+            // SAFETY: resets device 0's default pool's high-water marks (the driver's documented use:
+            // set to 0).
             unsafe {
                 if sys::cuDeviceGetDefaultMemPool(&mut pool, 0) == sys::CUresult::CUDA_SUCCESS {
-                    let _ = sys::cuMemPoolSetAttribute(
-                        pool,
-                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                        &mut zero as *mut u64 as *mut _,
-                    );
+                    for attr in [
+                        A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                        A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                    ] {
+                        let mut zero: u64 = 0;
+                        let _ =
+                            sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _);
+                    }
                 }
             }
         }

@@ -24,6 +24,17 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Appends this step's `[nkv, T, hd]` keys and values; returns all of them so far.
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k_all, v_all) = match (&self.k, &self.v) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
+            _ => (k, v),
+        };
+        self.k = Some(k_all.clone());
+        self.v = Some(v_all.clone());
+        Ok((k_all, v_all))
+    }
 }
 
 pub struct GatedAttention {
@@ -154,19 +165,6 @@ impl GatedAttention {
         // R(o · R(sigmoid(gate))): one op.
         let o = super::pair_ops::sigmoid_gate_round(&o, &gate, p)?;
         linear(&o, &self.o_proj, p)
-    }
-}
-
-impl KvCache {
-    /// Appends this step's `[nkv, T, hd]` keys and values; returns all of them so far.
-    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k_all, v_all) = match (&self.k, &self.v) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
-            _ => (k, v),
-        };
-        self.k = Some(k_all.clone());
-        self.v = Some(v_all.clone());
-        Ok((k_all, v_all))
     }
 }
 

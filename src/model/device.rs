@@ -103,10 +103,11 @@ pub fn matmul_model_dtype(
 ) -> candle_core::Result<candle_core::Tensor> {
     match prec.half_dtype() {
         Some(dt) if !a.device().is_cpu() => matmul(&cast(a, dt)?, &cast(b, dt)?),
-        // On the host the product is an f32 one (operands stored in bf16/f16 are widened exactly).
+        // An f32 product (operands stored in bf16/f16 are widened exactly), through `matmul` for the
+        // layouts cuBLAS takes.
         _ => {
             let f = candle_core::DType::F32;
-            prec.round(&a.to_dtype(f)?.matmul(&b.to_dtype(f)?)?)
+            prec.round(&matmul(&a.to_dtype(f)?, &b.to_dtype(f)?)?)
         }
     }
 }
