@@ -1495,6 +1495,42 @@ def _run_llm_runner(args, bundle, plan, meta, dest: Path) -> Path:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """Check `--out` before any work: never a directory, the plan, a file inside the bundle, or an existing
+    file that is not a qgate capture (this tool only replaces its own kind of file), and its folder (or the
+    nearest existing one above it) must be a folder this process can write in."""
+    dest = Path(args.out)
+    if dest.is_dir():
+        raise CaptureError(f"{dest}: is a directory; --out names the capture file to write")
+    try:
+        if dest.exists() and Path(args.plan).exists() and os.path.samefile(dest, args.plan):
+            raise CaptureError(f"{dest}: is also the --plan; choose another --out")
+    except OSError:
+        pass
+    try:
+        if dest.resolve().is_relative_to(Path(args.bundle).resolve()):
+            raise CaptureError(f"{dest}: is inside the --bundle {args.bundle}; choose another --out")
+    except (OSError, RuntimeError):
+        pass
+    if dest.exists() or dest.is_symlink():
+        try:
+            _, pm = read_plan(dest)
+            ours = pm.get("format") == FORMAT
+        except (CaptureError, OSError, ValueError):
+            ours = False
+        if not ours:
+            raise CaptureError(
+                f"{dest}: exists and is not a qgate capture; refusing to replace it (choose another --out)"
+            )
+    at = dest.parent if str(dest.parent) else Path(".")
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    if not at.is_dir():
+        raise CaptureError(f"{at}: is not a directory (in --out {dest})")
+    if not os.access(at, os.W_OK | os.X_OK):
+        raise CaptureError(f"{at}: this process cannot create files here (--out {dest})")
+
+
 def run_capture(args: argparse.Namespace, tmp_path: Path | None = None) -> Path:
     """Do the whole capture in this process. With `tmp_path` (worker mode) the file is left there complete
     for the supervisor to move into place."""
@@ -1612,6 +1648,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
+        if not args.worker_out:
+            check_out(args)  # before the plan, the bundle and the runtime: nothing is lost, nothing is late
         if args.driver == "python" and not args.in_process and not args.worker_out:
             # fail fast on plan/bundle problems before starting the runtime process
             read_plan(args.plan)

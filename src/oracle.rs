@@ -348,9 +348,9 @@ pub fn run_oracle_as(
     more: serde_json::Map<String, serde_json::Value>,
 ) -> Result<PathBuf> {
     let cfg = TextConfig::from_dir(req.model_dir)?;
+    check_plan(req.plan, &cfg)?;
     let mut ws = WeightStore::open(req.model_dir)?;
     ws.set_device(&req.exec.device);
-    check_plan(req.plan)?;
     let max_len = req.plan.iter().map(Vec::len).max().unwrap_or(0) + req.rollout;
     let footprint = streaming::in_memory_footprint(&cfg, &ws, max_len);
     let stream = match req.exec.mode {
@@ -392,7 +392,7 @@ pub fn run_model(
     runtime: &str,
     more: serde_json::Map<String, serde_json::Value>,
 ) -> Result<PathBuf> {
-    check_plan(req.plan)?;
+    check_plan(req.plan, &model.cfg)?;
     announce_unused(ws, &model.cfg);
     let mut spill = tempfile::tempfile().map_err(|e| io_err(std::env::temp_dir(), e))?;
     let rollouts = run_in_memory(req, model, &mut spill)?;
@@ -409,12 +409,26 @@ pub fn run_model(
     )
 }
 
-fn check_plan(plan: &[Vec<i64>]) -> Result<()> {
+/// The plan fits the model: sequences that are not empty, every token id inside the vocabulary (checked
+/// before the weights load, not when the sequence that holds it comes up).
+pub fn check_plan(plan: &[Vec<i64>], cfg: &TextConfig) -> Result<()> {
     if plan.is_empty() {
         return Err(Error::usage("the plan has no sequences"));
     }
-    if plan.iter().any(Vec::is_empty) {
-        return Err(Error::usage("the plan has an empty sequence"));
+    if let Some(i) = plan.iter().position(Vec::is_empty) {
+        return Err(Error::usage(format!("plan sequence {i} is empty")));
+    }
+    let v = cfg.vocab_size;
+    for (i, seq) in plan.iter().enumerate() {
+        if let Some((p, &t)) = seq
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t < 0 || t as u64 >= v as u64)
+        {
+            return Err(Error::usage(format!(
+                "plan sequence {i}, position {p}: token id {t} is outside the model's vocabulary of {v} (a plan made with another tokenizer?)"
+            )));
+        }
     }
     Ok(())
 }

@@ -185,6 +185,8 @@ pub fn oracle_capture_for(
             path.display()
         );
     }
+    // The cache is written after the run: a read-only cache is found before it.
+    crate::outputs::probe_writable(&cache_dir())?;
     eprintln!(
         "qgate: running the {} oracle on {} ({} sequences)…",
         precision.name(),

@@ -95,7 +95,8 @@ pub fn check_report_dir(out: &Path) -> Result<()> {
             ));
         }
     }
-    Ok(())
+    // The report is staged beside `out` and renamed into place.
+    probe_writable(parent_of(out))
 }
 
 /// Remove a previous report that `check_report_dir` accepted: only the files its manifest lists, then the
@@ -114,6 +115,71 @@ pub fn remove_previous_report(dir: &Path) -> Result<()> {
             format!("the previous report was moved here and could not be removed entirely ({e}); nothing of yours was deleted"),
         )
     })
+}
+
+/// The directory an output path goes in (`.` for a bare file name).
+fn parent_of(out: &Path) -> &Path {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Check, before any work, that qgate can create files in `dir` or, where `dir` does not exist yet, in
+/// its nearest existing ancestor (which must be a directory): a temporary file is created there and
+/// removed again. A read-only volume or a path under a regular file is found now, not after an oracle
+/// run of hours.
+pub fn probe_writable(dir: &Path) -> Result<()> {
+    let mut at = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    while !at.exists() {
+        at = parent_of(at);
+        if at == Path::new(".") {
+            break;
+        }
+    }
+    if !at.is_dir() {
+        return Err(Error::input(at, "is not a directory"));
+    }
+    tempfile::Builder::new()
+        .prefix(".qgate-probe-")
+        .tempfile_in(at)
+        .map(drop)
+        .map_err(|e| {
+            Error::input(
+                at,
+                format!("qgate cannot create files here ({e}); choose another output path"),
+            )
+        })
+}
+
+/// Whether `inner` is `outer` or lies inside it, comparing absolute paths (neither needs to exist).
+pub fn is_within(inner: &Path, outer: &Path) -> bool {
+    match (std::path::absolute(inner), std::path::absolute(outer)) {
+        (Ok(i), Ok(o)) => {
+            let norm = |p: PathBuf| -> PathBuf { p.components().collect() };
+            norm(i).starts_with(norm(o))
+        }
+        _ => false,
+    }
+}
+
+/// A file or directory the run writes besides its report directory (`--junit`, `--captures`) must not lie
+/// inside it: the report directory is replaced as a whole by the next run, which would then refuse it.
+pub fn check_outside_report(path: &Path, flag: &str, report_dir: &Path) -> Result<()> {
+    if is_within(path, report_dir) {
+        return Err(Error::input(
+            path,
+            format!(
+                "is inside the report directory {} (--out), which qgate replaces as a whole on the next run; put {flag} beside it",
+                report_dir.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -147,12 +213,7 @@ pub fn check_capture_out(out: &Path, inputs: &[&Path]) -> Result<()> {
             "exists and is not a qgate capture; refusing to replace it (choose another --out)",
         ));
     }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if parent.exists() && !parent.is_dir() {
-            return Err(Error::input(parent, "is not a directory"));
-        }
-    }
-    Ok(())
+    probe_writable(parent_of(out))
 }
 
 /// A directory qgate will create files in (`sweep --captures`): absent, or a directory; the captures it
@@ -174,19 +235,46 @@ pub fn check_junit_out(out: &Path) -> Result<()> {
         ));
     }
     if out.exists() {
-        let head = std::fs::read(out).map_err(|e| io_err(out, e))?;
-        let text = String::from_utf8_lossy(&head[..head.len().min(4096)]);
-        if !text.contains("<testsuites") && !text.contains("<testsuite") {
+        use std::io::Read;
+        let mut head = Vec::new();
+        std::fs::File::open(out)
+            .and_then(|f| f.take(4096).read_to_end(&mut head))
+            .map_err(|e| io_err(out, e))?;
+        if !is_junit_xml(&head) {
             return Err(Error::input(
                 out,
                 "exists and is not a JUnit XML file; refusing to replace it (choose another --junit)",
             ));
         }
     }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if parent.exists() && !parent.is_dir() {
-            return Err(Error::input(parent, "is not a directory"));
+    probe_writable(parent_of(out))
+}
+
+/// Whether a file's first bytes are a JUnit XML document: its first element (after an optional BOM,
+/// XML declaration, processing instructions, comments and whitespace) is `<testsuites` or `<testsuite`.
+/// A file that merely mentions the tag (a README about JUnit) is not.
+fn is_junit_xml(head: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(head);
+    let mut rest = text.trim_start_matches('\u{feff}').trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("<?") {
+            match r.find("?>") {
+                Some(e) => rest = r[e + 2..].trim_start(),
+                None => return false,
+            }
+        } else if let Some(r) = rest.strip_prefix("<!--") {
+            match r.find("-->") {
+                Some(e) => rest = r[e + 3..].trim_start(),
+                None => return false,
+            }
+        } else {
+            break;
         }
     }
-    Ok(())
+    let tag = |name: &str| {
+        rest.strip_prefix(name)
+            .and_then(|r| r.chars().next())
+            .is_some_and(|c| c == '>' || c == '/' || c.is_whitespace())
+    };
+    tag("<testsuites") || tag("<testsuite")
 }

@@ -59,18 +59,19 @@ impl Shard {
         (self.index..plan_len).step_by(self.count).collect()
     }
 
-    /// The shard's sub-plan. A shard with no sequence (more shards than sequences) is a usage error.
+    /// The shard's sub-plan. More shards than sequences (some shard would compute nothing) is a usage
+    /// error.
     pub fn select(&self, plan: &[Vec<i64>]) -> Result<Vec<Vec<i64>>> {
-        let idx = self.sequences(plan.len());
-        if idx.is_empty() {
+        if self.count > plan.len() {
             return Err(Error::usage(format!(
-                "--shard {}/{}: the plan has only {} sequence(s), so this shard would compute nothing; use at most {} shards",
+                "--shard {}/{}: the plan has only {} sequence(s), so some shards would compute nothing; use at most {} shards",
                 self.index,
                 self.count,
                 plan.len(),
                 plan.len()
             )));
         }
+        let idx = self.sequences(plan.len());
         Ok(idx.into_iter().map(|i| plan[i].clone()).collect())
     }
 
@@ -149,6 +150,9 @@ fn read_info(c: &Capture) -> Result<ShardInfo> {
         .and_then(Value::as_str)
         .ok_or_else(|| bad("`shard.plan_sha256` missing"))?
         .to_string();
+    if plan_sha256.len() != 64 || !plan_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("`shard.plan_sha256` is not a SHA-256 in hex"));
+    }
     let sequences = s
         .get("sequences")
         .and_then(Value::as_array)
@@ -159,6 +163,22 @@ fn read_info(c: &Capture) -> Result<ShardInfo> {
         .ok_or_else(|| bad("`shard.sequences` is not a list of indices"))?;
     if count == 0 || index >= count {
         return Err(bad(&format!("shard {index}/{count} is out of range")));
+    }
+    // How many sequences the shard must hold, by arithmetic (the numbers come from the file: nothing is
+    // allocated from them before they are checked against what the file holds).
+    let expected = if index < plan_sequences {
+        (plan_sequences - index - 1) / count + 1
+    } else {
+        0
+    };
+    if count > plan_sequences || expected != sequences.len() {
+        return Err(Error::input(
+            &c.path,
+            format!(
+                "shard {index}/{count} of a plan of {plan_sequences} sequences lists {} sequences; `qgate oracle --shard` never writes that",
+                sequences.len()
+            ),
+        ));
     }
     let shard = Shard { index, count };
     if sequences != shard.sequences(plan_sequences) {
@@ -217,7 +237,8 @@ pub fn merge(parts: &[Capture], out: &Path) -> Result<PathBuf> {
         .ok_or_else(|| Error::usage("qgate merge: no partial captures given"))?;
     let infos = parts.iter().map(read_info).collect::<Result<Vec<_>>>()?;
     let count = infos[0].shard.count;
-    let mut slot: Vec<Option<usize>> = vec![None; count];
+    // Shard index → part. A map, not a vector of `count` slots: `count` comes from the files.
+    let mut slot: std::collections::BTreeMap<usize, usize> = Default::default();
     for (k, (c, info)) in parts.iter().zip(&infos).enumerate() {
         if info.shard.count != count
             || info.plan_sha256 != infos[0].plan_sha256
@@ -239,7 +260,7 @@ pub fn merge(parts: &[Capture], out: &Path) -> Result<PathBuf> {
                 ),
             ));
         }
-        if let Some(j) = slot[info.shard.index] {
+        if let Some(&j) = slot.get(&info.shard.index) {
             return Err(Error::input(
                 &c.path,
                 format!(
@@ -249,16 +270,19 @@ pub fn merge(parts: &[Capture], out: &Path) -> Result<PathBuf> {
                 ),
             ));
         }
-        slot[info.shard.index] = Some(k);
+        slot.insert(info.shard.index, k);
         check_agrees(first, c)?;
     }
-    let missing: Vec<String> = slot
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.is_none())
-        .map(|(i, _)| format!("{i}/{count}"))
-        .collect();
-    if !missing.is_empty() {
+    if slot.len() < count {
+        // At most `parts.len() + 4` indices are visited: the first few missing ones are named.
+        let mut missing: Vec<String> = (0..count)
+            .filter(|i| !slot.contains_key(i))
+            .take(4)
+            .map(|i| format!("{i}/{count}"))
+            .collect();
+        if count - slot.len() > missing.len() {
+            missing.push(format!("… ({} in all)", count - slot.len()));
+        }
         return Err(Error::usage(format!(
             "qgate merge: shard(s) {} missing; all {count} shards of the run are needed",
             missing.join(", ")
@@ -354,8 +378,9 @@ pub fn merge(parts: &[Capture], out: &Path) -> Result<PathBuf> {
     w.finish()
 }
 
+/// The first 12 characters of a hash for messages (the whole string when it is shorter or not ASCII).
 fn short(h: &str) -> &str {
-    &h[..h.len().min(12)]
+    h.get(..12).unwrap_or(h)
 }
 
 /// `c` agrees with `first` on everything that decides the numbers.

@@ -341,7 +341,7 @@ fn garbage_rows_craters_and_rollouts_fail_by_name() {
     let fx = Fx::new();
     let (code, _, err) = fx.run(&["--bundle", &fx.p("nan")]);
     assert_eq!(code, 1);
-    assert!(err.contains("garbage logits: 1 NaN/Inf row(s) and 0 constant row(s) (first: NaN/Inf at seq 1 pos 3)"), "{err}");
+    assert!(err.contains("garbage logits: 1 NaN/Inf (or overflowing) row(s) and 0 constant row(s) (first: NaN/Inf at seq 1 pos 3)"), "{err}");
     let (code, _, err) = fx.run(&["--bundle", &fx.p("constant")]);
     assert_eq!(code, 1);
     assert!(err.contains("first: constant at seq 0 pos 7"), "{err}");

@@ -852,7 +852,54 @@ fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
         "coreai",
         &masked,
     );
+    // The random fixture model puts ~2 % of its probability on those ids: masking them hides what the
+    // candidate cannot produce, so the rows are garbage (the metrics over ids 0..k would not see it).
     let r = fx.run(&["--bundle", &masked_p]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("garbage logits: 168 NaN/Inf"),
+        "{}",
+        r.stderr
+    );
+    // An oracle that, like a trained model on its padding ids, gives them negligible probability
+    // (40 below the row's top logit): the masked tail is not garbage.
+    let low: Vec<SeqData> = fx
+        .oracle
+        .iter()
+        .map(|q| {
+            let rows: Vec<Vec<f32>> = q
+                .logits
+                .iter()
+                .map(|r| {
+                    let top = r[argmax(r)];
+                    let mut r = r.clone();
+                    for x in &mut r[k..] {
+                        *x = top - 40.0;
+                    }
+                    r
+                })
+                .collect();
+            logits_seq(&q.tokens, &rows, q.rollout.clone())
+        })
+        .collect();
+    let low = write(&fx.p("low-tail-oracle.st"), "oracle", "test", &low);
+    let out = fx.s("out");
+    let run_low = |cand: &str| {
+        qgate(
+            &[
+                "run",
+                "--oracle",
+                &low,
+                "--trust-oracle",
+                "--out",
+                &out,
+                "--bundle",
+                cand,
+            ],
+            &fx.p("cache"),
+        )
+    };
+    let r = run_low(&masked_p);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let s = fx.summary();
     assert_eq!(s["candidates"][0]["garbage"]["non_finite_rows"], 0);
@@ -867,10 +914,11 @@ fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
         "coreai",
         &holes,
     );
-    let r = fx.run(&["--bundle", &holes]);
+    let r = run_low(&holes);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains("garbage logits: 1 NaN/Inf row(s)"),
+        r.stderr
+            .contains("garbage logits: 1 NaN/Inf (or overflowing) row(s)"),
         "{}",
         r.stderr
     );
@@ -997,4 +1045,291 @@ fn captures_of_different_plans_are_refused_before_the_oracle_runs() {
         !fx.p("cache").exists() || std::fs::read_dir(fx.p("cache")).unwrap().next().is_none(),
         "the oracle ran before the inputs were checked"
     );
+    // a tokenizer that cannot be loaded, and a --junit inside the report directory: also before it
+    let missing = fx.s("missing-tokenizer.json");
+    let junit = fx.s("out/junit.xml");
+    for extra in [
+        ["--tokenizer", missing.as_str()],
+        ["--junit", junit.as_str()],
+    ] {
+        let mut a = vec![
+            "run", "--oracle", "f32", "--model", &m, "--bundle", &f16, "--out", &out,
+        ];
+        a.extend_from_slice(&extra);
+        let r = qgate(&a, &fx.p("cache"));
+        assert_eq!(r.code, 2, "{extra:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(
+            !fx.p("cache").exists() || std::fs::read_dir(fx.p("cache")).unwrap().next().is_none(),
+            "{extra:?}: the oracle ran before the inputs were checked"
+        );
+    }
+}
+
+// ---- A second review (2026-11-30): more ways a candidate reached PASS ----
+
+/// The candidate's rollout of (sequence, oracle's rollout), or none.
+type RolloutEdit = dyn Fn(usize, &[i64]) -> Option<Vec<i64>>;
+
+// A rollout rule applied to some sequences only, or to none, or to the prefill's token alone, passed.
+#[test]
+fn the_rollout_rule_applies_to_every_counted_sequence_and_step() {
+    let fx = Fx::new();
+    let bf16 = bf16_with_oracle_rollouts(&fx);
+    let pol = fx.policy(
+        "no-kl.toml",
+        &[("max_mean_kl = 0.1", ""), ("min_cosine = 0.98", "")],
+    );
+    let with_rollouts = |f: &RolloutEdit| -> Vec<SeqData> {
+        bf16.iter()
+            .enumerate()
+            .map(|(s, q)| logits_seq(&q.tokens, &q.logits, f(s, q.rollout.as_ref().unwrap())))
+            .collect()
+    };
+    // the rollouts that went wrong dropped: only seq 0's is kept
+    let dropped = with_rollouts(&|s, r| (s == 0).then(|| r.to_vec()));
+    let dropped = write(&fx.p("dropped.st"), "dropped", "coreai", &dropped);
+    let r = fx.run(&["--bundle", &dropped, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "not applied to seq 1: the candidate holds no rollout for it (2 counted sequence(s) not compared)"
+        ),
+        "{}",
+        r.stderr
+    );
+    // one step each: the token the prefill chose, the decode path never run
+    let one = with_rollouts(&|_, r| Some(r[..1].to_vec()));
+    let one = write(&fx.p("one-step.st"), "one-step", "coreai", &one);
+    let r = fx.run(&["--bundle", &one, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("rollout of seq 0 holds 1 step(s) of the oracle's")
+            && r.stderr.contains("decode path is not exercised"),
+        "{}",
+        r.stderr
+    );
+    // two steps are enough to be compared over the common length
+    let two = with_rollouts(&|_, r| Some(r[..2].to_vec()));
+    let two = write(&fx.p("two-step.st"), "two-step", "coreai", &two);
+    let r = fx.run(&["--bundle", &two, "--gate", &pol]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // an oracle computed with `--rollout 0` (empty rollouts): nothing was compared
+    let empty: Vec<SeqData> = fx
+        .oracle
+        .iter()
+        .map(|q| logits_seq(&q.tokens, &q.logits, Some(Vec::new())))
+        .collect();
+    let empty = write(&fx.p("no-rollout-oracle.st"), "oracle", "test", &empty);
+    let full = with_rollouts(&|_, r| Some(r.to_vec()));
+    let full = write(&fx.p("full.st"), "full", "coreai", &full);
+    let out = fx.s("out");
+    let r = qgate(
+        &[
+            "run",
+            "--oracle",
+            &empty,
+            "--trust-oracle",
+            "--out",
+            &out,
+            "--bundle",
+            &full,
+            "--gate",
+            &pol,
+        ],
+        &fx.p("cache"),
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("not applied to seq 0: the oracle's rollout is empty (an oracle computed with --rollout 0"),
+        "{}",
+        r.stderr
+    );
+}
+
+// Finite logits near f32::MAX overflowed the comparison's lane sums: a row's KL became 0 and its cosine
+// NaN, which no threshold caught (fail-open per row). Planted at every row: the oracle's top-1 at f32::MAX
+// and two ids of the same kernel lane (±8, ±16 within the 64-wide block) at ±MAX/4. On this fixture the
+// code before the fix still failed the candidate, by the cosine being "not computable" and by the one row
+// whose sums did not overflow (mean KL ~5e37): no wrong PASS end to end, but for the wrong reasons. Now
+// every such row is garbage, whatever the others do.
+#[test]
+fn overflowing_logits_are_garbage_not_a_pass() {
+    let fx = Fx::new();
+    let bf16 = bf16_with_oracle_rollouts(&fx);
+    let seqs: Vec<SeqData> = bf16
+        .iter()
+        .zip(&fx.oracle)
+        .map(|(q, o)| {
+            let rows: Vec<Vec<f32>> = q
+                .logits
+                .iter()
+                .zip(&o.logits)
+                .map(|(r, orow)| {
+                    let t = argmax(orow);
+                    let mut r = r.clone();
+                    r[t] = f32::MAX;
+                    r[t ^ 8] = f32::MAX / 4.0;
+                    r[t ^ 16] = -f32::MAX / 4.0;
+                    r
+                })
+                .collect();
+            logits_seq(&q.tokens, &rows, q.rollout.clone())
+        })
+        .collect();
+    let p = write(&fx.p("huge.st"), "huge", "coreai", &seqs);
+    // the release policy, and one that gates on KL without a cosine floor (where KL 0 passed before)
+    let kl_only = fx.policy("kl-only.toml", &[("min_cosine = 0.98", "")]);
+    for extra in [vec!["--gate", kl_only.as_str()], vec![]] {
+        let mut a = vec!["--bundle", p.as_str()];
+        a.extend(extra);
+        let r = fx.run(&a);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("garbage logits: 168 NaN/Inf (or overflowing) row(s)"),
+            "{}",
+            r.stderr
+        );
+        std::fs::remove_dir_all(fx.p("out")).unwrap(); // this test's own report
+    }
+}
+
+// `positions = "last"` judged the candidate's own last row: a capture holding row 0 only was "covered".
+#[test]
+fn last_means_the_plans_last_position() {
+    let fx = Fx::new();
+    let bf16 = bf16_with_oracle_rollouts(&fx);
+    let pol = fx.policy(
+        "last.toml",
+        &[("positions = \"all\"", "positions = \"last\"")],
+    );
+    let first: Vec<SeqData> = bf16
+        .iter()
+        .map(|q| logits_seq(&q.tokens, &q.logits[..1], q.rollout.clone()))
+        .collect();
+    let first = write(&fx.p("first-rows.st"), "first-rows", "coreai", &first);
+    let r = fx.run(&["--bundle", &first, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("coverage 1/3 = 33.3%")
+            && r.stderr.contains("sequence(s) with no compared row: 1, 2"),
+        "{}",
+        r.stderr
+    );
+    // every row: judged at the plan's last positions, passes
+    let all: Vec<SeqData> = bf16
+        .iter()
+        .map(|q| logits_seq(&q.tokens, &q.logits, q.rollout.clone()))
+        .collect();
+    let all = write(&fx.p("all-rows.st"), "all-rows", "coreai", &all);
+    let r = fx.run(&["--bundle", &all, "--gate", &pol]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(fx.summary()["candidates"][0]["coverage"]["compared"], 3);
+}
+
+// Coverage pooled over the plan let one sequence's long-context tail go unjudged (16 of 150 rows
+// dropped: 152/168 = 90.5 % ≥ 90 %).
+#[test]
+fn one_sequences_tail_cannot_hide_in_the_pooled_coverage() {
+    let fx = Fx::new();
+    let bf16 = bf16_with_oracle_rollouts(&fx);
+    let cut: Vec<SeqData> = bf16
+        .iter()
+        .enumerate()
+        .map(|(s, q)| {
+            let n = if s == 2 { 134 } else { q.logits.len() };
+            logits_seq(&q.tokens, &q.logits[..n], q.rollout.clone())
+        })
+        .collect();
+    let cut = write(&fx.p("cut.st"), "cut", "coreai", &cut);
+    let r = fx.run(&["--bundle", &cut]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("coverage of seq 2 is 134/150 = 89.3% < min_coverage 90.0%")
+            && r.stderr.contains("[min_coverage]"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        fx.summary()["candidates"][0]["coverage"]["short_sequences"][0]["seq"],
+        2
+    );
+}
+
+// A control that is the candidate cast to another dtype (f16 where the candidate stored f32) was not
+// "identical", and excused the candidate's confident flip.
+#[test]
+fn a_control_that_is_the_candidate_in_another_dtype_is_refused() {
+    let fx = Fx::new();
+    let pol = fx.policy(
+        "flips-logits.toml",
+        &[
+            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
+            ("min_cosine = 0.98", ""),
+            ("max_mean_kl = 0.1", ""),
+        ],
+    );
+    // HF's bf16 logits with one confident flip planted (the oracle's top-2 raised above its top-1)
+    let bf16 = bf16_with_oracle_rollouts(&fx);
+    let (fs, ft) = fx
+        .oracle
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(s, q)| {
+            q.logits
+                .iter()
+                .position(|r| prob_margin(r) >= 0.2)
+                .map(|t| (s, t))
+        })
+        .unwrap();
+    let rows_of = |s: usize, q: &Seq| -> Vec<Vec<f32>> {
+        q.logits
+            .iter()
+            .enumerate()
+            .map(|(t, r)| {
+                let mut r = r.clone();
+                if (s, t) == (fs, ft) {
+                    let o = ranked(&fx.oracle[s].logits[t]);
+                    r[o[1]] = r[o[0]] + 1.0;
+                }
+                r
+            })
+            .collect()
+    };
+    let cand: Vec<SeqData> = bf16
+        .iter()
+        .enumerate()
+        .map(|(s, q)| logits_seq(&q.tokens, &rows_of(s, q), q.rollout.clone()))
+        .collect();
+    let cand = write(&fx.p("cand.st"), "int8", "coreai", &cand);
+    let r = fx.run(&["--bundle", &cand, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("1 confident flip(s)"), "{}", r.stderr);
+    std::fs::remove_dir_all(fx.p("out")).unwrap(); // this test's own report
+    let ctl: Vec<SeqData> = bf16
+        .iter()
+        .enumerate()
+        .map(|(s, q)| SeqData {
+            logits_kind: Some(FloatKind::F16),
+            ..logits_seq(&q.tokens, &rows_of(s, q), q.rollout.clone())
+        })
+        .collect();
+    let ctl = write(&fx.p("f16-cast.st"), "fp16", "coreai", &ctl);
+    let r = fx.run(&["--bundle", &cand, "--gate", &pol, "--control", &ctl]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("control is identical to the candidate"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    // HF's own f16 run as control: accepted, the flip stays the candidate's
+    let f16 = hf("f16").display().to_string();
+    let r = fx.run(&["--bundle", &cand, "--gate", &pol, "--control", &f16]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
 }

@@ -224,3 +224,68 @@ fn device_flag_errors_are_one_line_exit_2() {
     }
     assert!(!out.exists(), "no output may be written on failure");
 }
+
+/// The output location and the plan are checked before the weights load (the oracle may take hours): with a
+/// truncated checkpoint, the error is still the output's or the plan's.
+#[test]
+fn outputs_and_plans_are_checked_before_the_weights_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("truncated");
+    copy_dir(&root().join("fixtures/models/moe-fused"), &m);
+    let f = m.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let notes = tmp.path().join("notes.txt");
+    std::fs::write(&notes, "keep me").unwrap();
+    // under a regular file
+    expect_bad_input(
+        &run_oracle(&m, &notes.join("sub/o.capture.safetensors"), "2"),
+        &["notes.txt", "is not a directory"],
+    );
+    // a directory nobody can create files in (even root): /proc
+    if cfg!(target_os = "linux") {
+        expect_bad_input(
+            &run_oracle(&m, Path::new("/proc/qgate-test/o.capture.safetensors"), "2"),
+            &["/proc", "cannot create files here"],
+        );
+    }
+    // a plan token outside the model's vocabulary, named by sequence and position
+    let plan = tmp.path().join("oov.plan.safetensors");
+    let seqs = vec![
+        qgate::capture::SeqData {
+            tokens: vec![1, 2],
+            ..Default::default()
+        },
+        qgate::capture::SeqData {
+            tokens: vec![1, 999_999],
+            ..Default::default()
+        },
+    ];
+    qgate::capture::write_capture(
+        &plan,
+        &qgate::capture::CaptureMeta::new("plan", "qgate-plan", "none", 1_000_000),
+        &seqs,
+    )
+    .unwrap();
+    let out = tmp.path().join("o.capture.safetensors");
+    let o = qgate()
+        .args(["oracle", "--model"])
+        .arg(&m)
+        .args(["--dtype", "f32", "--plan"])
+        .arg(&plan)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    expect_bad_input(
+        &o,
+        &["plan sequence 1, position 1: token id 999999 is outside the model's vocabulary"],
+    );
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "keep me");
+}

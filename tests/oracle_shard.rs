@@ -264,6 +264,27 @@ fn merge_refuses_what_is_not_all_shards_of_one_run() {
         m["shard"]["plan_sha256"] = "0".repeat(64).into()
     });
     bad_input(&merge(&[&p("f0"), &p("e1")], &out), &["hash to plan"]);
+    // A hash that is not hex (its first 12 bytes end inside a character: the message must not panic).
+    std::fs::copy(p("a1"), p("e4")).unwrap();
+    edit_meta(&p("e4"), |m| m["shard"]["plan_sha256"] = "aéééééé".into());
+    bad_input(&merge(&[&p("a0"), &p("e4")], &out), &["not a SHA-256"]);
+    // A shard claiming a run of 10^12 shards over 10^12 sequences (consistent with the one sequence it
+    // holds): refused as incomplete without allocating anything per shard or per sequence.
+    ok(&oracle(&m, "f32", Some("0/3"), &p("s0"), &[]));
+    edit_meta(&p("s0"), |m| {
+        m["shard"]["count"] = 1_000_000_000_000u64.into();
+        m["shard"]["plan_sequences"] = 1_000_000_000_000u64.into();
+    });
+    bad_input(
+        &merge(&[&p("s0")], &out),
+        &["shard(s) 1/1000000000000, 2/1000000000000", "in all)"],
+    );
+    // More sequences listed than the stride allows: refused before any comparison of lists.
+    std::fs::copy(p("a1"), p("e5")).unwrap();
+    edit_meta(&p("e5"), |m| {
+        m["shard"]["plan_sequences"] = 1_000_000_000_000u64.into()
+    });
+    bad_input(&merge(&[&p("a0"), &p("e5")], &out), &["never writes that"]);
     assert!(!out.exists(), "no output after a refused merge");
 }
 
@@ -283,6 +304,13 @@ fn shard_specs_are_checked_before_any_work() {
         &oracle(&m, "f32", Some("3/4"), &out, &[]),
         &["would compute nothing"],
     );
+    // Even the shards that hold a sequence: a run of more shards than sequences can never be merged.
+    for bad in ["0/4", "0/1000000000000"] {
+        bad_input(
+            &oracle(&m, "f32", Some(bad), &out, &[]),
+            &["would compute nothing", "at most 3 shards"],
+        );
+    }
     bad_input(
         &oracle(&m, "f32", None, &out, &["--device", "cpu,cpu"]),
         &["several devices are for GPUs"],

@@ -299,6 +299,10 @@ fn bad_search_and_sensitivity_arguments_are_usage_errors() {
         vec!["--sensitivity", "int4", "--sensitivity-parts", "mlp@x"],
         vec!["--sensitivity", "int4", "--sensitivity-parts", "head@1"],
         vec!["--sensitivity-parts", "head"],
+        // checked before the oracle runs, not after the ladder
+        vec!["--sensitivity", "int4", "--sensitivity-parts", "mlp@99"],
+        vec!["--ablate", "int5"],
+        vec!["--ablate", "int4", "--ablate-base", "int3lin"],
     ] {
         let o = qgate(&tmp.path().join("oracles"))
             .args(["sweep", "--model"])
@@ -314,5 +318,56 @@ fn bad_search_and_sensitivity_arguments_are_usage_errors() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
         assert!(!tmp.path().join("out").exists());
+        assert!(
+            !tmp.path().join("oracles").exists(),
+            "{args:?}: the oracle ran before the arguments were checked"
+        );
+    }
+}
+
+/// Outputs that would lose a user's file, or fail only after hours of work, are refused before the oracle
+/// runs (exit 2, one line, the user's file unchanged).
+#[test]
+fn sweep_outputs_are_checked_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let notes = tmp.path().join("notes.txt");
+    std::fs::write(&notes, "keep me").unwrap();
+    let out = tmp.path().join("out");
+    let s = |p: &Path| p.display().to_string();
+    for (args, needle) in [
+        (
+            vec!["--junit".to_string(), s(&notes)],
+            "is not a JUnit XML file",
+        ),
+        (
+            vec!["--junit".to_string(), s(&out.join("junit.xml"))],
+            "is inside the report directory",
+        ),
+        (
+            vec!["--captures".to_string(), s(&out.join("caps"))],
+            "is inside the report directory",
+        ),
+        (
+            vec!["--captures".to_string(), s(&notes.join("caps"))],
+            "is not a directory",
+        ),
+    ] {
+        let o = qgate(&tmp.path().join("oracles"))
+            .args(["sweep", "--model"])
+            .arg(fixture("models/planted-mlp2"))
+            .arg("--plan")
+            .arg(fixture("planted/planted.plan.safetensors"))
+            .args(&args)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(std::fs::read_to_string(&notes).unwrap(), "keep me");
+        assert!(!out.exists());
+        assert!(!tmp.path().join("oracles").exists(), "{args:?}");
     }
 }

@@ -167,11 +167,12 @@ def test_runtime_crash_leaves_no_output(tmp_path, plan, mode, needle):
     b = make_bundle(tmp_path, crash_after_calls=40, crash_mode=mode)
     out = tmp_path / "out" / "o.capture.safetensors"
     out.parent.mkdir()
-    out.write_bytes(b"previous capture")  # an earlier good file must survive a failed run untouched
+    previous = Path(plan).read_bytes()  # a qgate-capture/1 file, as an earlier capture is
+    out.write_bytes(previous)  # an earlier good file must survive a failed run untouched
     r = capture(b, plan, out)
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert needle in r.stderr and "discarded" in r.stderr
-    assert out.read_bytes() == b"previous capture"
+    assert out.read_bytes() == previous
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.capture.safetensors"]
 
 
@@ -321,3 +322,25 @@ def test_driver_holds_the_model_in_process(tmp_path, monkeypatch):
     gc.collect()
     with pytest.raises(RuntimeError, match="released"):
         asyncio.run(drv.run_sequence(None, 0, np.array([1]), 0))
+
+
+def test_out_is_checked_before_any_work(tmp_path, bundle, plan):
+    """`--out` never replaces what the tool did not write: a user's file, the plan, a file of the bundle, a
+    folder; each is refused (exit 2, one line) before the runtime starts, and left as it was."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("keep me")
+    meta = Path(bundle) / "metadata.json"
+    before = {p: p.read_bytes() for p in (notes, Path(plan), meta)}
+    for out, needle in [
+        (notes, "is not a qgate capture"),
+        (Path(plan), "is also the --plan"),
+        (meta, "is inside the --bundle"),
+        (tmp_path, "is a directory"),
+        (notes / "x.capture.safetensors", "is not a directory"),
+    ]:
+        r = capture(bundle, plan, out)
+        assert r.returncode == 2, (out, r.stderr)
+        assert needle in r.stderr, (out, r.stderr)
+        assert "Traceback" not in r.stderr
+    for p, b in before.items():
+        assert p.read_bytes() == b, p

@@ -27,12 +27,18 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     let tok = PromptTokenizer::load(&dir)?;
     let prompts = read_prompts(&args.prompts)?;
     let mut seqs = Vec::with_capacity(prompts.len());
-    for p in &prompts {
+    for (i, p) in prompts.iter().enumerate() {
         let ids = if args.chat {
             tok.encode_chat(p)?
         } else {
             tok.encode_plain(p)?
         };
+        if ids.is_empty() {
+            return Err(crate::error::Error::input(
+                &args.prompts,
+                format!("prompt {i} encodes to no tokens (an empty prompt?); a plan sequence needs at least one"),
+            ));
+        }
         seqs.push(SeqData {
             tokens: ids,
             ..Default::default()

@@ -134,6 +134,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     crate::outputs::check_report_dir(&out)?;
     if let Some(j) = &args.junit {
         crate::outputs::check_junit_out(j)?;
+        crate::outputs::check_outside_report(j, "--junit", &out)?;
     }
 
     let caps: Vec<Capture> = inputs
@@ -177,6 +178,8 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         };
         id.size_bytes = Some(size);
     }
+    // The tokenizer before the oracle: a bad --tokenizer must not cost an oracle run.
+    let tt = tokenizer_for(&args, &inputs)?;
     let resolved = crate::oracle_cache::resolve_oracle(
         &args.oracle,
         args.model.as_deref(),
@@ -200,7 +203,6 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     })?;
     ev.run.sim_vs_bundle =
         crate::gate::sim_vs_bundle::pair_up(&all, &ev.compared, &ev.run.candidates);
-    let tt = tokenizer_for(&args, &inputs)?;
     write_reports(&out, &mut ev, &oracle.plan(), &tt)?;
     report::ci::write(&ev.run, args.junit.as_deref())?;
     let run = ev.run;

@@ -84,10 +84,8 @@ pub fn parse_scale_dtype(s: &str) -> Result<ScaleDtype> {
 
 /// Load the model with the scheme's transform and run it over the plan.
 pub fn simulate(req: SimRequest) -> Result<SimOutcome> {
-    if req.plan.is_empty() {
-        return Err(Error::usage("the plan has no sequences"));
-    }
     let cfg = TextConfig::from_dir(req.model_dir)?;
+    crate::oracle::check_plan(req.plan, &cfg)?;
     let mut ws = WeightStore::open(req.model_dir)?;
     let t = Arc::new(QuantTransform::new(req.scheme.clone(), req.scale_dtype));
     ws.set_transform(t.clone());

@@ -193,6 +193,16 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     let compute = parse_compute(&args.compute)?;
     let sd = parse_scale_dtype(&args.scale_dtype)?;
     let model_dir = resolve_model_dir(&args.model)?;
+    if !only.is_empty() {
+        // The parts must exist in this model: checked now, not after the oracle and the ladder.
+        let parts = sensitivity::parts_of(&crate::model::config::TextConfig::from_dir(&model_dir)?);
+        if let Some(p) = only.iter().find(|p| !parts.contains(p)) {
+            return Err(Error::usage(format!(
+                "--sensitivity-parts: the model has no part `{}`",
+                p.label()
+            )));
+        }
+    }
     let plan_cap = Capture::open(&args.plan)?;
     let plan = plan_cap.plan();
     let mut schemes: Vec<Scheme> = args
@@ -222,6 +232,17 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| Path::new("reports").join(format!("sweep-{}", safe(&model_name))));
     crate::outputs::check_report_dir(&out)?;
+    if let Some(j) = &args.junit {
+        crate::outputs::check_junit_out(j)?;
+        crate::outputs::check_outside_report(j, "--junit", &out)?;
+    }
+    // The ablation's arguments, parsed before any work (they are used after the ladder has run).
+    if let Some(a) = &args.ablate {
+        ablation_method(a)?;
+    }
+    if let Some(b) = &args.ablate_base {
+        Scheme::parse(b)?;
+    }
     let cap_dir = args.captures.clone().unwrap_or_else(|| {
         let mut n = out
             .file_name()
@@ -231,6 +252,12 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         out.with_file_name(n)
     });
     crate::outputs::check_capture_dir(&cap_dir)?;
+    crate::outputs::check_outside_report(&cap_dir, "--captures", &out)?;
+    // The ladder's captures (one per scheme and the f16 control), checked before the oracle runs.
+    for s in schemes.iter().chain(std::iter::once(&control_scheme)) {
+        let path = cap_dir.join(format!("{}.capture.safetensors", safe(&s.label())));
+        crate::outputs::check_capture_out(&path, &[args.plan.as_path()])?;
+    }
     policy
         .check_against_plan(plan.len())
         .map_err(|m| Error::usage(format!("gate policy does not fit the plan: {m}")))?;

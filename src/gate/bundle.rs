@@ -52,7 +52,8 @@ pub fn precision_tag(name: &str) -> Option<String> {
         }
         for tag in PRECISION_TAGS {
             let end = i + tag.len();
-            if s[i..].starts_with(tag) && (end == b.len() || !alnum(b[end])) {
+            // Compared as bytes: `i` may fall inside a multi-byte character of a non-ASCII name.
+            if b[i..].starts_with(tag.as_bytes()) && (end == b.len() || !alnum(b[end])) {
                 return Some(tag.to_string());
             }
         }
@@ -179,5 +180,9 @@ mod tests {
         assert_eq!(precision_tag("model_int4x"), None);
         assert_eq!(precision_tag("xint8"), None);
         assert_eq!(precision_tag("a.fp16.capture").as_deref(), Some("fp16"));
+        // Non-ASCII names (a scheme, a label, a bundle's metadata name): no panic inside a character.
+        assert_eq!(precision_tag("é"), None);
+        assert_eq!(precision_tag("modèle"), None);
+        assert_eq!(precision_tag("Qwen3.5 – int8").as_deref(), Some("int8"));
     }
 }

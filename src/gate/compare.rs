@@ -166,10 +166,16 @@ pub fn compare(
                     let mut m = if let Some(cl) = &cv.logits {
                         kernel::decode_row(cl, t, &mut sc.c);
                         let ps = kernel::pair_row(&sc.o, &sc.e, &ost, &sc.c);
-                        // a −inf-masked vocabulary tail is not garbage: judge the row over the ids before it
-                        // (unless the tail hides the oracle's top-1: then the row stays garbage)
+                        // a −inf-masked vocabulary tail is not garbage: judge the row over the ids before it,
+                        // unless the tail hides the oracle's top-1 or more than a negligible part of its
+                        // probability (padding ids of a trained model): then the row stays garbage, since
+                        // the metrics over the ids before it would not see what the mask removed
                         match (ps.finite, metrics::masked_tail(&sc.c)) {
-                            (false, Some(k)) if ov.top1 < k => {
+                            (false, Some(k))
+                                if ov.top1 < k
+                                    && metrics::oracle_tail_mass(&sc.e, ost.z, k)
+                                        <= metrics::MASKED_TAIL_MAX_ORACLE_MASS =>
+                            {
                                 let mut ek = vec![0f32; k];
                                 let ostk = kernel::oracle_row(&sc.o[..k], &mut ek);
                                 let psk = kernel::pair_row(&sc.o[..k], &ek, &ostk, &sc.c[..k]);

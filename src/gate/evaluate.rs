@@ -9,7 +9,7 @@ use super::outcome::{OracleInfo, Paired, PlanInfo, RunSummary, REPORT_SCHEMA};
 use super::policy::Policy;
 use super::provenance::Provenance;
 use super::roles;
-use super::rollout::{self, RolloutComparison};
+use super::rollout::{self, RolloutComparison, RolloutGap, Side};
 use super::stats;
 use super::summary::{self, Identity, Role, RolloutSummary};
 use super::symptoms;
@@ -45,7 +45,7 @@ fn rollout_comparisons(
     cand: &Capture,
     view_at: &HashMap<(usize, usize), OracleView>,
     policy: &Policy,
-) -> (Vec<RolloutComparison>, Option<String>) {
+) -> (Vec<RolloutComparison>, Vec<RolloutGap>, Option<String>) {
     let rule = TieRule::of(policy);
     // a recorded (prob, logit) margin pair in the run's margin space
     let in_space = |(p, l): (f32, f32)| -> f64 {
@@ -56,13 +56,31 @@ fn rollout_comparisons(
         }
     };
     let mut out = Vec::new();
+    let mut gaps = Vec::new();
     let (mut oracle_has, mut cand_has) = (false, false);
     for s in (0..oracle.len()).filter(|&s| policy.counts_sequence(s)) {
         let (ov, cv) = (oracle.seq(s), cand.seq(s));
         oracle_has |= ov.rollout.is_some();
         cand_has |= cv.rollout.is_some();
-        let (Some(or), Some(cr)) = (&ov.rollout, &cv.rollout) else {
-            continue;
+        let (or, cr) = match (&ov.rollout, &cv.rollout) {
+            (Some(or), Some(cr)) => (or, cr),
+            (None, None) => continue,
+            // one side only: a sequence the rule cannot compare (a capture tool dropping the rollouts
+            // that went wrong must not pass by omission)
+            (Some(_), None) => {
+                gaps.push(RolloutGap {
+                    seq: s,
+                    missing_on: Side::Candidate,
+                });
+                continue;
+            }
+            (None, Some(_)) => {
+                gaps.push(RolloutGap {
+                    seq: s,
+                    missing_on: Side::Oracle,
+                });
+                continue;
+            }
         };
         let last = ov.tokens.len() - 1;
         // the oracle's own per-step margins, in the run's margin space; step 0 from its last prompt row
@@ -107,7 +125,19 @@ fn rollout_comparisons(
         }
         .to_string()
     });
-    (out, missing)
+    // Sequences where neither side has a rollout, while others have one on both sides, are gaps too.
+    if !out.is_empty() {
+        for s in (0..oracle.len()).filter(|&s| policy.counts_sequence(s)) {
+            if oracle.seq(s).rollout.is_none() && cand.seq(s).rollout.is_none() {
+                gaps.push(RolloutGap {
+                    seq: s,
+                    missing_on: Side::Both,
+                });
+            }
+        }
+        gaps.sort_by_key(|g| g.seq);
+    }
+    (out, gaps, missing)
 }
 
 /// Compare, summarise, check roles, judge and decide. Errors (exit 2) when the policy does not fit the
@@ -131,8 +161,19 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
     let (views, compared) = compare::compare(oracle, all, policy.margin_space)?;
     let view_at: HashMap<(usize, usize), OracleView> =
         views.iter().map(|v| ((v.0, v.1), v.2)).collect();
-    let control_top1 = (all.len() > n_candidates)
-        .then(|| margin_rule::control_top1(&compared[n_candidates].positions));
+    // The control's top-1 only where the policy counts the control's own rows: a flip it shares
+    // elsewhere is not excused by rows on which the control itself was never judged.
+    let control_top1 = (all.len() > n_candidates).then(|| {
+        let ctl = &compared[n_candidates].positions;
+        let mask = summary::counted_mask(ctl, &views, policy);
+        let counted: Vec<_> = ctl
+            .iter()
+            .zip(mask)
+            .filter(|(_, c)| *c)
+            .map(|(m, _)| m.clone())
+            .collect();
+        margin_rule::control_top1(&counted)
+    });
     let mut sums = Vec::new();
     for (i, c) in all.iter().enumerate() {
         let role = if i < n_candidates {
@@ -140,7 +181,7 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
         } else {
             Role::Control
         };
-        let (per_seq, missing) = rollout_comparisons(oracle, c, &view_at, policy);
+        let (per_seq, gaps, missing) = rollout_comparisons(oracle, c, &view_at, policy);
         let reps: Vec<_> = (0..oracle.len())
             .filter(|&s| policy.counts_sequence(s))
             .filter_map(|s| {
@@ -153,6 +194,7 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
             sequences_exact: per_seq.iter().filter(|r| r.is_exact()).count(),
             min_exact_prefix: per_seq.iter().map(|r| r.exact_prefix).min().unwrap_or(0),
             per_sequence: per_seq,
+            not_compared: gaps,
         });
         let ctl = if role == Role::Candidate {
             control_top1.as_ref()
@@ -180,7 +222,7 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
 
     let masks: Vec<Vec<bool>> = compared
         .iter()
-        .map(|c| summary::counted_mask(&c.positions, policy))
+        .map(|c| summary::counted_mask(&c.positions, &views, policy))
         .collect();
     let rule = TieRule::of(policy);
     let judgements: Vec<Vec<Option<FlipKind>>> = compared

@@ -65,12 +65,14 @@ impl OracleView {
 #[serde(rename_all = "snake_case")]
 pub enum RowHealth {
     Ok,
+    /// NaN or ±Inf in the row, or finite values so large (~1e37) that the comparison's sums overflow.
     NonFinite,
     Constant,
     /// argmax-only rows: nothing to check.
     Unchecked,
-    /// Finite, with a `−inf`-masked vocabulary tail (ids `from..V`, e.g. padding rows a runtime masks):
-    /// not garbage; the row's metrics are computed over ids `0..from`.
+    /// Finite, with a `−inf`-masked vocabulary tail (ids `from..V`, e.g. padding rows a runtime masks)
+    /// where the oracle's probability is negligible (≤ `MASKED_TAIL_MAX_ORACLE_MASS`): not garbage; the
+    /// row's metrics are computed over ids `0..from`.
     MaskedTail {
         from: usize,
     },
@@ -168,6 +170,17 @@ pub fn masked_tail(row: &[f32]) -> Option<usize> {
     Some(k)
 }
 
+/// The most oracle probability a `−inf`-masked vocabulary tail may hide (0.01 %): padding ids of a trained
+/// model carry far less. A mask over more is a vocabulary the candidate cannot produce, and its row is
+/// garbage.
+pub const MASKED_TAIL_MAX_ORACLE_MASS: f64 = 1e-4;
+
+/// The oracle's probability on ids `k..`, from its `e_o = exp(o − max)` and `z = Σ e_o`.
+pub fn oracle_tail_mass(e_o: &[f32], z: f64, k: usize) -> f64 {
+    let tail: f64 = e_o.get(k..).unwrap_or(&[]).iter().map(|&x| x as f64).sum();
+    tail / z
+}
+
 fn overlap(a: &[usize], b: &[usize]) -> u32 {
     a.iter().filter(|x| b.contains(x)).count() as u32
 }
@@ -217,6 +230,23 @@ pub fn from_logits(
     m.kl_co = Some((ps.a_c / ps.z + k).max(0.0));
     let pc = ((cand_row[oracle.top1] as f64) - ps.max as f64).exp() / ps.z;
     m.delta_p = Some(pc - oracle.p1);
+    // Finite logits of order 1e37 overflow the kernel's f32 lane sums: a NaN or infinite sum must not
+    // become a passing value (`max(0.0)` maps NaN to 0, a NaN cosine compares false with any threshold).
+    // Such a row cannot be compared: it is garbage, as a non-finite one.
+    let sums = [ps.z, ps.sum, ps.sumsq, ps.dot, ps.a_o, ps.a_c];
+    let derived = [
+        m.cosine,
+        m.cosine_centred,
+        Some(cov),
+        Some(vc),
+        Some(lse_c),
+        Some(ps.a_o / ost.z - k),
+        Some(ps.a_c / ps.z + k),
+        Some(pc),
+    ];
+    if sums.iter().any(|x| !x.is_finite()) || derived.iter().flatten().any(|x| !x.is_finite()) {
+        return PositionMetrics::bare(seq, pos, oracle, RowSource::Logits, RowHealth::NonFinite);
+    }
     let ctop = super::kernel::top_k(cand_row, TOP_K_OVERLAP);
     m.top10_overlap = Some(overlap(oracle_top10, &ctop));
     m

@@ -65,7 +65,8 @@ impl<'de> Deserialize<'de> for RolloutRequirement {
 pub enum PositionsRule {
     /// Every position.
     All,
-    /// The last compared position of each sequence.
+    /// The plan's last position of each sequence (row T−1; a capture's own last row does not stand in
+    /// for it).
     Last,
 }
 
@@ -104,7 +105,7 @@ impl<'de> Deserialize<'de> for Sequences {
 }
 
 /// How many confident flips of its own a control may have before it is refused: a count, or a percentage of
-/// the counted positions (`"1%"`; at least 1).
+/// the counted positions (`"1%"`; at least 1, except `"0%"`: none).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ControlLimit {
     Count(usize),
@@ -116,6 +117,8 @@ impl ControlLimit {
     pub fn allowed(self, counted: usize) -> usize {
         match self {
             ControlLimit::Count(n) => n,
+            // "0%" means none; any other percentage at least 1
+            ControlLimit::Percent(p) if p <= 0.0 => 0,
             ControlLimit::Percent(p) => ((p / 100.0 * counted as f64).floor() as usize).max(1),
         }
     }
@@ -404,6 +407,7 @@ mod tests {
         assert_eq!(ControlLimit::Percent(1.0).allowed(50), 1);
         assert_eq!(ControlLimit::Percent(1.0).allowed(1000), 10);
         assert_eq!(ControlLimit::Count(0).allowed(1000), 0);
+        assert_eq!(ControlLimit::Percent(0.0).allowed(1000), 0);
         // older policy files without the new fields get the strict defaults
         let old = "schema = \"qgate-gate/1\"\nmargin_space = \"prob\"\nmargin_floor = 0.1\n\
                    max_introduced_confident_flips = 0\nrollout_prefix = 4\npositions = \"last\"\nsequences = [0]\n";

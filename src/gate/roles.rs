@@ -5,10 +5,11 @@
 //! flips the gate exists to catch.
 use super::policy::Policy;
 use super::summary::CandidateSummary;
-use crate::capture::Capture;
+use crate::capture::{Capture, FloatKind};
 use crate::error::{Error, Result};
 
-/// The same file, or byte-identical per-position data (logits, else top-k, else argmax) in every sequence.
+/// The same file, or the same per-position data (logits — byte-identical, or equal after rounding to the
+/// coarser of two dtypes —, else top-k, else argmax) in every sequence.
 pub fn same_data(a: &Capture, b: &Capture) -> bool {
     if let (Ok(pa), Ok(pb)) = (a.path.canonicalize(), b.path.canonicalize()) {
         if pa == pb {
@@ -22,8 +23,22 @@ pub fn same_data(a: &Capture, b: &Capture) -> bool {
     for i in 0..a.len() {
         let (x, y) = (a.seq(i), b.seq(i));
         let same = match (&x.logits, &y.logits, &x.top_logits, &y.top_logits) {
+            (Some(lx), Some(ly), _, _) if lx.kind == ly.kind => {
+                lx.rows == ly.rows && lx.bytes() == ly.bytes()
+            }
+            // another dtype: the same values once the finer one is rounded to the coarser (a cast copy)
             (Some(lx), Some(ly), _, _) => {
-                lx.kind == ly.kind && lx.rows == ly.rows && lx.bytes() == ly.bytes()
+                lx.rows == ly.rows && lx.cols == ly.cols && {
+                    let coarse = coarser(lx.kind, ly.kind);
+                    let (mut a, mut b) = (vec![0f32; lx.cols], vec![0f32; ly.cols]);
+                    (0..lx.rows).all(|r| {
+                        lx.row_into(r, &mut a);
+                        ly.row_into(r, &mut b);
+                        a.iter().zip(&b).all(|(&u, &v)| {
+                            round_to(u, coarse).to_bits() == round_to(v, coarse).to_bits()
+                        })
+                    })
+                }
             }
             (None, None, Some(tx), Some(ty)) => {
                 tx.kind == ty.kind
@@ -44,6 +59,24 @@ pub fn same_data(a: &Capture, b: &Capture) -> bool {
         any |= x.rows() > 0;
     }
     any
+}
+
+/// The coarser of two logits dtypes (f16 and bf16: bf16, whose 8-bit mantissa both hold exactly in range).
+fn coarser(a: FloatKind, b: FloatKind) -> FloatKind {
+    match (a, b) {
+        (FloatKind::F32, k) | (k, FloatKind::F32) => k,
+        (FloatKind::F16, FloatKind::F16) => FloatKind::F16,
+        _ => FloatKind::BF16,
+    }
+}
+
+/// `x` rounded to `kind` (round to nearest even, as a cast), back in f32.
+fn round_to(x: f32, kind: FloatKind) -> f32 {
+    match kind {
+        FloatKind::F32 => x,
+        FloatKind::F16 => half::f16::from_f32(x).to_f32(),
+        FloatKind::BF16 => half::bf16::from_f32(x).to_f32(),
+    }
 }
 
 /// The oracle must not be a candidate or the control under another name.

@@ -19,6 +19,24 @@ pub struct RolloutDivergence {
     pub tie: Option<bool>,
 }
 
+/// The side of a comparison that holds no rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Oracle,
+    Candidate,
+    /// Neither side, where other sequences have a rollout on both.
+    Both,
+}
+
+/// A counted sequence the rollout rule could not compare: one side holds no rollout for it. A required
+/// rule with such a gap was not applied there, and fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RolloutGap {
+    pub seq: usize,
+    pub missing_on: Side,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RolloutComparison {
     pub seq: usize,

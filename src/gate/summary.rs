@@ -3,7 +3,7 @@ use super::decision::{Status, Verdict};
 use super::margin_rule::{self, ControlTop1, Flip, FlipKind, TieRule};
 use super::metrics::{OracleView, PositionMetrics, RowHealth, RowSource};
 use super::policy::{Policy, PositionsRule};
-use super::rollout::RolloutComparison;
+use super::rollout::{RolloutComparison, RolloutGap};
 use super::stats;
 pub use super::symptoms::Symptom;
 use serde::Serialize;
@@ -122,6 +122,18 @@ pub struct Coverage {
     pub fraction: Option<f64>,
     /// Counted sequences of the plan with no usable compared row.
     pub sequences_without_rows: Vec<usize>,
+    /// Under `positions = "all"`: counted sequences whose own coverage is below `min_coverage` with more
+    /// than one row missing (one missing row is llm-runner's discarded last row). The pooled fraction
+    /// alone would let a long sequence's tail — the long-context positions — go unjudged.
+    pub short_sequences: Vec<SequenceCoverage>,
+}
+
+/// One sequence's coverage.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SequenceCoverage {
+    pub seq: usize,
+    pub planned: usize,
+    pub compared: usize,
 }
 
 /// Coverage of `positions` (one candidate) against the oracle rows `views` under `policy`.
@@ -138,7 +150,9 @@ pub fn coverage(
         .collect();
     let usable: Vec<&PositionMetrics> = positions
         .iter()
-        .filter(|m| policy.counts_sequence(m.seq) && !m.is_garbage())
+        .zip(counted_mask(positions, views, policy))
+        .filter(|(m, counted)| *counted && !m.is_garbage())
+        .map(|(m, _)| m)
         .collect();
     let seqs_with_rows: BTreeSet<usize> = usable.iter().map(|m| m.seq).collect();
     let (planned, compared) = match policy.positions {
@@ -148,11 +162,39 @@ pub fn coverage(
         ),
         PositionsRule::Last => (planned_seqs.len(), seqs_with_rows.len()),
     };
+    let short_sequences = match policy.positions {
+        PositionsRule::Last => Vec::new(),
+        PositionsRule::All => {
+            use std::collections::BTreeMap;
+            let mut per: BTreeMap<usize, SequenceCoverage> = BTreeMap::new();
+            for v in views.iter().filter(|v| policy.counts_sequence(v.0)) {
+                per.entry(v.0)
+                    .or_insert(SequenceCoverage {
+                        seq: v.0,
+                        planned: 0,
+                        compared: 0,
+                    })
+                    .planned += 1;
+            }
+            for m in &usable {
+                if let Some(c) = per.get_mut(&m.seq) {
+                    c.compared += 1;
+                }
+            }
+            per.into_values()
+                .filter(|c| {
+                    c.planned - c.compared.min(c.planned) > 1
+                        && (c.compared as f64) < policy.min_coverage * c.planned as f64
+                })
+                .collect()
+        }
+    };
     Coverage {
         planned,
         compared,
         fraction: (planned > 0).then(|| compared as f64 / planned as f64),
         sequences_without_rows: planned_seqs.difference(&seqs_with_rows).copied().collect(),
+        short_sequences,
     }
 }
 
@@ -162,6 +204,8 @@ pub struct RolloutSummary {
     pub sequences_exact: usize,
     pub min_exact_prefix: usize,
     pub per_sequence: Vec<RolloutComparison>,
+    /// Counted sequences where only one side holds a rollout (not compared).
+    pub not_compared: Vec<RolloutGap>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,21 +243,33 @@ pub struct CandidateSummary {
     pub verdict: Verdict,
 }
 
-/// Which positions the policy counts ("last" = the last compared position of each sequence).
-pub fn counted_mask(positions: &[PositionMetrics], policy: &Policy) -> Vec<bool> {
-    let mut mask: Vec<bool> = positions
-        .iter()
-        .map(|m| policy.counts_sequence(m.seq))
-        .collect();
-    if policy.positions == PositionsRule::Last {
-        for i in 0..positions.len() {
-            let last_of_seq = positions
-                .get(i + 1)
-                .is_none_or(|n| n.seq != positions[i].seq);
-            mask[i] &= last_of_seq;
-        }
+/// The plan's last position of each sequence, from the oracle's rows.
+fn plan_last_positions(
+    views: &[(usize, usize, OracleView)],
+) -> std::collections::HashMap<usize, usize> {
+    let mut last = std::collections::HashMap::new();
+    for &(s, p, _) in views {
+        let e = last.entry(s).or_insert(p);
+        *e = (*e).max(p);
     }
-    mask
+    last
+}
+
+/// Which positions the policy counts ("last" = the plan's last position of each sequence, row T−1: a
+/// capture without that row is not covered there; its own last row does not stand in for it).
+pub fn counted_mask(
+    positions: &[PositionMetrics],
+    views: &[(usize, usize, OracleView)],
+    policy: &Policy,
+) -> Vec<bool> {
+    let last = (policy.positions == PositionsRule::Last).then(|| plan_last_positions(views));
+    positions
+        .iter()
+        .map(|m| {
+            policy.counts_sequence(m.seq)
+                && last.as_ref().is_none_or(|l| l.get(&m.seq) == Some(&m.pos))
+        })
+        .collect()
 }
 
 /// Build a candidate's summary (the verdict is filled in by `verdict::judge`). `views` are the oracle's
@@ -229,7 +285,7 @@ pub fn summarise(
     control: Option<&ControlTop1>,
     rollout: Option<RolloutSummary>,
 ) -> CandidateSummary {
-    let mask = counted_mask(positions, policy);
+    let mask = counted_mask(positions, views, policy);
     let counted: Vec<&PositionMetrics> = positions
         .iter()
         .zip(&mask)
@@ -270,7 +326,8 @@ pub fn summarise(
         let (mut min, mut at) = (f64::INFINITY, (0, 0));
         for m in &ok {
             if let Some(c) = m.cosine_centred {
-                if c < min {
+                // a NaN (never expected: such rows are garbage) becomes the minimum, not skipped
+                if c < min || (c.is_nan() && !min.is_nan()) {
                     min = c;
                     at = (m.seq, m.pos);
                 }

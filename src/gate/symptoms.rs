@@ -79,7 +79,10 @@ pub fn repetition(seq: usize, cand: &[i64], oracle: Option<&[i64]>) -> Option<Sy
     if run < REPETITION_RUN {
         return None;
     }
-    let oracle_too = oracle.is_some_and(|o| super::rollout::longest_run(o).0 >= REPETITION_RUN);
+    // Excused only when the oracle repeats the same token as long (not any token anywhere).
+    let oracle_too = oracle.is_some_and(|o| {
+        o.split(|&x| x != tok).map(<[i64]>::len).max().unwrap_or(0) >= REPETITION_RUN
+    });
     Some(Symptom {
         kind: SymptomKind::DegenerateRepetition,
         seq,

@@ -6,6 +6,7 @@ use super::decision::{ExitCode, Rule, RuleOutcome, Status, SymptomKind, Verdict}
 use super::margin_rule::FlipKind;
 use super::metrics::{OracleView, RowHealth};
 use super::policy::{Policy, PositionsRule, RolloutRequirement};
+use super::rollout::Side;
 use super::summary::{CandidateSummary, Role};
 use serde::Serialize;
 
@@ -35,7 +36,7 @@ fn garbage_rows(s: &CandidateSummary, policy: &Policy) -> Check {
         "NaN/Inf"
     };
     Check::Fail(format!(
-        "garbage logits: {} NaN/Inf row(s) and {} constant row(s) (first: {what} at {})",
+        "garbage logits: {} NaN/Inf (or overflowing) row(s) and {} constant row(s) (first: {what} at {})",
         g.non_finite_rows,
         g.constant_rows,
         fmt_row(seq, pos)
@@ -68,7 +69,19 @@ fn min_coverage(s: &CandidateSummary, policy: &Policy) -> Check {
             "no positions compared: the capture has no usable rows at the {} planned position(s) the policy counts (data: {}){missing}",
             c.planned, s.data
         )),
-        Some(f) if f >= policy.min_coverage => Check::Pass,
+        Some(f) if f >= policy.min_coverage => match c.short_sequences.first() {
+            None => Check::Pass,
+            Some(q) => Check::Fail(format!(
+                "coverage of seq {} is {}/{} = {:.1}% < min_coverage {:.1}% ({} sequence(s) below it; the whole plan's {:.1}% does not make up for one sequence's missing rows)",
+                q.seq,
+                q.compared,
+                q.planned,
+                100.0 * q.compared as f64 / q.planned.max(1) as f64,
+                100.0 * policy.min_coverage,
+                c.short_sequences.len(),
+                100.0 * f
+            )),
+        },
         Some(f) => Check::Fail(format!(
             "coverage {}/{} = {:.1}% of the planned positions < min_coverage {:.1}%{missing}",
             c.compared,
@@ -133,7 +146,8 @@ fn min_cosine(s: &CandidateSummary, policy: &Policy) -> Check {
             "min cosine required by the policy ({th}) but not computable from a {} capture",
             s.data
         )),
-        Some(c) if c.min < th => Check::Fail(format!(
+        // a NaN minimum fails (it never passes a comparison by being incomparable)
+        Some(c) if c.min.is_nan() || c.min < th => Check::Fail(format!(
             "min cosine {:.4} at {} < {th}",
             c.min,
             fmt_row(c.min_at.0, c.min_at.1)
@@ -151,7 +165,9 @@ fn max_mean_kl(s: &CandidateSummary, policy: &Policy) -> Check {
             "mean KL limit in the policy ({th}) but KL is not computable from a {} capture",
             s.data
         )),
-        Some(k) if k.mean > th => Check::Fail(format!("mean KL {:.6} > {th}", k.mean)),
+        Some(k) if k.mean.is_nan() || k.mean > th => {
+            Check::Fail(format!("mean KL {:.6} > {th}", k.mean))
+        }
         _ => Check::Pass,
     }
 }
@@ -170,7 +186,27 @@ fn rollout_prefix(s: &CandidateSummary, policy: &Policy) -> Check {
                 .unwrap_or("no counted sequence has a rollout on both sides")
         ));
     };
+    if let Some(g) = r.not_compared.first() {
+        let side = match g.missing_on {
+            Side::Oracle => "the oracle holds no rollout for it",
+            Side::Candidate => "the candidate holds no rollout for it",
+            Side::Both => "neither side holds a rollout for it",
+        };
+        return Check::Fail(format!(
+            "rollout_prefix = {} required by the policy but not applied to seq {}: {side} ({} counted sequence(s) not compared)",
+            req.describe(),
+            g.seq,
+            r.not_compared.len()
+        ));
+    }
     for c in &r.per_sequence {
+        if c.oracle_len == 0 {
+            return Check::Fail(format!(
+                "rollout_prefix = {} required by the policy but not applied to seq {}: the oracle's rollout is empty (an oracle computed with --rollout 0; recompute it with a rollout, or set rollout_prefix = \"off\")",
+                req.describe(),
+                c.seq
+            ));
+        }
         if c.candidate_len == 0 {
             return Check::Fail(format!(
                 "rollout of seq {} is empty: nothing to compare with the oracle's {} step(s)",
@@ -183,7 +219,16 @@ fn rollout_prefix(s: &CandidateSummary, policy: &Policy) -> Check {
             RolloutRequirement::Steps(n) => n.min(c.oracle_len),
         };
         if c.truncated {
-            // shorter, no EOS, agrees on every step it holds: compared over the common length
+            // shorter, no EOS, agrees on every step it holds: compared over the common length, but that
+            // length must reach the decode path: step 0 comes from the prefill's last row, which the
+            // teacher-forced rows judge already; at least two steps (or what the policy asks, if less)
+            let least = 2.min(need);
+            if c.candidate_len < least {
+                return Check::Fail(format!(
+                    "rollout of seq {} holds {} step(s) of the oracle's {}: the decode path is not exercised (step 0 comes from the prefill); at least {least} are needed",
+                    c.seq, c.candidate_len, c.oracle_len
+                ));
+            }
             need = need.min(c.candidate_len);
         }
         if c.exact_prefix >= need {

@@ -123,8 +123,14 @@ struct Gated {
 fn gate(req: &Request, scheme: &Scheme, n: usize) -> Result<Gated> {
     let mut scheme = scheme.clone();
     scheme.name = scheme.spec();
-    let path = req
-        .scratch
+    // A fresh directory of its own for the step's capture (removed when done): never a name of the
+    // user's files in `--captures`.
+    let scratch = tempfile::Builder::new()
+        .prefix(".qgate-search-")
+        .tempdir_in(req.scratch)
+        .map_err(|e| crate::error::io_err(req.scratch, e))?;
+    let path = scratch
+        .path()
         .join(format!("search-step-{n}.capture.safetensors"));
     let o = simulate(SimRequest {
         model_dir: req.model_dir,

@@ -337,9 +337,15 @@ pub fn run(req: &Request) -> Result<SensitivityMap> {
     let mut layer_passes = 0usize;
     match req.mode {
         Mode::Naive => {
+            // The scratch captures go to a fresh directory of their own (removed with everything in it
+            // when done): never a name of the user's files in `--captures`.
+            let scratch = tempfile::Builder::new()
+                .prefix(".qgate-sensitivity-")
+                .tempdir_in(req.scratch)
+                .map_err(|e| crate::error::io_err(req.scratch, e))?;
             for &part in &parts {
                 bar.set_message(part.label());
-                let path = req.scratch.join(format!(
+                let path = scratch.path().join(format!(
                     "part-{}.capture.safetensors",
                     part.label().replace(' ', "-")
                 ));

@@ -383,6 +383,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(&dir)
         .map_err(|e| io_err(&dir, e))?;
     tmp.write_all(bytes).map_err(|e| io_err(path, e))?;
+    #[cfg(unix)]
+    {
+        // tempfile creates 0600; a report file is as readable as any other file qgate writes.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| io_err(path, e))?;
+    }
     tmp.persist(path).map_err(|e| io_err(path, e.error))?;
     Ok(())
 }
