@@ -411,6 +411,19 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CaptureError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise CaptureError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise CaptureError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _obj(v: Any, where: str) -> dict:
+    """A JSON object field (absent or null: empty), or a CaptureError naming it."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise CaptureError(f"{where}: expected a JSON object, found {type(v).__name__}")
+    return v
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -435,7 +448,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         meta = _read_json(mpath)
         if not isinstance(meta, dict):
             raise CaptureError(f"{mpath}: expected a JSON object")
-        main = (meta.get("assets") or {}).get("main")
+        main = _obj(meta.get("assets"), f"{mpath}: assets").get("main")
         if not isinstance(main, str):
             raise CaptureError(f"{mpath}: no assets.main")
         asset = p / main
@@ -446,10 +459,10 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                 asset = alt
         if not asset.exists():
             raise CaptureError(f"{mpath}: assets.main {main!r} not found in {p}")
-    lang = (meta or {}).get("language") or {}
+    lang = _obj((meta or {}).get("language"), "metadata.json: language")
     vocab = lang.get("vocab_size")
     max_ctx = lang.get("max_context_length")
-    fmap = lang.get("function_map") or {}
+    fmap = _obj(lang.get("function_map"), "metadata.json: language.function_map")
     fn = "main"
     if isinstance(fmap.get("main"), list) and fmap["main"]:
         fn = str(fmap["main"][0])

@@ -344,3 +344,24 @@ def test_out_is_checked_before_any_work(tmp_path, bundle, plan):
         assert "Traceback" not in r.stderr
     for p, b in before.items():
         assert p.read_bytes() == b, p
+
+
+def test_malformed_bundle_metadata_is_one_line_exit_2(tmp_path, plan):
+    """Fields of the wrong JSON type, or a metadata.json that is not UTF-8: one line, exit 2, no traceback."""
+    for i, (edit, needle) in enumerate([
+        (lambda m: m.update(assets=["main.aimodel"]), "assets: expected a JSON object"),
+        (lambda m: m.update(language="qwen"), "language: expected a JSON object"),
+        (lambda m: m.setdefault("language", {}).update(function_map=[1]), "function_map: expected a JSON object"),
+    ]):
+        b = make_bundle(tmp_path / f"b{i}")
+        mp = Path(b) / "metadata.json"
+        m = json.loads(mp.read_text())
+        edit(m)
+        mp.write_text(json.dumps(m))
+        r = capture(b, plan, tmp_path / f"o{i}.capture.safetensors")
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    b = make_bundle(tmp_path / "latin1")
+    (Path(b) / "metadata.json").write_bytes(b'{"name": "mod\xe8le"}')
+    r = capture(b, plan, tmp_path / "l.capture.safetensors")
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr

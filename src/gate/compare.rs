@@ -182,6 +182,11 @@ pub fn compare(
                                 let otopk = kernel::top_k(&sc.o[..k], TOP_K_OVERLAP);
                                 metrics::from_logits(s, t, ov, &ostk, &otopk, &psk, &sc.c[..k], Some(k))
                             }
+                            (false, Some(k)) if ov.top1 < k => {
+                                let mut m = metrics::from_logits(s, t, ov, &ost, &otop, &ps, &sc.c, None);
+                                m.health = metrics::RowHealth::MaskedTailHidesOracle { from: k };
+                                m
+                            }
                             _ => metrics::from_logits(s, t, ov, &ost, &otop, &ps, &sc.c, None),
                         }
                     } else if let (Some(ti), Some(tl)) = (&cv.top_ids, &cv.top_logits) {

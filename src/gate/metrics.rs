@@ -70,6 +70,11 @@ pub enum RowHealth {
     Constant,
     /// argmax-only rows: nothing to check.
     Unchecked,
+    /// A `−inf`-masked vocabulary tail (ids `from..V`) over ids to which the oracle gives more than
+    /// `MASKED_TAIL_MAX_ORACLE_MASS` of its probability: tokens the candidate cannot produce. Garbage.
+    MaskedTailHidesOracle {
+        from: usize,
+    },
     /// Finite, with a `−inf`-masked vocabulary tail (ids `from..V`, e.g. padding rows a runtime masks)
     /// where the oracle's probability is negligible (≤ `MASKED_TAIL_MAX_ORACLE_MASS`): not garbage; the
     /// row's metrics are computed over ids `0..from`.
@@ -156,7 +161,10 @@ impl PositionMetrics {
         }
     }
     pub fn is_garbage(&self) -> bool {
-        matches!(self.health, RowHealth::NonFinite | RowHealth::Constant)
+        matches!(
+            self.health,
+            RowHealth::NonFinite | RowHealth::Constant | RowHealth::MaskedTailHidesOracle { .. }
+        )
     }
 }
 
@@ -170,10 +178,10 @@ pub fn masked_tail(row: &[f32]) -> Option<usize> {
     Some(k)
 }
 
-/// The most oracle probability a `−inf`-masked vocabulary tail may hide (0.01 %): padding ids of a trained
-/// model carry far less. A mask over more is a vocabulary the candidate cannot produce, and its row is
-/// garbage.
-pub const MASKED_TAIL_MAX_ORACLE_MASS: f64 = 1e-4;
+/// The most oracle probability a `−inf`-masked vocabulary tail may hide (0.1 %): padding ids of a trained
+/// model carry far less, and 0.1 % cannot move a top-1 or the KL limits. A mask over more is a vocabulary
+/// the candidate cannot produce, and its row is garbage.
+pub const MASKED_TAIL_MAX_ORACLE_MASS: f64 = 1e-3;
 
 /// The oracle's probability on ids `k..`, from its `e_o = exp(o − max)` and `z = Σ e_o`.
 pub fn oracle_tail_mass(e_o: &[f32], z: f64, k: usize) -> f64 {

@@ -30,7 +30,10 @@ pub struct Identity {
 pub struct Garbage {
     pub non_finite_rows: usize,
     pub constant_rows: usize,
-    /// First garbage row: (seq, pos, "non_finite" | "constant").
+    /// Rows whose `−inf` vocabulary tail hides more than `MASKED_TAIL_MAX_ORACLE_MASS` of the oracle's
+    /// probability.
+    pub masked_tail_rows: usize,
+    /// First garbage row: (seq, pos, its health).
     pub first: Option<(usize, usize, RowHealth)>,
 }
 
@@ -306,12 +309,14 @@ pub fn summarise(
     let mut garbage = Garbage {
         non_finite_rows: 0,
         constant_rows: 0,
+        masked_tail_rows: 0,
         first: None,
     };
     for m in positions {
         match m.health {
             RowHealth::NonFinite => garbage.non_finite_rows += 1,
             RowHealth::Constant => garbage.constant_rows += 1,
+            RowHealth::MaskedTailHidesOracle { .. } => garbage.masked_tail_rows += 1,
             _ => continue,
         }
         garbage.first.get_or_insert((m.seq, m.pos, m.health));

@@ -26,17 +26,28 @@ fn garbage_rows(s: &CandidateSummary, policy: &Policy) -> Check {
         return Check::NotRequired;
     }
     let g = &s.garbage;
-    if g.non_finite_rows + g.constant_rows == 0 {
+    if g.non_finite_rows + g.constant_rows + g.masked_tail_rows == 0 {
         return Check::Pass;
     }
     let (seq, pos, kind) = g.first.unwrap_or((0, 0, RowHealth::NonFinite));
-    let what = if kind == RowHealth::Constant {
-        "constant"
+    let what = match kind {
+        RowHealth::Constant => "constant".to_string(),
+        RowHealth::MaskedTailHidesOracle { from } => {
+            format!("ids {from}.. masked to −inf where the oracle gives them probability")
+        }
+        _ => "NaN/Inf".to_string(),
+    };
+    let masked = if g.masked_tail_rows > 0 {
+        format!(
+            ", {} row(s) with a −inf-masked vocabulary tail that hides more than {}% of the oracle's probability",
+            g.masked_tail_rows,
+            100.0 * crate::gate::metrics::MASKED_TAIL_MAX_ORACLE_MASS
+        )
     } else {
-        "NaN/Inf"
+        String::new()
     };
     Check::Fail(format!(
-        "garbage logits: {} NaN/Inf (or overflowing) row(s) and {} constant row(s) (first: {what} at {})",
+        "garbage logits: {} NaN/Inf (or overflowing) row(s) and {} constant row(s){masked} (first: {what} at {})",
         g.non_finite_rows,
         g.constant_rows,
         fmt_row(seq, pos)

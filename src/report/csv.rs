@@ -41,6 +41,7 @@ pub fn render(cands: &[Rows<'_>]) -> String {
             let row = match m.health {
                 RowHealth::Ok => "ok",
                 RowHealth::MaskedTail { .. } => "masked_tail",
+                RowHealth::MaskedTailHidesOracle { .. } => "masked_tail_hides_oracle",
                 RowHealth::NonFinite => "non_finite",
                 RowHealth::Constant => "constant",
                 RowHealth::Unchecked => "unchecked",
