@@ -57,6 +57,33 @@ fn logits_seq(tokens: &[i64], rows: &[Vec<f32>], rollout: Option<Vec<i64>>) -> S
     }
 }
 
+/// `seqs` with every logits row replaced by `f(seq, pos, row)`; tokens and rollouts kept.
+fn map_rows(seqs: &[Seq], f: impl Fn(usize, usize, &[f32]) -> Vec<f32>) -> Vec<SeqData> {
+    seqs.iter()
+        .enumerate()
+        .map(|(s, q)| {
+            let rows: Vec<Vec<f32>> = q
+                .logits
+                .iter()
+                .enumerate()
+                .map(|(t, r)| f(s, t, r))
+                .collect();
+            logits_seq(&q.tokens, &rows, q.rollout.clone())
+        })
+        .collect()
+}
+
+/// `seqs` with the first `keep(seq, rows)` logits rows of each sequence; tokens and rollouts kept.
+fn keep_rows(seqs: &[Seq], keep: impl Fn(usize, usize) -> usize) -> Vec<SeqData> {
+    seqs.iter()
+        .enumerate()
+        .map(|(s, q)| {
+            let n = keep(s, q.logits.len());
+            logits_seq(&q.tokens, &q.logits[..n], q.rollout.clone())
+        })
+        .collect()
+}
+
 fn write(path: &Path, label: &str, runtime: &str, seqs: &[SeqData]) -> String {
     write_capture(path, &CaptureMeta::new(label, runtime, "f32", V), seqs).unwrap();
     path.display().to_string()
@@ -829,23 +856,11 @@ fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
         + 1;
     assert!(k <= V - 2, "the fixture leaves a tail to mask ({k})");
     let bf16 = bf16_with_oracle_rollouts(&fx);
-    let masked: Vec<SeqData> = bf16
-        .iter()
-        .map(|q| {
-            let rows: Vec<Vec<f32>> = q
-                .logits
-                .iter()
-                .map(|r| {
-                    let mut r = r.clone();
-                    for x in &mut r[k..] {
-                        *x = f32::NEG_INFINITY;
-                    }
-                    r
-                })
-                .collect();
-            logits_seq(&q.tokens, &rows, q.rollout.clone())
-        })
-        .collect();
+    let masked = map_rows(&bf16, |_, _, r| {
+        let mut r = r.to_vec();
+        r[k..].fill(f32::NEG_INFINITY);
+        r
+    });
     let masked_p = write(
         &fx.p("masked.capture.safetensors"),
         "masked",
@@ -865,25 +880,12 @@ fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
     );
     // An oracle that, like a trained model on its padding ids, gives them negligible probability
     // (40 below the row's top logit): the masked tail is not garbage.
-    let low: Vec<SeqData> = fx
-        .oracle
-        .iter()
-        .map(|q| {
-            let rows: Vec<Vec<f32>> = q
-                .logits
-                .iter()
-                .map(|r| {
-                    let top = r[argmax(r)];
-                    let mut r = r.clone();
-                    for x in &mut r[k..] {
-                        *x = top - 40.0;
-                    }
-                    r
-                })
-                .collect();
-            logits_seq(&q.tokens, &rows, q.rollout.clone())
-        })
-        .collect();
+    let low = map_rows(&fx.oracle, |_, _, r| {
+        let low = r[argmax(r)] - 40.0;
+        let mut r = r.to_vec();
+        r[k..].fill(low);
+        r
+    });
     let low = write(&fx.p("low-tail-oracle.st"), "oracle", "test", &low);
     let out = fx.s("out");
     let run_low = |cand: &str| {
@@ -1161,26 +1163,14 @@ fn the_rollout_rule_applies_to_every_counted_sequence_and_step() {
 fn overflowing_logits_are_garbage_not_a_pass() {
     let fx = Fx::new();
     let bf16 = bf16_with_oracle_rollouts(&fx);
-    let seqs: Vec<SeqData> = bf16
-        .iter()
-        .zip(&fx.oracle)
-        .map(|(q, o)| {
-            let rows: Vec<Vec<f32>> = q
-                .logits
-                .iter()
-                .zip(&o.logits)
-                .map(|(r, orow)| {
-                    let t = argmax(orow);
-                    let mut r = r.clone();
-                    r[t] = f32::MAX;
-                    r[t ^ 8] = f32::MAX / 4.0;
-                    r[t ^ 16] = -f32::MAX / 4.0;
-                    r
-                })
-                .collect();
-            logits_seq(&q.tokens, &rows, q.rollout.clone())
-        })
-        .collect();
+    let seqs = map_rows(&bf16, |s, pos, r| {
+        let t = argmax(&fx.oracle[s].logits[pos]);
+        let mut r = r.to_vec();
+        r[t] = f32::MAX;
+        r[t ^ 8] = f32::MAX / 4.0;
+        r[t ^ 16] = -f32::MAX / 4.0;
+        r
+    });
     let p = write(&fx.p("huge.st"), "huge", "coreai", &seqs);
     // the release policy, and one that gates on KL without a cosine floor (where KL 0 passed before)
     let kl_only = fx.policy("kl-only.toml", &[("min_cosine = 0.98", "")]);
@@ -1208,10 +1198,7 @@ fn last_means_the_plans_last_position() {
         "last.toml",
         &[("positions = \"all\"", "positions = \"last\"")],
     );
-    let first: Vec<SeqData> = bf16
-        .iter()
-        .map(|q| logits_seq(&q.tokens, &q.logits[..1], q.rollout.clone()))
-        .collect();
+    let first = keep_rows(&bf16, |_, _| 1);
     let first = write(&fx.p("first-rows.st"), "first-rows", "coreai", &first);
     let r = fx.run(&["--bundle", &first, "--gate", &pol]);
     assert_eq!(r.code, 1, "{}", r.stderr);
@@ -1222,10 +1209,7 @@ fn last_means_the_plans_last_position() {
         r.stderr
     );
     // every row: judged at the plan's last positions, passes
-    let all: Vec<SeqData> = bf16
-        .iter()
-        .map(|q| logits_seq(&q.tokens, &q.logits, q.rollout.clone()))
-        .collect();
+    let all = keep_rows(&bf16, |_, n| n);
     let all = write(&fx.p("all-rows.st"), "all-rows", "coreai", &all);
     let r = fx.run(&["--bundle", &all, "--gate", &pol]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -1238,14 +1222,7 @@ fn last_means_the_plans_last_position() {
 fn one_sequences_tail_cannot_hide_in_the_pooled_coverage() {
     let fx = Fx::new();
     let bf16 = bf16_with_oracle_rollouts(&fx);
-    let cut: Vec<SeqData> = bf16
-        .iter()
-        .enumerate()
-        .map(|(s, q)| {
-            let n = if s == 2 { 134 } else { q.logits.len() };
-            logits_seq(&q.tokens, &q.logits[..n], q.rollout.clone())
-        })
-        .collect();
+    let cut = keep_rows(&bf16, |s, n| if s == 2 { 134 } else { n });
     let cut = write(&fx.p("cut.st"), "cut", "coreai", &cut);
     let r = fx.run(&["--bundle", &cut]);
     assert_eq!(r.code, 1, "{}", r.stderr);
@@ -1289,36 +1266,25 @@ fn a_control_that_is_the_candidate_in_another_dtype_is_refused() {
                 .map(|t| (s, t))
         })
         .unwrap();
-    let rows_of = |s: usize, q: &Seq| -> Vec<Vec<f32>> {
-        q.logits
-            .iter()
-            .enumerate()
-            .map(|(t, r)| {
-                let mut r = r.clone();
-                if (s, t) == (fs, ft) {
-                    let o = ranked(&fx.oracle[s].logits[t]);
-                    r[o[1]] = r[o[0]] + 1.0;
-                }
-                r
-            })
-            .collect()
-    };
-    let cand: Vec<SeqData> = bf16
-        .iter()
-        .enumerate()
-        .map(|(s, q)| logits_seq(&q.tokens, &rows_of(s, q), q.rollout.clone()))
-        .collect();
+    let flipped = map_rows(&bf16, |s, t, r| {
+        let mut r = r.to_vec();
+        if (s, t) == (fs, ft) {
+            let o = ranked(&fx.oracle[s].logits[t]);
+            r[o[1]] = r[o[0]] + 1.0;
+        }
+        r
+    });
+    let cand = flipped.clone();
     let cand = write(&fx.p("cand.st"), "int8", "coreai", &cand);
     let r = fx.run(&["--bundle", &cand, "--gate", &pol]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("1 confident flip(s)"), "{}", r.stderr);
     std::fs::remove_dir_all(fx.p("out")).unwrap(); // this test's own report
-    let ctl: Vec<SeqData> = bf16
-        .iter()
-        .enumerate()
-        .map(|(s, q)| SeqData {
+    let ctl: Vec<SeqData> = flipped
+        .into_iter()
+        .map(|q| SeqData {
             logits_kind: Some(FloatKind::F16),
-            ..logits_seq(&q.tokens, &rows_of(s, q), q.rollout.clone())
+            ..q
         })
         .collect();
     let ctl = write(&fx.p("f16-cast.st"), "fp16", "coreai", &ctl);

@@ -51,6 +51,20 @@ fn rewrite_checkpoint(file: &Path, drop: Option<&str>, reshape: Option<(&str, Ve
     std::fs::write(file, data).unwrap();
 }
 
+/// A copy of the moe-fused fixture at `dst` whose checkpoint lacks its last 100 bytes.
+fn truncated_model(dst: &Path) -> PathBuf {
+    copy_dir(&root().join("fixtures/models/moe-fused"), dst);
+    let f = dst.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    dst.to_path_buf()
+}
+
 fn expect_bad_input(out: &std::process::Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {err}");
@@ -108,16 +122,7 @@ fn loader_errors_exit_2_naming_the_problem() {
     std::fs::write(t.join("config.json"), cfg).unwrap();
     expect_bad_input(&run_oracle(&t, &out, "2"), &["config.json", "llama"]);
 
-    let c = tmp.path().join("truncated");
-    copy_dir(&src, &c);
-    let f = c.join("model.safetensors");
-    let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    let c = truncated_model(&tmp.path().join("truncated"));
     expect_bad_input(
         &run_oracle(&c, &out, "2"),
         &["model.safetensors", "truncated"],
@@ -230,16 +235,7 @@ fn device_flag_errors_are_one_line_exit_2() {
 #[test]
 fn outputs_and_plans_are_checked_before_the_weights_load() {
     let tmp = tempfile::tempdir().unwrap();
-    let m = tmp.path().join("truncated");
-    copy_dir(&root().join("fixtures/models/moe-fused"), &m);
-    let f = m.join("model.safetensors");
-    let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    let m = truncated_model(&tmp.path().join("truncated"));
     let notes = tmp.path().join("notes.txt");
     std::fs::write(&notes, "keep me").unwrap();
     // under a regular file

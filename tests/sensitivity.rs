@@ -33,6 +33,20 @@ fn qgate(cache: &Path) -> Command {
     c
 }
 
+/// `qgate sweep` on the planted fixture with `args`, writing its report to `out`.
+fn sweep(cache: &Path, args: &[impl AsRef<std::ffi::OsStr>], out: &Path) -> std::process::Output {
+    qgate(cache)
+        .args(["sweep", "--model"])
+        .arg(fixture("models/planted-mlp2"))
+        .arg("--plan")
+        .arg(fixture("planted/planted.plan.safetensors"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn prefix_reuse_gives_the_numbers_of_full_simulations_and_ranks_the_planted_part_first() {
     let tmp = tempfile::tempdir().unwrap();
@@ -304,16 +318,7 @@ fn bad_search_and_sensitivity_arguments_are_usage_errors() {
         vec!["--ablate", "int5"],
         vec!["--ablate", "int4", "--ablate-base", "int3lin"],
     ] {
-        let o = qgate(&tmp.path().join("oracles"))
-            .args(["sweep", "--model"])
-            .arg(fixture("models/planted-mlp2"))
-            .arg("--plan")
-            .arg(fixture("planted/planted.plan.safetensors"))
-            .args(&args)
-            .arg("--out")
-            .arg(tmp.path().join("out"))
-            .output()
-            .unwrap();
+        let o = sweep(&tmp.path().join("oracles"), &args, &tmp.path().join("out"));
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
@@ -352,16 +357,7 @@ fn sweep_outputs_are_checked_before_any_work() {
             "is not a directory",
         ),
     ] {
-        let o = qgate(&tmp.path().join("oracles"))
-            .args(["sweep", "--model"])
-            .arg(fixture("models/planted-mlp2"))
-            .arg("--plan")
-            .arg(fixture("planted/planted.plan.safetensors"))
-            .args(&args)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
+        let o = sweep(&tmp.path().join("oracles"), &args, &out);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
