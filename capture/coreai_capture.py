@@ -1456,10 +1456,11 @@ async def _run_python(args, bundle, plan, meta, dest: Path, tmp_path: Path | Non
 
 
 def _run_llm_runner(args, bundle, plan, meta, dest: Path) -> Path:
-    workdir = Path(tempfile.mkdtemp(prefix="qgate-llm-runner-"))
     if args.keep_runner_files:
         workdir = Path(args.keep_runner_files)
         workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="qgate-llm-runner-"))  # this run's own: removed when done
     drv = LlmRunnerDriver(args, bundle, plan, workdir)
     vocab = drv.vocab
     for s in plan:

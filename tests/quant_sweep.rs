@@ -93,6 +93,7 @@ fn ladder_is_ordered(model: &str) {
             bundle: None,
             mode: None,
             size_bytes: None,
+            simulation: true,
         })
         .collect();
     let all: Vec<&Capture> = caps.iter().collect();

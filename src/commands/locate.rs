@@ -79,6 +79,7 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         bundle: None,
         mode: Some("f16".into()),
         size_bytes: Some(c.report.size_bytes()),
+        simulation: true,
     };
     eprintln!(
         "qgate: simulating {} and tracing every layer…",

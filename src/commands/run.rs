@@ -8,7 +8,7 @@ use crate::gate::compare;
 use crate::gate::evaluate::{evaluate, Evaluation, Inputs};
 use crate::gate::metrics::MarginSpace;
 use crate::gate::policy::Policy;
-use crate::gate::summary::Identity;
+use crate::gate::summary::{self, Identity, SIMULATE_RUNTIME};
 use crate::report;
 use std::path::{Path, PathBuf};
 
@@ -169,6 +169,17 @@ pub fn execute(args: Args) -> Result<ExitCode> {
                     "--size `{spec}`: expected LABEL=SIZE, such as int8=402MB or int4=1.2GiB"
                 ))
             })?;
+        if args
+            .sizes
+            .iter()
+            .filter(|s| s.split_once('=').map(|(l, _)| l) == Some(label))
+            .count()
+            > 1
+        {
+            return Err(Error::usage(format!(
+                "--size: `{label}` is given more than once"
+            )));
+        }
         let Some(id) = ids.iter_mut().find(|i| i.label == label) else {
             let known: Vec<&str> = ids.iter().map(|i| i.label.as_str()).collect();
             return Err(Error::usage(format!(
@@ -176,6 +187,13 @@ pub fn execute(args: Args) -> Result<ExitCode> {
                 known.join(", ")
             )));
         };
+        // a size measured from the bundle or recorded in the capture stands: a different --size for it is
+        // a mistake to report, not to apply silently
+        if let Some(known) = id.size_bytes.filter(|&k| k != size) {
+            return Err(Error::usage(format!(
+                "--size `{spec}`: `{label}` already has a size of {known} bytes (its bundle directory or capture metadata); --size is for candidates without one"
+            )));
+        }
         id.size_bytes = Some(size);
     }
     // The tokenizer before the oracle: a bad --tokenizer must not cost an oracle run.
@@ -222,7 +240,7 @@ fn identities(all: &[&Capture], inputs: &[CandidateInput]) -> Vec<Identity> {
     let mut ids: Vec<Identity> = Vec::new();
     for (i, c) in all.iter().enumerate() {
         let input = inputs.get(i);
-        let mut label = match input.and_then(|x| x.bundle_name.clone()) {
+        let label = match input.and_then(|x| x.bundle_name.clone()) {
             Some(b)
                 if inputs
                     .iter()
@@ -234,16 +252,16 @@ fn identities(all: &[&Capture], inputs: &[CandidateInput]) -> Vec<Identity> {
             }
             _ => c.meta.label.clone(),
         };
-        if label.is_empty() || ids.iter().any(|x| x.label == label) {
-            label = format!(
-                "{} [{}]",
-                if label.is_empty() {
-                    "candidate"
-                } else {
-                    &label
-                },
-                bundle::capture_stem(&c.path)
-            );
+        // one line, safe in a markdown table (a label must not forge a report cell), and unique
+        let mut label = summary::clean_label(&label);
+        if ids.iter().any(|x| x.label == label) {
+            label = summary::clean_label(&format!("{label} [{}]", bundle::capture_stem(&c.path)));
+        }
+        let base = label.clone();
+        let mut n = 2;
+        while ids.iter().any(|x| x.label == label) {
+            label = format!("{base} #{n}");
+            n += 1;
         }
         ids.push(Identity {
             label,
@@ -255,6 +273,7 @@ fn identities(all: &[&Capture], inputs: &[CandidateInput]) -> Vec<Identity> {
             size_bytes: input
                 .and_then(|x| x.size_bytes)
                 .or_else(|| size_from_meta(c)),
+            simulation: c.meta.runtime == SIMULATE_RUNTIME,
         });
     }
     ids

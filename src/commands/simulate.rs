@@ -135,7 +135,7 @@ pub fn simulate(req: SimRequest) -> Result<SimOutcome> {
         &model,
         &ws,
         &s.label(),
-        "qgate-simulate",
+        crate::gate::summary::SIMULATE_RUNTIME,
         extra,
     )?;
     Ok(SimOutcome {

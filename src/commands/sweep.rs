@@ -134,6 +134,7 @@ fn identity(s: &Sim) -> Identity {
         bundle: None,
         mode: s.scheme.alias.clone(),
         size_bytes: Some(s.report.size_bytes()),
+        simulation: true,
     }
 }
 
@@ -489,8 +490,13 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         sensitivity,
         search,
     });
-    let (code, line) =
-        ladder::sweep_verdict(ev.run.ship.as_deref(), ev.run.exit_code, &ev.run.verdict);
+    let (code, line) = ladder::sweep_verdict(
+        &ev.run.candidates,
+        ev.run.ship.as_deref(),
+        &ev.run.ship_note,
+        ev.run.exit_code,
+        &ev.run.verdict,
+    );
     ev.run.exit_code = code;
     ev.run.verdict = line;
     let tt = report::tokens::TokenText::load(&model_dir.join("tokenizer.json"))

@@ -61,19 +61,22 @@ pub fn precision_tag(name: &str) -> Option<String> {
     None
 }
 
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                total += dir_size(&p);
-            } else if let Ok(m) = e.metadata() {
-                total += m.len();
-            }
-        }
+/// Bytes under `p`, following symbolic links (an HF-cache layout links files to blobs), each file or
+/// directory counted once (no loops); `None` when anything cannot be read: an unknown size, never 0.
+fn path_size(p: &Path, seen: &mut std::collections::HashSet<PathBuf>) -> Option<u64> {
+    let real = p.canonicalize().ok()?;
+    if !seen.insert(real.clone()) {
+        return Some(0);
     }
-    total
+    let m = std::fs::metadata(&real).ok()?;
+    if !m.is_dir() {
+        return Some(m.len());
+    }
+    let mut total = 0u64;
+    for e in std::fs::read_dir(&real).ok()? {
+        total = total.checked_add(path_size(&e.ok()?.path(), seen)?)?;
+    }
+    Some(total)
 }
 
 /// Strip `.capture.safetensors` / `.safetensors` from a capture file name.
@@ -134,21 +137,22 @@ pub fn resolve(arg: &Path) -> Result<Vec<CandidateInput>> {
             "bundle holds no *.capture.safetensors: capture the bundle on the plan first (or pass the capture file to --bundle)",
         ));
     }
-    let mut size = 0u64;
+    // The model assets' bytes: `X.aimodel`, or `X.aimodelc` where no `X.aimodel` is beside it (the
+    // runtime's fallback), links followed; unknown when any cannot be read.
+    let mut size = Some(0u64);
     let mut any = false;
+    let mut seen = std::collections::HashSet::new();
     for e in std::fs::read_dir(arg)
         .map_err(|e| io_err(arg, e))?
         .flatten()
     {
         let p = e.path();
         let n = p.to_string_lossy().to_string();
-        if n.ends_with(".aimodel") || n.ends_with(".aimodelc") {
+        let counted = n.ends_with(".aimodel")
+            || (n.ends_with(".aimodelc") && !p.with_extension("aimodel").exists());
+        if counted {
             any = true;
-            size += if p.is_dir() {
-                dir_size(&p)
-            } else {
-                e.metadata().map(|m| m.len()).unwrap_or(0)
-            };
+            size = size.and_then(|s| s.checked_add(path_size(&p, &mut seen)?));
         }
     }
     let tok = arg.join("tokenizer").join("tokenizer.json");
@@ -159,7 +163,7 @@ pub fn resolve(arg: &Path) -> Result<Vec<CandidateInput>> {
             capture: c,
             bundle_dir: Some(arg.to_path_buf()),
             bundle_name: Some(name.clone()),
-            size_bytes: any.then_some(size),
+            size_bytes: if any { size } else { None },
             mode: mode.clone(),
             tokenizer: tok.is_file().then(|| tok.clone()),
         })

@@ -242,6 +242,10 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
             s.verdict.status = Status::NotJudged;
             s.verdict.failed_rule = None;
             s.verdict.reason = "not judged: the prompt was rejected (exit 3)".into();
+            // no rule was applied: none may read as passed (or failed) in summary.json or JUnit
+            for r in s.verdict.rules.iter_mut() {
+                r.1 = super::decision::RuleOutcome::NotEvaluated;
+            }
         }
     }
     let decision = verdict::ship_decision(&sums);
@@ -261,7 +265,7 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
         qgate_version: env!("CARGO_PKG_VERSION"),
         oracle: OracleInfo {
             capture: oracle.path.display().to_string(),
-            label: oracle.meta.label.clone(),
+            label: summary::clean_label(&oracle.meta.label),
             runtime: oracle.meta.runtime.clone(),
             dtype: oracle.meta.dtype.clone(),
             provenance,

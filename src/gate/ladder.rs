@@ -42,19 +42,29 @@ pub fn sensitive(variants: &[(String, CandidateSummary)]) -> Vec<String> {
 }
 
 /// A sweep passes when something ships: failing smaller schemes are its point. A rejected prompt keeps
-/// its own exit code (nothing was judged).
+/// its own exit code (nothing was judged). When schemes pass but none is chosen (the same smallest size,
+/// sizes unknown) the sweep fails with the ship note, not as if nothing passed.
 pub fn sweep_verdict(
+    cands: &[CandidateSummary],
     ship: Option<&str>,
+    ship_note: &str,
     gate_code: ExitCode,
     gate_line: &str,
 ) -> (ExitCode, String) {
     if gate_code == ExitCode::PromptRejected {
         return (gate_code, gate_line.to_string());
     }
+    let any_pass = cands
+        .iter()
+        .any(|c| c.role == Role::Candidate && c.verdict.status == Status::Pass);
     match ship {
         Some(l) => (
             ExitCode::Pass,
             format!("SHIP: {l} — the smallest scheme that passes the policy"),
+        ),
+        None if any_pass => (
+            ExitCode::GateFailed,
+            format!("SHIP: {}", ship_note.trim_start_matches("ship: ")),
         ),
         None => (
             ExitCode::GateFailed,

@@ -26,7 +26,7 @@ pub struct SimBundlePair {
 /// The scheme a capture stands for: a simulation's recorded spec, or the scheme parsed from a bundle's
 /// mode / label (the community's bundle names).
 fn spec_of(cap: &Capture, cand: &CandidateSummary) -> Option<(bool, String)> {
-    if cap.meta.runtime == "qgate-simulate" {
+    if cap.meta.runtime == super::summary::SIMULATE_RUNTIME {
         let spec = cap.meta.extra.get("quant_spec")?.as_str()?.to_string();
         return Some((true, spec));
     }

@@ -15,6 +15,9 @@ pub enum Role {
     Control,
 }
 
+/// The `runtime` of a `qgate simulate` capture.
+pub const SIMULATE_RUNTIME: &str = "qgate-simulate";
+
 /// Where a candidate came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct Identity {
@@ -24,6 +27,31 @@ pub struct Identity {
     /// Quantization mode read from the bundle / capture name (zoo regex), if any.
     pub mode: Option<String>,
     pub size_bytes: Option<u64>,
+    /// A `qgate simulate` capture (its size is an estimate of packed codes, not files on disk): beside
+    /// real artifacts, a simulation never ships.
+    pub simulation: bool,
+}
+
+/// A label as reports show it: one line, without the characters that would break a markdown table or
+/// code span (`|`, `` ` ``, `<`, `>`, control characters); empty becomes "candidate".
+pub fn clean_label(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| match c {
+            '|' => '/',
+            '`' => '\'',
+            '<' => '‹',
+            '>' => '›',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect();
+    let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+    if t.is_empty() {
+        "candidate".into()
+    } else {
+        t
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -418,6 +418,9 @@ pub enum Ship {
     SizesUnknown(Vec<String>),
     /// These (labels) pass at the same smallest size (bytes): qgate does not pick one by argument order.
     SameSize(Vec<String>, u64),
+    /// Gated beside real artifacts, only these simulations (labels) pass: a simulation is not an
+    /// artifact, and its size is an estimate.
+    OnlySimulationsPass(Vec<String>),
     NothingPasses,
 }
 
@@ -434,6 +437,10 @@ impl Ship {
                 "ship: not decided — {} pass at the same smallest size ({bytes} bytes); qgate does not choose by argument order: pick one, or gate them one at a time",
                 l.join(" and ")
             ),
+            Ship::OnlySimulationsPass(l) => format!(
+                "ship: none — only simulations pass ({}); a simulation is not an artifact: export that scheme and gate its bundle",
+                l.join(", ")
+            ),
             Ship::NothingPasses => "ship: none".into(),
         }
     }
@@ -442,10 +449,24 @@ impl Ship {
 /// The smallest passing candidate by size, when every passing candidate's size is known (or only one
 /// passes); never the order the candidates were given in.
 pub fn ship_decision(cands: &[CandidateSummary]) -> Ship {
-    let passing: Vec<&CandidateSummary> = cands
-        .iter()
+    let gated = cands.iter().filter(|c| c.role == Role::Candidate);
+    let passing: Vec<&CandidateSummary> = gated
+        .clone()
         .filter(|c| c.verdict.status == Status::Pass)
         .collect();
+    // Beside real artifacts (bundles, device captures), simulations do not ship: their sizes are
+    // estimates of another kind, and they are not what would be released. A sweep gates simulations
+    // only, and ships the scheme.
+    let artifacts = gated.clone().any(|c| !c.id.simulation);
+    let passing: Vec<&CandidateSummary> = if artifacts {
+        let (real, sims): (Vec<_>, Vec<_>) = passing.into_iter().partition(|c| !c.id.simulation);
+        if real.is_empty() && !sims.is_empty() {
+            return Ship::OnlySimulationsPass(sims.iter().map(|c| c.id.label.clone()).collect());
+        }
+        real
+    } else {
+        passing
+    };
     match passing.as_slice() {
         [] => Ship::NothingPasses,
         [only] => Ship::Decided(only.id.label.clone(), ShipBasis::OnlyOnePasses),

@@ -160,6 +160,7 @@ pub fn run(req: Request) -> Result<Located> {
         bundle: None,
         mode: None,
         size_bytes: Some(o.report.size_bytes()),
+        simulation: true,
     };
     let all = [&cap, req.control];
     let ev = evaluate(Inputs {

@@ -150,6 +150,7 @@ fn gate(req: &Request, scheme: &Scheme, n: usize) -> Result<Gated> {
         bundle: None,
         mode: None,
         size_bytes: Some(o.report.size_bytes()),
+        simulation: true,
     };
     let all = [&cap, req.control];
     let ev = evaluate(Inputs {

@@ -258,6 +258,7 @@ fn judge(
         bundle: None,
         mode: None,
         size_bytes: None,
+        simulation: true,
     };
     let s = summary::summarise(
         id,

@@ -123,7 +123,9 @@ pub fn annotations(run: &Value) -> Vec<String> {
         .and_then(Value::as_array)
         .unwrap_or(&empty)
     {
-        if s(c, "role") != "candidate" || s(&c["verdict"], "status") == "pass" {
+        // a passing or not-judged candidate (prompt rejected: the run's own error says so) is not a failure
+        let status = s(&c["verdict"], "status");
+        if s(c, "role") != "candidate" || status == "pass" || status == "not_judged" {
             continue;
         }
         let rule = c
@@ -146,6 +148,8 @@ pub fn annotations(run: &Value) -> Vec<String> {
     if code == Some(3) || (sweep && code == Some(1)) {
         let title = if code == Some(3) {
             "qgate: prompt rejected"
+        } else if s(run, "verdict").starts_with("SHIP: not decided") {
+            "qgate: ship not decided"
         } else {
             "qgate: no scheme ships"
         };

@@ -217,7 +217,8 @@ fn cases(run: &Value) -> Vec<Case> {
             detail: format!("{below} of {counted} counted positions below the margin floor\n"),
         });
     }
-    if sweep {
+    // a rejected prompt judged nothing: no ship testcase (the prompt_confidence one fails)
+    if sweep && run.get("exit_code").and_then(Value::as_i64) != Some(3) {
         let ship = run.get("ship").and_then(Value::as_str);
         out.push(Case {
             classname: "sweep".into(),
@@ -225,7 +226,12 @@ fn cases(run: &Value) -> Vec<Case> {
             outcome: match ship {
                 Some(_) => Outcome::Pass,
                 None => Outcome::Failure {
-                    kind: "no_scheme_ships".into(),
+                    kind: if any_candidate_passes(run) {
+                        "ship_not_decided"
+                    } else {
+                        "no_scheme_ships"
+                    }
+                    .into(),
                     message: s(run, "verdict").to_string(),
                 },
             },
@@ -233,6 +239,18 @@ fn cases(run: &Value) -> Vec<Case> {
         });
     }
     out
+}
+
+/// Whether a gated candidate of the summary passed.
+fn any_candidate_passes(run: &Value) -> bool {
+    run.get("candidates")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("role").and_then(Value::as_str) == Some("candidate")
+                    && c.pointer("/verdict/status").and_then(Value::as_str) == Some("pass")
+            })
+        })
 }
 
 /// XML 1.0 text or attribute value: escapes markup and drops characters XML cannot carry.

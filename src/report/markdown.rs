@@ -624,6 +624,13 @@ fn ladder(o: &mut String, s: &RunSummary, l: &Ladder) {
                 "{}\n",
                 match &s.ship {
                     Some(ship) => format!("Rejected, smaller than **{ship}**:"),
+                    None if s
+                        .candidates
+                        .iter()
+                        .any(|c| c.role == Role::Candidate && c.verdict.status == Status::Pass) =>
+                    {
+                        format!("Nothing ships ({}). Rejected:", s.ship_note)
+                    }
                     None => "Rejected (nothing passes):".to_string(),
                 }
             );
