@@ -3,7 +3,7 @@
 //! (both captures' logits bytes / wall time). Run: `cargo bench --bench gate_compare`.
 use qgate::capture::{Capture, CaptureMeta, CaptureWriter, TensorSpec};
 use qgate::gate::compare::compare;
-use qgate::gate::metrics::MarginSpace;
+use qgate::gate::policy::Policy;
 use safetensors::Dtype;
 use std::time::Instant;
 
@@ -58,9 +58,10 @@ fn main() {
     let bytes = 2.0 * (SEQS * T * V * 2) as f64;
     let threads = rayon::current_num_threads();
     let mut best = f64::INFINITY;
+    let policy = Policy::load(None).unwrap(); // the release policy: prob margins
     for round in 0..3 {
         let t0 = Instant::now();
-        let (views, res) = compare(&oc, &[&cc], MarginSpace::Prob).unwrap();
+        let (views, res) = compare(&oc, &[&cc], &policy).unwrap();
         let dt = t0.elapsed().as_secs_f64();
         assert_eq!(views.len(), SEQS * T);
         assert_eq!(res[0].positions.len(), SEQS * T);

@@ -139,6 +139,8 @@ pub fn oracle_capture_for(
         .max()
         .unwrap_or(0)
         .max(16);
+    // the plan fits the model before the weights are hashed (tens of GB read) or the oracle runs
+    crate::oracle::check_plan(&tokens, &crate::model::config::TextConfig::from_dir(&dir)?)?;
     let weights = WeightStore::open(&dir)?.weights_sha256()?;
     let plan_hash = plan_sha256(&tokens);
     let mut h = Sha256::new();

@@ -135,10 +135,19 @@ pub fn probe_writable(dir: &Path) -> Result<()> {
     } else {
         dir
     };
-    while !at.exists() {
-        at = parent_of(at);
-        if at == Path::new(".") {
-            break;
+    loop {
+        match at.try_exists() {
+            Ok(true) => break,
+            Ok(false) if at != Path::new(".") => at = parent_of(at),
+            Ok(false) => break,
+            // under a regular file: walk up to it (it is then found not to be a directory)
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => at = parent_of(at),
+            Err(e) => {
+                return Err(Error::input(
+                    at,
+                    format!("cannot be examined ({e}); choose another output path"),
+                ))
+            }
         }
     }
     if !at.is_dir() {
@@ -156,13 +165,37 @@ pub fn probe_writable(dir: &Path) -> Result<()> {
         })
 }
 
-/// Whether `inner` is `outer` or lies inside it, comparing absolute paths (neither needs to exist).
-pub fn is_within(inner: &Path, outer: &Path) -> bool {
-    match (std::path::absolute(inner), std::path::absolute(outer)) {
-        (Ok(i), Ok(o)) => {
-            let norm = |p: PathBuf| -> PathBuf { p.components().collect() };
-            norm(i).starts_with(norm(o))
+/// `p` as the file system resolves it, whether or not it exists: its deepest existing ancestor
+/// canonicalized (links followed), the rest appended with `.` and `..` applied.
+fn resolved(p: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let abs = std::path::absolute(p).ok()?;
+    let mut base = abs.as_path();
+    let mut rest: Vec<Component> = Vec::new();
+    let mut out = loop {
+        if let Ok(c) = base.canonicalize() {
+            break c;
         }
+        rest.push(base.components().next_back()?);
+        base = base.parent()?;
+    };
+    for c in rest.into_iter().rev() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// Whether `inner` is `outer` or lies inside it, as the file system resolves them (links, `..`; neither
+/// needs to exist).
+pub fn is_within(inner: &Path, outer: &Path) -> bool {
+    match (resolved(inner), resolved(outer)) {
+        (Some(i), Some(o)) => i.starts_with(o),
         _ => false,
     }
 }
@@ -277,4 +310,48 @@ fn is_junit_xml(head: &[u8]) -> bool {
             .is_some_and(|c| c == '>' || c == '/' || c.is_whitespace())
     };
     tag("<testsuites") || tag("<testsuite")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_resolves_dot_dot_and_links_whether_or_not_paths_exist() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("reports/run");
+        assert!(is_within(&out.join("junit.xml"), &out));
+        assert!(is_within(&out, &out));
+        // beside it, spelled through the report directory
+        assert!(!is_within(&out.join("../junit.xml"), &out));
+        assert!(!is_within(&d.path().join("reports/run2"), &out));
+        #[cfg(unix)]
+        {
+            std::fs::create_dir_all(d.path().join("real/run")).unwrap();
+            std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
+            assert!(is_within(
+                &d.path().join("real/run/j.xml"),
+                &d.path().join("link/run")
+            ));
+        }
+    }
+
+    #[test]
+    fn probe_finds_a_file_where_a_directory_is_needed() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("notes.txt");
+        std::fs::write(&f, "keep me").unwrap();
+        let e = probe_writable(&f.join("a/b")).unwrap_err().to_string();
+        assert!(
+            e.contains("notes.txt") && e.contains("is not a directory"),
+            "{e}"
+        );
+        probe_writable(&d.path().join("new/deeper")).unwrap();
+        assert!(!d.path().join("new").exists(), "the probe creates nothing");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no stray file"
+        );
+    }
 }

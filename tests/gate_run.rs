@@ -521,6 +521,40 @@ fn bundle_directory_gives_name_size_and_mode() {
     assert_eq!(c["label"], "qwen3_5_0_8b_decode_int8hu");
     assert_eq!(c["size_bytes"], 1234);
     assert_eq!(c["mode"], "int8hu");
+    // a --size that contradicts the measured size, or names a label twice, is refused
+    let b_s = b.display().to_string();
+    for extra in [
+        vec!["--size", "qwen3_5_0_8b_decode_int8hu=1MB"],
+        vec![
+            "--size",
+            "qwen3_5_0_8b_decode_int8hu=1234",
+            "--size",
+            "qwen3_5_0_8b_decode_int8hu=1234",
+        ],
+    ] {
+        let mut a = vec!["--bundle", b_s.as_str()];
+        a.extend(extra);
+        let (code, _, err) = fx.run(&a);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("already has a size of 1234 bytes") || err.contains("more than once"),
+            "{err}"
+        );
+    }
+    // the asset as a link to the real file (an HF-cache layout): the target's size, not the link's
+    #[cfg(unix)]
+    {
+        let l = fx.dir.path().join("qwen3_5_0_8b_decode_int4lin");
+        std::fs::create_dir(&l).unwrap();
+        std::fs::copy(b.join("metadata.json"), l.join("metadata.json")).unwrap();
+        let blob = fx.dir.path().join("blob");
+        std::fs::write(&blob, vec![0u8; 5000]).unwrap();
+        std::os::unix::fs::symlink(&blob, l.join("model.aimodel")).unwrap();
+        std::fs::copy(fx.p("good-int8"), l.join("plan.capture.safetensors")).unwrap();
+        let (code, _, err) = fx.run(&["--bundle", &l.display().to_string()]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(fx.summary()["candidates"][0]["size_bytes"], 5000);
+    }
     let empty = fx.dir.path().join("empty-bundle");
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("metadata.json"), "{}").unwrap();

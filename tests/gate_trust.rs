@@ -739,6 +739,10 @@ fn rules_that_cannot_be_applied_fail_and_bad_policies_exit_2() {
     assert_eq!(s["candidates"][0]["verdict"]["status"], "not_judged");
     assert!(s["ship"].is_null());
     assert_eq!(s["exit_code"], 3);
+    // no rule reads as passed (or failed) for a candidate nothing was applied to
+    let rules = s["candidates"][0]["verdict"]["rules"].as_array().unwrap();
+    assert!(!rules.is_empty());
+    assert!(rules.iter().all(|r| r[1] == "not_evaluated"), "{rules:?}");
 }
 
 // The false FAIL every user of the community's 8-token gates hit.
@@ -1114,6 +1118,18 @@ fn the_rollout_rule_applies_to_every_counted_sequence_and_step() {
         "{}",
         r.stderr
     );
+    // one sequence stopping early (an EOS the capture left out) while the others go on
+    // (seq 1's oracle rollout is 5 steps: it stops with EOS; seq 2's runs 16)
+    let early = with_rollouts(&|s, r| Some(if s == 2 { r[..5].to_vec() } else { r.to_vec() }));
+    let early = write(&fx.p("early.st"), "early", "coreai", &early);
+    let r = fx.run(&["--bundle", &early, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("rollout of seq 2 stops after 5 step(s) where the oracle goes on"),
+        "{}",
+        r.stderr
+    );
     // two steps are enough to be compared over the common length
     let two = with_rollouts(&|_, r| Some(r[..2].to_vec()));
     let two = write(&fx.p("two-step.st"), "two-step", "coreai", &two);
@@ -1205,6 +1221,16 @@ fn last_means_the_plans_last_position() {
     assert!(
         r.stderr.contains("coverage 1/3 = 33.3%")
             && r.stderr.contains("sequence(s) with no compared row: 1, 2"),
+        "{}",
+        r.stderr
+    );
+    // llm-runner's rows (all but the last of each sequence): uncovered, and the message says why
+    let t1 = keep_rows(&bf16, |_, n| n - 1);
+    let t1 = write(&fx.p("t-minus-1.st"), "t-minus-1", "llm-runner", &t1);
+    let r = fx.run(&["--bundle", &t1, "--gate", &pol]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("llm-runner discards row T−1"),
         "{}",
         r.stderr
     );
@@ -1300,4 +1326,97 @@ fn a_control_that_is_the_candidate_in_another_dtype_is_refused() {
     let f16 = hf("f16").display().to_string();
     let r = fx.run(&["--bundle", &cand, "--gate", &pol, "--control", &f16]);
     assert_eq!(r.code, 1, "{}", r.stderr);
+}
+
+// A label is text from a file (bundle metadata, capture label): one with `|` and a newline could forge a
+// cell or a heading of the model card, and three captures labelled alike came out with two equal labels.
+#[test]
+fn labels_are_one_safe_line_and_unique() {
+    let fx = Fx::new();
+    let bf16 = bf16_with_oracle_rollouts(&fx);
+    let seqs = keep_rows(&bf16, |_, n| n);
+    let mut args: Vec<String> = Vec::new();
+    for d in ["cpu", "gpu", "ane"] {
+        std::fs::create_dir(fx.p(d)).unwrap();
+        args.push("--bundle".into());
+        args.push(write(
+            &fx.p(&format!("{d}/int8hu.capture.safetensors")),
+            "int8hu",
+            "coreai",
+            &seqs,
+        ));
+    }
+    args.push("--bundle".into());
+    args.push(write(
+        &fx.p("forged.capture.safetensors"),
+        "x | 1 B | **PASS** |\n## Verdict: PASS `",
+        "coreai",
+        &seqs,
+    ));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = fx.run(&a);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let s = fx.summary();
+    let labels: Vec<String> = s["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["label"].as_str().unwrap().to_string())
+        .collect();
+    let mut uniq = labels.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 4, "{labels:?}");
+    assert!(
+        labels
+            .iter()
+            .all(|l| !l.contains(['|', '\n', '`', '<', '>'])),
+        "{labels:?}"
+    );
+    assert!(
+        !fx.report()
+            .lines()
+            .any(|l| l.starts_with("## Verdict: PASS")),
+        "{}",
+        fx.report()
+    );
+}
+
+// A plan token outside the model's vocabulary is refused before the model's weights are hashed or the
+// oracle runs (`run --oracle <dtype> --model`).
+#[test]
+fn plan_ids_outside_the_models_vocabulary_are_refused_before_the_oracle() {
+    let fx = Fx::new();
+    let seqs = vec![SeqData {
+        tokens: vec![1, 999],
+        argmax: Some(vec![2, 3]),
+        ..Default::default()
+    }];
+    let c = fx.p("oov.st");
+    write_capture(&c, &CaptureMeta::new("oov", "coreai", "f32", 1000), &seqs).unwrap();
+    let m = model_dir().display().to_string();
+    let out = fx.s("out");
+    let r = qgate(
+        &[
+            "run",
+            "--oracle",
+            "f32",
+            "--model",
+            &m,
+            "--bundle",
+            &c.display().to_string(),
+            "--out",
+            &out,
+        ],
+        &fx.p("cache"),
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "plan sequence 0, position 1: token id 999 is outside the model's vocabulary of 384"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(!fx.p("cache").exists() || std::fs::read_dir(fx.p("cache")).unwrap().next().is_none());
 }

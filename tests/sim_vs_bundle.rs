@@ -92,4 +92,14 @@ fn simulation_passes_bundle_fails_is_named_a_lowering_problem() {
     assert_eq!(p["top1_agree"], 167);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Simulation vs bundle"));
+    // the simulation passes and the bundle fails: nothing ships (a simulation is not an artifact)
+    assert!(summary["ship"].is_null(), "{}", summary["ship"]);
+    assert!(
+        summary["ship_note"]
+            .as_str()
+            .unwrap()
+            .contains("only simulations pass"),
+        "{}",
+        summary["ship_note"]
+    );
 }

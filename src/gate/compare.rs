@@ -1,7 +1,8 @@
 //! Streams every oracle row once, compares it with each candidate's row at the same position (rayon across
 //! rows, one decoded row per side per thread; never a whole `[T, V]` matrix in f32).
 use super::kernel;
-use super::metrics::{self, MarginSpace, OracleView, PositionMetrics, TOP_K_OVERLAP};
+use super::metrics::{self, OracleView, PositionMetrics, TOP_K_OVERLAP};
+use super::policy::Policy;
 use crate::capture::{Capture, SeqView};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -95,8 +96,10 @@ struct Scratch {
 pub fn compare(
     oracle: &Capture,
     cands: &[&Capture],
-    space: MarginSpace,
+    policy: &Policy,
 ) -> Result<(Vec<OracleAt>, Vec<Compared>)> {
+    let space = policy.margin_space;
+    let tail_limit = policy.masked_tail_max_oracle_mass;
     let vocab = oracle.meta.vocab_size;
     let oseqs: Vec<SeqView<'_>> = (0..oracle.len()).map(|i| oracle.seq(i)).collect();
     for s in &oseqs {
@@ -173,8 +176,7 @@ pub fn compare(
                         match (ps.finite, metrics::masked_tail(&sc.c)) {
                             (false, Some(k))
                                 if ov.top1 < k
-                                    && metrics::oracle_tail_mass(&sc.e, ost.z, k)
-                                        <= metrics::MASKED_TAIL_MAX_ORACLE_MASS =>
+                                    && metrics::oracle_tail_mass(&sc.e, ost.z, k) <= tail_limit =>
                             {
                                 let mut ek = vec![0f32; k];
                                 let ostk = kernel::oracle_row(&sc.o[..k], &mut ek);
@@ -182,7 +184,8 @@ pub fn compare(
                                 let otopk = kernel::top_k(&sc.o[..k], TOP_K_OVERLAP);
                                 metrics::from_logits(s, t, ov, &ostk, &otopk, &psk, &sc.c[..k], Some(k))
                             }
-                            (false, Some(k)) if ov.top1 < k => {
+                            // a tail over the oracle's top-1 hides its probability too: the same kind
+                            (false, Some(k)) => {
                                 let mut m = metrics::from_logits(s, t, ov, &ost, &otop, &ps, &sc.c, None);
                                 m.health = metrics::RowHealth::MaskedTailHidesOracle { from: k };
                                 m

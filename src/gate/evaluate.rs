@@ -158,7 +158,7 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
     if all.len() > n_candidates {
         roles::check_control_is_not_a_candidate(all[n_candidates], &all[..n_candidates])?;
     }
-    let (views, compared) = compare::compare(oracle, all, policy.margin_space)?;
+    let (views, compared) = compare::compare(oracle, all, policy)?;
     let view_at: HashMap<(usize, usize), OracleView> =
         views.iter().map(|v| ((v.0, v.1), v.2)).collect();
     // The control's top-1 only where the policy counts the control's own rows: a flip it shares

@@ -72,3 +72,34 @@ pub fn sweep_verdict(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::decision::{Status, Verdict};
+
+    fn passing(label: &str) -> CandidateSummary {
+        let mut c = crate::gate::summary::test_candidate(label);
+        c.verdict = Verdict {
+            status: Status::Pass,
+            failed_rule: None,
+            reason: "pass".into(),
+            rules: Vec::new(),
+        };
+        c
+    }
+
+    #[test]
+    fn passing_schemes_that_tie_are_not_decided_not_nothing_passes() {
+        let cands = [passing("int8hu"), passing("int8hu-headsym")];
+        let note = "ship: not decided — int8hu and int8hu-headsym pass at the same smallest size (10 bytes)";
+        let (code, line) = sweep_verdict(&cands, None, note, ExitCode::GateFailed, "x");
+        assert_eq!(code, ExitCode::GateFailed);
+        assert!(line.starts_with("SHIP: not decided — int8hu and"), "{line}");
+        let (code, line) = sweep_verdict(&[], None, "ship: none", ExitCode::GateFailed, "x");
+        assert_eq!(code, ExitCode::GateFailed);
+        assert!(line.contains("no simulated scheme passes"), "{line}");
+        let (code, _) = sweep_verdict(&cands, Some("int8hu"), note, ExitCode::GateFailed, "x");
+        assert_eq!(code, ExitCode::Pass);
+    }
+}

@@ -178,9 +178,10 @@ pub fn masked_tail(row: &[f32]) -> Option<usize> {
     Some(k)
 }
 
-/// The most oracle probability a `−inf`-masked vocabulary tail may hide (0.1 %): padding ids of a trained
-/// model carry far less, and 0.1 % cannot move a top-1 or the KL limits. A mask over more is a vocabulary
-/// the candidate cannot produce, and its row is garbage.
+/// The default of the policy's `masked_tail_max_oracle_mass`: the most oracle probability a `−inf`-masked
+/// vocabulary tail may hide (0.1 %). Padding ids of a trained model should carry far less (not yet
+/// measured on a real Qwen3.5 checkpoint), and 0.1 % cannot move a top-1 or the KL limits. A mask over
+/// more is a vocabulary the candidate cannot produce, and its row is garbage.
 pub const MASKED_TAIL_MAX_ORACLE_MASS: f64 = 1e-3;
 
 /// The oracle's probability on ids `k..`, from its `e_o = exp(o − max)` and `z = Σ e_o`.

@@ -172,6 +172,9 @@ fn default_tie_gap() -> f64 {
 fn yes() -> bool {
     true
 }
+fn default_masked_tail_mass() -> f64 {
+    crate::gate::metrics::MASKED_TAIL_MAX_ORACLE_MASS
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,6 +203,11 @@ pub struct Policy {
     /// NaN/Inf or constant logit rows fail the candidate.
     #[serde(default = "yes")]
     pub fail_on_garbage_rows: bool,
+    /// A `−inf`-masked vocabulary tail (padding ids a runtime masks) is judged over the ids before it
+    /// only when the oracle gives the masked ids at most this share of its probability (0..=1); else the
+    /// row is garbage.
+    #[serde(default = "default_masked_tail_mass")]
+    pub masked_tail_max_oracle_mass: f64,
     /// Position 0 agrees and most later positions do not: fail.
     #[serde(default = "yes")]
     pub fail_on_collapse: bool,
@@ -270,6 +278,12 @@ impl Policy {
             if !(k.is_finite() && k >= 0.0) {
                 return Err(format!("max_mean_kl {k} must be a number >= 0"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.masked_tail_max_oracle_mass) {
+            return Err(format!(
+                "masked_tail_max_oracle_mass {} must be in [0, 1]",
+                self.masked_tail_max_oracle_mass
+            ));
         }
         if let Sequences::List(l) = &self.sequences {
             if l.is_empty() {

@@ -157,6 +157,9 @@ pub struct Coverage {
     /// than one row missing (one missing row is llm-runner's discarded last row). The pooled fraction
     /// alone would let a long sequence's tail — the long-context positions — go unjudged.
     pub short_sequences: Vec<SequenceCoverage>,
+    /// Under `positions = "last"`: every uncovered sequence holds the row before its last one but not the
+    /// last (llm-runner discards row T−1); the message says how to get it.
+    pub only_last_rows_missing: bool,
 }
 
 /// One sequence's coverage.
@@ -220,12 +223,28 @@ pub fn coverage(
                 .collect()
         }
     };
+    let sequences_without_rows: Vec<usize> =
+        planned_seqs.difference(&seqs_with_rows).copied().collect();
+    let only_last_rows_missing =
+        policy.positions == PositionsRule::Last && !sequences_without_rows.is_empty() && {
+            let last = plan_last_positions(views);
+            sequences_without_rows.iter().all(|s| {
+                // a 1-token sequence has no row before its last: llm-runner gives it none at all
+                last.get(s).is_some_and(|&l| {
+                    l == 0
+                        || positions
+                            .iter()
+                            .any(|m| m.seq == *s && m.pos == l - 1 && !m.is_garbage())
+                })
+            })
+        };
     Coverage {
         planned,
         compared,
         fraction: (planned > 0).then(|| compared as f64 / planned as f64),
-        sequences_without_rows: planned_seqs.difference(&seqs_with_rows).copied().collect(),
+        sequences_without_rows,
         short_sequences,
+        only_last_rows_missing,
     }
 }
 
@@ -488,4 +507,27 @@ pub fn summarise(
     };
     s.symptoms = super::symptoms::row_symptoms(positions, &mask);
     s
+}
+
+/// A candidate with nothing compared, for unit tests of what is decided from summaries.
+#[cfg(test)]
+pub fn test_candidate(label: &str) -> CandidateSummary {
+    let policy = super::policy::Policy::load(None).expect("the built-in policy");
+    summarise(
+        Identity {
+            label: label.into(),
+            capture: String::new(),
+            bundle: None,
+            mode: None,
+            size_bytes: None,
+            simulation: true,
+        },
+        Role::Candidate,
+        &[],
+        0,
+        &[],
+        &policy,
+        None,
+        None,
+    )
 }

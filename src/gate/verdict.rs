@@ -41,7 +41,7 @@ fn garbage_rows(s: &CandidateSummary, policy: &Policy) -> Check {
         format!(
             ", {} row(s) with a −inf-masked vocabulary tail that hides more than {}% of the oracle's probability",
             g.masked_tail_rows,
-            100.0 * crate::gate::metrics::MASKED_TAIL_MAX_ORACLE_MASS
+            100.0 * policy.masked_tail_max_oracle_mass
         )
     } else {
         String::new()
@@ -56,6 +56,11 @@ fn garbage_rows(s: &CandidateSummary, policy: &Policy) -> Check {
 
 fn min_coverage(s: &CandidateSummary, policy: &Policy) -> Check {
     let c = &s.coverage;
+    let hint = if c.only_last_rows_missing {
+        "; each of them lacks only its last row, which positions = \"last\" judges (llm-runner discards row T−1: capture with coreai_capture.py, which appends a token, or gate with positions = \"all\")"
+    } else {
+        ""
+    };
     let missing = if c.sequences_without_rows.is_empty() {
         String::new()
     } else {
@@ -73,7 +78,7 @@ fn min_coverage(s: &CandidateSummary, policy: &Policy) -> Check {
             } else {
                 ""
             }
-        )
+        ) + hint
     };
     match c.fraction {
         _ if c.compared == 0 => Check::Fail(format!(
@@ -210,6 +215,15 @@ fn rollout_prefix(s: &CandidateSummary, policy: &Policy) -> Check {
             r.not_compared.len()
         ));
     }
+    // A shorter rollout is a generation budget (the community's 8-token gates): the same for every
+    // sequence. One sequence stopping early where the others go on is a stop the capture did not record
+    // (an EOS left out), which must not shrink what is compared.
+    let budget = r
+        .per_sequence
+        .iter()
+        .map(|c| c.candidate_len)
+        .max()
+        .unwrap_or(0);
     for c in &r.per_sequence {
         if c.oracle_len == 0 {
             return Check::Fail(format!(
@@ -238,6 +252,12 @@ fn rollout_prefix(s: &CandidateSummary, policy: &Policy) -> Check {
                 return Check::Fail(format!(
                     "rollout of seq {} holds {} step(s) of the oracle's {}: the decode path is not exercised (step 0 comes from the prefill); at least {least} are needed",
                     c.seq, c.candidate_len, c.oracle_len
+                ));
+            }
+            if c.candidate_len < budget {
+                return Check::Fail(format!(
+                    "rollout of seq {} stops after {} step(s) where the oracle goes on and other sequences hold {budget}: a stop the capture did not record (an EOS left out?) is not a shorter budget",
+                    c.seq, c.candidate_len
                 ));
             }
             need = need.min(c.candidate_len);
@@ -414,8 +434,8 @@ impl ShipBasis {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ship {
     Decided(String, ShipBasis),
-    /// Several candidates pass and these (labels) have no known size: qgate does not guess.
-    SizesUnknown(Vec<String>),
+    /// Several candidates pass (how many) and these (labels) have no known size: qgate does not guess.
+    SizesUnknown(usize, Vec<String>),
     /// These (labels) pass at the same smallest size (bytes): qgate does not pick one by argument order.
     SameSize(Vec<String>, u64),
     /// Gated beside real artifacts, only these simulations (labels) pass: a simulation is not an
@@ -428,9 +448,8 @@ impl Ship {
     pub fn describe(&self) -> String {
         match self {
             Ship::Decided(l, how) => format!("ship: {l} ({})", how.describe()),
-            Ship::SizesUnknown(l) => format!(
-                "ship: not decided — {} candidates pass and the size of {} is unknown (give bundle directories, size_bytes in the capture metadata, or --size LABEL=SIZE)",
-                l.len().max(2),
+            Ship::SizesUnknown(n, l) => format!(
+                "ship: not decided — {n} candidates pass and the size of {} is unknown (give bundle directories, size_bytes in the capture metadata, or --size LABEL=SIZE)",
                 l.join(", ")
             ),
             Ship::SameSize(l, bytes) => format!(
@@ -477,7 +496,7 @@ pub fn ship_decision(cands: &[CandidateSummary]) -> Ship {
                 .map(|c| c.id.label.clone())
                 .collect();
             if !unknown.is_empty() {
-                return Ship::SizesUnknown(unknown);
+                return Ship::SizesUnknown(passing.len(), unknown);
             }
             let Some(min) = passing.iter().filter_map(|c| c.id.size_bytes).min() else {
                 return Ship::NothingPasses;

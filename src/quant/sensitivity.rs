@@ -237,7 +237,7 @@ fn control_and_views(
     control: &Capture,
     policy: &Policy,
 ) -> Result<(Vec<OracleAt>, ControlTop1)> {
-    let (views, compared) = compare::compare(oracle, &[control], policy.margin_space)?;
+    let (views, compared) = compare::compare(oracle, &[control], policy)?;
     let top1 = margin_rule::control_top1(&compared[0].positions);
     Ok((views, top1))
 }
@@ -363,7 +363,7 @@ pub fn run(req: &Request) -> Result<SensitivityMap> {
                         device: req.device.clone(),
                     })?;
                 let cap = Capture::open(&o.capture)?;
-                let (_, compared) = compare::compare(req.oracle, &[&cap], req.policy.margin_space)?;
+                let (_, compared) = compare::compare(req.oracle, &[&cap], req.policy)?;
                 drop(cap);
                 let _ = std::fs::remove_file(&o.capture);
                 layer_passes += n_layers;
