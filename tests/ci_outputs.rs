@@ -114,6 +114,12 @@ fn junit_github_outputs_and_summary_schema_agree_with_the_verdict() {
             "{md}"
         );
     }
+    // where the oracle came from, and what ships (or why nothing does)
+    assert!(md.contains("provenance: hf transformers"), "{md}");
+    match summary["ship"].as_str() {
+        Some(l) => assert!(md.contains(&format!("ships: **{l}**")), "{md}"),
+        None => assert!(md.contains(summary["ship_note"].as_str().unwrap()), "{md}"),
+    }
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("::error ")).collect();
     assert_eq!(errors.len(), failed.len(), "{err}");
     for f in &failed {

@@ -33,9 +33,17 @@ pub fn step_summary(run: &Value) -> String {
     };
     let what = if is_sweep(run) { "sweep" } else { "run" };
     let _ = writeln!(o, "### {mark} qgate {what}: {}\n", cell(s(run, "verdict")));
+    let provenance = match run
+        .pointer("/oracle/provenance/kind")
+        .and_then(Value::as_str)
+    {
+        Some("unverified") => "**oracle provenance unverified (--trust-oracle)**".to_string(),
+        Some(k) => format!("provenance: {}", cell(&k.replace('_', " "))),
+        None => "provenance: not recorded".to_string(),
+    };
     let _ = writeln!(
         o,
-        "oracle `{}` ({}), margin floor {} ({} space)\n",
+        "oracle `{}` ({}; {provenance}), margin floor {} ({} space)\n",
         cell(
             run.pointer("/oracle/capture")
                 .and_then(Value::as_str)
@@ -89,13 +97,19 @@ pub fn step_summary(run: &Value) -> String {
             cell(&verdict)
         );
     }
-    if let Some(ship) = run.get("ship").and_then(Value::as_str) {
-        let _ = writeln!(
-            o,
-            "\nships: **{}** ({})",
-            cell(ship),
-            cell(s(run, "ship_basis"))
-        );
+    match run.get("ship").and_then(Value::as_str) {
+        Some(ship) => {
+            let _ = writeln!(
+                o,
+                "\nships: **{}** ({})",
+                cell(ship),
+                cell(s(run, "ship_basis"))
+            );
+        }
+        // nothing ships: say why (nothing passes, not decided, only simulations pass)
+        None => {
+            let _ = writeln!(o, "\n{}", cell(s(run, "ship_note")));
+        }
     }
     o.push('\n');
     o
