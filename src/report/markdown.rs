@@ -507,12 +507,23 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
                         c.id.label, x.seq, x.exact_prefix, x.oracle_len
                     );
                 }
+                for g in &r.not_compared {
+                    let why = match g.missing_on {
+                        crate::gate::rollout::Side::Oracle => "the oracle holds no rollout",
+                        crate::gate::rollout::Side::Candidate => "the candidate holds no rollout",
+                        crate::gate::rollout::Side::Both => "neither side holds a rollout",
+                    };
+                    let _ = writeln!(o, "- `{}` seq {}: not compared ({why})", c.id.label, g.seq);
+                }
             }
             _ => {
                 let _ = writeln!(
                     o,
-                    "- `{}`: not compared (a rollout is missing on one side)",
-                    c.id.label
+                    "- `{}`: not compared ({})",
+                    c.id.label,
+                    c.rollout_missing
+                        .as_deref()
+                        .unwrap_or("no counted sequence has a rollout on both sides")
                 );
             }
         }
