@@ -176,14 +176,20 @@ pub fn oracle_capture_for(
         &key[..16]
     ));
     if path.is_file() {
-        if let Ok(c) = Capture::open(&path) {
-            if c.plan() == tokens && c.meta.dtype == precision.name() {
-                eprintln!("qgate: reusing cached oracle {}", path.display());
-                return Ok(path);
-            }
+        // reused only when it proves to be a qgate oracle of these weights and this plan: a file that
+        // merely has the right name (copied there, or left by another tool) is recomputed
+        let verified = Capture::open(&path).is_ok_and(|c| {
+            c.meta.runtime == crate::shard::ORACLE_RUNTIME
+                && c.plan() == tokens
+                && c.meta.dtype == precision.name()
+                && crate::gate::provenance::check(&c, Some((&dir, &weights)), false).is_ok()
+        });
+        if verified {
+            eprintln!("qgate: reusing cached oracle {}", path.display());
+            return Ok(path);
         }
         eprintln!(
-            "qgate: cached oracle {} is unreadable or stale; recomputing",
+            "qgate: cached oracle {} is unreadable, stale or not a qgate oracle of these weights; recomputing",
             path.display()
         );
     }

@@ -1420,3 +1420,46 @@ fn plan_ids_outside_the_models_vocabulary_are_refused_before_the_oracle() {
     );
     assert!(!fx.p("cache").exists() || std::fs::read_dir(fx.p("cache")).unwrap().next().is_none());
 }
+
+// The oracle cache reused any readable capture with the right name, plan and dtype: a file planted there
+// (here HF's bf16 logits labelled as a qgate f32 oracle) became the oracle, reported as "computed by qgate
+// from the model's weights".
+#[test]
+fn a_cached_oracle_is_reused_only_when_it_proves_to_be_one() {
+    let fx = Fx::new();
+    let m = model_dir().display().to_string();
+    let bf16 = hf("f16").display().to_string();
+    let out = fx.s("out");
+    let args = [
+        "run", "--oracle", "f32", "--model", &m, "--bundle", &bf16, "--out", &out,
+    ];
+    let first = qgate(&args, &fx.p("cache"));
+    assert!(
+        first.stderr.contains("running the f32 oracle"),
+        "{}",
+        first.stderr
+    );
+    let cached: Vec<PathBuf> = std::fs::read_dir(fx.p("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".capture.safetensors"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let r = qgate(&args, &fx.p("cache"));
+    assert!(r.stderr.contains("reusing cached oracle"), "{}", r.stderr);
+    let planted = keep_rows(&read(&hf("bf16")), |_, n| n);
+    write_capture(
+        &cached[0],
+        &CaptureMeta::new("oracle-f32", "qgate-oracle", "f32", V),
+        &planted,
+    )
+    .unwrap();
+    let r = qgate(&args, &fx.p("cache"));
+    assert!(
+        r.stderr
+            .contains("not a qgate oracle of these weights; recomputing"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.code, first.code, "{}", r.stderr);
+}
