@@ -3,22 +3,11 @@
 //! vectorised loops). Run on the GPU machine by `bench/gpu/run-on-device.sh` (step `check`); prints one
 //! line per case and exits 1 on any mismatch. usage: gpu_ops_check [DEVICE]
 use candle_core::{DType, Device, Tensor};
+use qgate::model::noise::noise;
 use qgate::model::precision::Precision;
 use qgate::model::{
     attention, attn_softmax, chunk_scan, finite, gdn_prep, matmul_acc, norm_ops, rope, strided_copy,
 };
-
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn f32s(x: &Tensor) -> candle_core::Result<Vec<f32>> {
     x.to_device(&Device::Cpu)?

@@ -3,13 +3,7 @@
 # named by KERNELS (a regex), one launch each from the timed forward, bf16 T = 4,096 on the 0.8B shapes.
 # Needs what profile.sh needs. Usage: KERNELS="qgate_chunk_scan|qgate_rms_norm" bash bench/gpu/ncu_detail.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/qgate-gpu-out}; mkdir -p "$OUT"
-Q=/tmp/qgate-gpu; mkdir -p $Q
-gunzip -c .gpu/bench_oracle.gz > $Q/bench_oracle && chmod +x $Q/bench_oracle
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/transformers-*.whl \
-  && export PYTHONPATH=/tmp/site
-source "$(dirname "$0")/cuda_libs.sh"
-[ -d /tmp/bench-0.8b ] || python3 bench/make_bench_model.py /tmp/bench-0.8b >/dev/null
+source "$(dirname "$0")/forward_setup.sh"
 T=${T:-4096}; DT=${DT:-bf16}
 # Skip the warm-up forward's launches of each kernel (24 layers' worth), then one launch per kernel name.
 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \

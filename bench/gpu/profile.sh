@@ -3,13 +3,7 @@
 # summed by kernel name), for the 0.8B shapes. Needs .gpu/bench_oracle.gz (scripts/build-cuda.sh) and
 # .whl/transformers-5.23.0 (to write the random bench model). Usage: T=4096 DT=bf16 bash bench/gpu/profile.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/qgate-gpu-out}; mkdir -p "$OUT"
-Q=/tmp/qgate-gpu; mkdir -p $Q
-gunzip -c .gpu/bench_oracle.gz > $Q/bench_oracle && chmod +x $Q/bench_oracle
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/transformers-*.whl \
-  && export PYTHONPATH=/tmp/site
-source "$(dirname "$0")/cuda_libs.sh"
-[ -d /tmp/bench-0.8b ] || python3 bench/make_bench_model.py /tmp/bench-0.8b >/dev/null
+source "$(dirname "$0")/forward_setup.sh"
 for dt in ${DT:-bf16}; do
   for T in ${T:-4096}; do
     $Q/bench_oracle /tmp/bench-0.8b $dt $T cuda 3

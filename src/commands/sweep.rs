@@ -196,13 +196,10 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     let model_dir = resolve_model_dir(&args.model)?;
     if !only.is_empty() {
         // The parts must exist in this model: checked now, not after the oracle and the ladder.
-        let parts = sensitivity::parts_of(&crate::model::config::TextConfig::from_dir(&model_dir)?);
-        if let Some(p) = only.iter().find(|p| !parts.contains(p)) {
-            return Err(Error::usage(format!(
-                "--sensitivity-parts: the model has no part `{}`",
-                p.label()
-            )));
-        }
+        sensitivity::check_parts(
+            &crate::model::config::TextConfig::from_dir(&model_dir)?,
+            &only,
+        )?;
     }
     let plan_cap = Capture::open(&args.plan)?;
     let plan = plan_cap.plan();
@@ -238,12 +235,8 @@ pub fn execute(args: Args) -> Result<ExitCode> {
         crate::outputs::check_outside_report(j, "--junit", &out)?;
     }
     // The ablation's arguments, parsed before any work (they are used after the ladder has run).
-    if let Some(a) = &args.ablate {
-        ablation_method(a)?;
-    }
-    if let Some(b) = &args.ablate_base {
-        Scheme::parse(b)?;
-    }
+    let ablate_method = args.ablate.as_deref().map(ablation_method).transpose()?;
+    let ablate_base = args.ablate_base.as_deref().map(Scheme::parse).transpose()?;
     let cap_dir = args.captures.clone().unwrap_or_else(|| {
         let mut n = out
             .file_name()
@@ -409,12 +402,11 @@ pub fn execute(args: Args) -> Result<ExitCode> {
     let rejected = ladder::rejected_smaller(&ev.run.candidates, ev.run.ship.as_deref());
 
     // ablation: one component group at a time
-    let ablation = match &args.ablate {
+    let ablation = match ablate_method {
         None => None,
-        Some(a) => {
-            let method = ablation_method(a)?;
-            let base = match (&args.ablate_base, &ev.run.ship) {
-                (Some(b), _) => Scheme::parse(b)?,
+        Some(method) => {
+            let base = match (ablate_base, &ev.run.ship) {
+                (Some(b), _) => b,
                 (None, Some(ship)) => sims
                     .iter()
                     .find(|s| &s.label == ship)

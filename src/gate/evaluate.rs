@@ -161,18 +161,22 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
     let (views, compared) = compare::compare(oracle, all, policy)?;
     let view_at: HashMap<(usize, usize), OracleView> =
         views.iter().map(|v| ((v.0, v.1), v.2)).collect();
+    // Per capture, per compared position: whether the policy counts it.
+    let masks: Vec<Vec<bool>> = compared
+        .iter()
+        .map(|c| summary::counted_mask(&c.positions, &views, policy))
+        .collect();
     // The control's top-1 only where the policy counts the control's own rows: a flip it shares
     // elsewhere is not excused by rows on which the control itself was never judged.
     let control_top1 = (all.len() > n_candidates).then(|| {
-        let ctl = &compared[n_candidates].positions;
-        let mask = summary::counted_mask(ctl, &views, policy);
-        let counted: Vec<_> = ctl
-            .iter()
-            .zip(mask)
-            .filter(|(_, c)| *c)
-            .map(|(m, _)| m.clone())
-            .collect();
-        margin_rule::control_top1(&counted)
+        margin_rule::control_top1(
+            compared[n_candidates]
+                .positions
+                .iter()
+                .zip(&masks[n_candidates])
+                .filter(|(_, &c)| c)
+                .map(|(m, _)| m),
+        )
     });
     let mut sums = Vec::new();
     for (i, c) in all.iter().enumerate() {
@@ -220,10 +224,6 @@ pub fn evaluate(inp: Inputs<'_>) -> Result<Evaluation> {
         sums.push(s);
     }
 
-    let masks: Vec<Vec<bool>> = compared
-        .iter()
-        .map(|c| summary::counted_mask(&c.positions, &views, policy))
-        .collect();
     let rule = TieRule::of(policy);
     let judgements: Vec<Vec<Option<FlipKind>>> = compared
         .iter()

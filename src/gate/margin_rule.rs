@@ -113,9 +113,9 @@ pub struct Flip {
 /// The control's top-1 per (sequence, position), for attribution.
 pub type ControlTop1 = HashMap<(usize, usize), usize>;
 
-pub fn control_top1(control: &[PositionMetrics]) -> ControlTop1 {
+pub fn control_top1<'a>(control: impl IntoIterator<Item = &'a PositionMetrics>) -> ControlTop1 {
     control
-        .iter()
+        .into_iter()
         .filter_map(|m| m.cand_top1.map(|c| ((m.seq, m.pos), c)))
         .collect()
 }

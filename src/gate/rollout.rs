@@ -29,6 +29,17 @@ pub enum Side {
     Both,
 }
 
+impl Side {
+    /// Why the sequence was not compared, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Side::Oracle => "the oracle holds no rollout",
+            Side::Candidate => "the candidate holds no rollout",
+            Side::Both => "neither side holds a rollout",
+        }
+    }
+}
+
 /// A counted sequence the rollout rule could not compare: one side holds no rollout for it. A required
 /// rule with such a gap was not applied there, and fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

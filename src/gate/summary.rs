@@ -170,13 +170,15 @@ pub struct SequenceCoverage {
     pub compared: usize,
 }
 
-/// Coverage of `positions` (one candidate) against the oracle rows `views` under `policy`.
+/// Coverage of `positions` (one candidate; `mask`: which of them the policy counts, `counted_mask`)
+/// against the oracle rows `views` under `policy`.
 pub fn coverage(
     positions: &[PositionMetrics],
+    mask: &[bool],
     views: &[(usize, usize, OracleView)],
     policy: &Policy,
 ) -> Coverage {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeSet, HashSet};
     let planned_seqs: BTreeSet<usize> = views
         .iter()
         .map(|v| v.0)
@@ -184,8 +186,8 @@ pub fn coverage(
         .collect();
     let usable: Vec<&PositionMetrics> = positions
         .iter()
-        .zip(counted_mask(positions, views, policy))
-        .filter(|(m, counted)| *counted && !m.is_garbage())
+        .zip(mask)
+        .filter(|(m, &counted)| counted && !m.is_garbage())
         .map(|(m, _)| m)
         .collect();
     let seqs_with_rows: BTreeSet<usize> = usable.iter().map(|m| m.seq).collect();
@@ -228,14 +230,15 @@ pub fn coverage(
     let only_last_rows_missing =
         policy.positions == PositionsRule::Last && !sequences_without_rows.is_empty() && {
             let last = plan_last_positions(views);
+            let rows: HashSet<(usize, usize)> = positions
+                .iter()
+                .filter(|m| !m.is_garbage())
+                .map(|m| (m.seq, m.pos))
+                .collect();
             sequences_without_rows.iter().all(|s| {
                 // a 1-token sequence has no row before its last: llm-runner gives it none at all
-                last.get(s).is_some_and(|&l| {
-                    l == 0
-                        || positions
-                            .iter()
-                            .any(|m| m.seq == *s && m.pos == l - 1 && !m.is_garbage())
-                })
+                last.get(s)
+                    .is_some_and(|&l| l == 0 || rows.contains(&(*s, l - 1)))
             })
         };
     Coverage {
@@ -475,7 +478,7 @@ pub fn summarise(
         id,
         role,
         data,
-        coverage: coverage(positions, views, policy),
+        coverage: coverage(positions, &mask, views, policy),
         positions_compared: positions.len(),
         positions_not_compared: not_compared,
         positions_counted: n,

@@ -6,7 +6,6 @@ use super::decision::{ExitCode, Rule, RuleOutcome, Status, SymptomKind, Verdict}
 use super::margin_rule::FlipKind;
 use super::metrics::{OracleView, RowHealth};
 use super::policy::{Policy, PositionsRule, RolloutRequirement};
-use super::rollout::Side;
 use super::summary::{CandidateSummary, Role};
 use serde::Serialize;
 
@@ -203,15 +202,11 @@ fn rollout_prefix(s: &CandidateSummary, policy: &Policy) -> Check {
         ));
     };
     if let Some(g) = r.not_compared.first() {
-        let side = match g.missing_on {
-            Side::Oracle => "the oracle holds no rollout for it",
-            Side::Candidate => "the candidate holds no rollout for it",
-            Side::Both => "neither side holds a rollout for it",
-        };
         return Check::Fail(format!(
-            "rollout_prefix = {} required by the policy but not applied to seq {}: {side} ({} counted sequence(s) not compared)",
+            "rollout_prefix = {} required by the policy but not applied to seq {}: {} for it ({} counted sequence(s) not compared)",
             req.describe(),
             g.seq,
+            g.missing_on.describe(),
             r.not_compared.len()
         ));
     }

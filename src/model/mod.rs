@@ -20,6 +20,8 @@ pub mod linear;
 pub mod matmul_acc;
 pub mod mlp;
 pub mod moe;
+#[doc(hidden)]
+pub mod noise;
 pub mod norm_ops;
 pub mod norms;
 pub mod ops;

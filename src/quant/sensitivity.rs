@@ -316,6 +316,18 @@ fn store(
     Ok((ws, t))
 }
 
+/// Every part of `only` exists in the model (`--sensitivity-parts`, checked before any work).
+pub fn check_parts(cfg: &TextConfig, only: &[Part]) -> Result<()> {
+    let parts = parts_of(cfg);
+    match only.iter().find(|p| !parts.contains(p)) {
+        Some(p) => Err(Error::usage(format!(
+            "--sensitivity-parts: the model has no part `{}`",
+            p.label()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Compute the map.
 pub fn run(req: &Request) -> Result<SensitivityMap> {
     let t0 = Instant::now();
@@ -323,12 +335,7 @@ pub fn run(req: &Request) -> Result<SensitivityMap> {
     let n_layers = cfg.layer_types.len();
     let mut parts = parts_of(&cfg);
     if let Some(only) = req.only {
-        if let Some(p) = only.iter().find(|p| !parts.contains(p)) {
-            return Err(Error::usage(format!(
-                "--sensitivity-parts: the model has no part `{}`",
-                p.label()
-            )));
-        }
+        check_parts(&cfg, only)?;
         parts.retain(|p| only.contains(p));
     }
     let (views, control) = control_and_views(req.oracle, req.control, req.policy)?;

@@ -508,12 +508,13 @@ pub fn render(s: &RunSummary, plan: &[Vec<i64>], tt: &TokenText) -> String {
                     );
                 }
                 for g in &r.not_compared {
-                    let why = match g.missing_on {
-                        crate::gate::rollout::Side::Oracle => "the oracle holds no rollout",
-                        crate::gate::rollout::Side::Candidate => "the candidate holds no rollout",
-                        crate::gate::rollout::Side::Both => "neither side holds a rollout",
-                    };
-                    let _ = writeln!(o, "- `{}` seq {}: not compared ({why})", c.id.label, g.seq);
+                    let _ = writeln!(
+                        o,
+                        "- `{}` seq {}: not compared ({})",
+                        c.id.label,
+                        g.seq,
+                        g.missing_on.describe()
+                    );
                 }
             }
             _ => {
