@@ -2,7 +2,8 @@
 //! line with tokens/s and peak RSS. Driven by `bench/oracle_vs_transformers.sh` (CPU) and
 //! `bench/gpu/oracle_vs_transformers_gpu.sh` (`DEVICE` = cuda), which run the transformers peer in the
 //! same invocation and print the ratio. On a GPU the time is the median of `REPS` forwards, each ended by
-//! a device synchronisation (the logits `[T, V]` stay on the device, as transformers' do).
+//! a device synchronisation (the logits `[T, V]` stay on the device, as transformers' do; in the oracle's
+//! row blocks, `Model::forward_native_blocks`).
 //!
 //! usage: bench_oracle MODEL_DIR DTYPE T [DEVICE [REPS]]
 use qgate::model::{device::parse_device, precision::Precision, Model};
@@ -34,14 +35,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Warm-up: on a GPU at the full length (kernel compilation, cuBLAS heuristics, the allocator's pool),
     // as the transformers peer does; on the CPU a short one.
     let warm = if dev.is_cpu() { 16.min(t) } else { t };
-    drop(model.forward_native(&ids[..warm], &mut model.new_cache())?);
+    drop(model.forward_native_blocks(&ids[..warm], &mut model.new_cache())?);
     dev.synchronize()?;
     let mut times = Vec::with_capacity(reps);
     // Host time until the forward is enqueued (on a GPU; the rest of `seconds` is the device finishing).
     let mut enqueued = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t0 = Instant::now();
-        let logits = model.forward_native(&ids, &mut model.new_cache())?;
+        let logits = model.forward_native_blocks(&ids, &mut model.new_cache())?;
         enqueued.push(t0.elapsed().as_secs_f64());
         dev.synchronize()?;
         times.push(t0.elapsed().as_secs_f64());
@@ -65,7 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let after_body = pool::mib(Mark::Used);
     pool::reset_high();
     let t0 = Instant::now();
-    let logits = model.logits_native(&hidden)?; // the oracle's head (as `forward_native`), not an f32 copy
+    let logits = model.logits_native_blocks(&hidden)?; // the oracle's head (as `forward_native`), not an f32 copy
     dev.synchronize()?;
     let head_s = t0.elapsed().as_secs_f64();
     let (head_high, head_reserved) = (pool::mib(Mark::UsedHigh), pool::mib(Mark::ReservedHigh));

@@ -91,33 +91,48 @@ pub fn run_sequence_into(
     let v = model.cfg.vocab_size;
     let ids = token_ids(tokens)?;
     let mut cache = model.new_cache();
-    let logits = model.forward_native(&ids, &mut cache)?.flatten_all()?;
-    let n = logits.elem_count();
+    // On a GPU the head writes the logits in row blocks (`logits_native_blocks`); each is copied from
+    // the device and written in turn, in order.
+    let blocks = model.forward_native_blocks(&ids, &mut cache)?;
+    let Some(last_block) = blocks.last() else {
+        return Err(Error::usage("an empty sequence has no logits"));
+    };
     // the last row, for the rollout's first step (bf16/f16 → f32 is exact)
-    let mut last: Vec<f32> = logits
-        .narrow(0, n - v, v)?
+    let last_rows = last_block.dim(0)?;
+    let mut last: Vec<f32> = last_block
+        .narrow(0, last_rows.saturating_sub(1), 1)?
+        .flatten_all()?
         .to_dtype(candle_core::DType::F32)?
         .to_vec1()?;
-    let written = match (logits.dtype(), kind) {
-        // 16-bit logits in the capture's dtype: their bits, copied once from the device (or the host
-        // tensor) and written as they are
-        (candle_core::DType::BF16, FloatKind::BF16) => {
-            use half::slice::HalfFloatSliceExt;
-            write_u16_le(sink, logits.to_vec1::<half::bf16>()?.reinterpret_cast())
-        }
-        (candle_core::DType::F16, FloatKind::F16) => {
-            use half::slice::HalfFloatSliceExt;
-            write_u16_le(sink, logits.to_vec1::<half::f16>()?.reinterpret_cast())
-        }
-        _ => {
-            let x: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-            let mut bytes = Vec::with_capacity(n * kind.size());
-            encode_into(&mut bytes, kind, &x);
-            sink.write_all(&bytes)
-        }
-    };
-    written.map_err(|e| io_err("spill file", e))?;
-    drop(logits);
+    if last.len() != v {
+        return Err(Error::usage(format!(
+            "the head wrote rows of {} logits, the model's vocabulary is {v}",
+            last.len()
+        )));
+    }
+    for block in &blocks {
+        let logits = block.flatten_all()?;
+        let written = match (logits.dtype(), kind) {
+            // 16-bit logits in the capture's dtype: their bits, copied once from the device (or the
+            // host tensor) and written as they are
+            (candle_core::DType::BF16, FloatKind::BF16) => {
+                use half::slice::HalfFloatSliceExt;
+                write_u16_le(sink, logits.to_vec1::<half::bf16>()?.reinterpret_cast())
+            }
+            (candle_core::DType::F16, FloatKind::F16) => {
+                use half::slice::HalfFloatSliceExt;
+                write_u16_le(sink, logits.to_vec1::<half::f16>()?.reinterpret_cast())
+            }
+            _ => {
+                let x: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                let mut bytes = Vec::with_capacity(x.len() * kind.size());
+                encode_into(&mut bytes, kind, &x);
+                sink.write_all(&bytes)
+            }
+        };
+        written.map_err(|e| io_err("spill file", e))?;
+    }
+    drop(blocks);
     let mut out = Rollout::default();
     for step in 0..rollout {
         let next = out.push_argmax(&last);

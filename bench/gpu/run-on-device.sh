@@ -8,7 +8,10 @@ set -uo pipefail
 OUT=${OUT:-/tmp/qgate-gpu-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"check bench"}
 Q=/tmp/qgate-gpu; mkdir -p $Q
-gunzip -c .gpu/qgate.gz > $Q/qgate && gunzip -c .gpu/bench_oracle.gz > $Q/bench_oracle && chmod +x $Q/qgate $Q/bench_oracle
+# Each binary that was carried (step check needs qgate, step bench bench_oracle).
+for b in qgate bench_oracle; do
+  [ -f .gpu/$b.gz ] && gunzip -c .gpu/$b.gz > $Q/$b && chmod +x $Q/$b
+done
 # transformers alone on the path: fla (if carried) goes into its own folder below, for the second peer only.
 # (Until 2026-11-30 every carried wheel went into /tmp/site, so the "eager" peer had fla's GDN kernels too.)
 if ls .whl/transformers-*.whl >/dev/null 2>&1; then

@@ -195,8 +195,10 @@ pub fn blocked(
 ) -> Result<Tensor> {
     let (nkv, _, hd) = q.dims3()?;
     let block = block.max(1);
+    // The last block first: its scores are the largest (it sees the most keys), so each later block's
+    // scores fit in memory the pool already holds instead of growing it block by block.
     let mut outs = Vec::with_capacity(t.div_ceil(block));
-    for q0 in (0..t).step_by(block) {
+    for q0 in (0..t).step_by(block).rev() {
         let n = block.min(t - q0);
         let keys = start + q0 + n;
         let qb = q.narrow(1, q0 * groups, n * groups)?;
@@ -206,6 +208,7 @@ pub fn blocked(
             super::attn_softmax::scaled_masked_softmax(&scores, n, groups, start + q0, scale, p)?;
         outs.push(matmul_model_dtype(&probs, &vb, p)?); // [nkv, n·g, hd]
     }
+    outs.reverse();
     let o = match outs.len() {
         1 => outs.swap_remove(0),
         _ => Tensor::cat(&outs, 1)?,

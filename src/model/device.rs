@@ -41,8 +41,37 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
         // SAFETY: qgate uses the device's one stream only, so CUDA's stream order already orders every
         // allocation, use and free; per-tensor events would only add host overhead to each op.
         unsafe { d.disable_event_tracking() };
+        keep_freed_memory(ordinal);
     }
     Ok(dev)
+}
+
+/// Keep the memory a forward frees in the device's pool for the next allocation, as torch's caching
+/// allocator does, instead of returning it to the driver at every synchronisation (CUDA's default release
+/// threshold is 0). Mapping device memory again is host work that is not hidden behind the GPU once the
+/// host waits (measured on an H200: 94k → 103k tok/s at bf16 T = 4,096); the peak is set inside a forward
+/// either way. Best effort: without it the oracle is slower, not wrong.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(ordinal: usize) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let (mut device, mut pool): (sys::CUdevice, sys::CUmemoryPool) = (0, std::ptr::null_mut());
+    let mut threshold = u64::MAX;
+    let Ok(ordinal) = std::ffi::c_int::try_from(ordinal) else {
+        return;
+    };
+    // SAFETY: the device's default pool (the one candle's stream-ordered allocations use); the
+    // out-pointers and the u64 attribute live for the calls.
+    unsafe {
+        if sys::cuDeviceGet(&mut device, ordinal) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuDeviceGetDefaultMemPool(&mut pool, device) == sys::CUresult::CUDA_SUCCESS
+        {
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut _,
+            );
+        }
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
