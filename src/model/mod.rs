@@ -569,9 +569,10 @@ impl Model {
     /// `logits_native` in blocks of consecutive rows, in order. On a GPU the `[T, V]` logits are the
     /// largest tensor of a forward (1.9 GB at bf16 T = 4,096 for a 248,320 vocabulary); as one allocation
     /// they fit in none of the memory the decoder body freed, so the pool grows by all of it. Blocks of
-    /// [`head_block_rows`] fit in that freed memory: measured on an H200 the device's peak fell from 6.3
-    /// to 4.6 GB at bf16 T = 4,096 and from 17.9 to 10.8 GB at T = 16,384, at the same speed. Each row's
-    /// values are those of the one-block product (a row's sum runs over the hidden size only).
+    /// [`head_block_rows`] fit in that freed memory: on an H200 (with the pool kept, `device.rs`) the
+    /// device's peak fell from 6.3 to 4.5 GB at bf16 T = 4,096 and from 17.9 to 10.6 GB at T = 16,384
+    /// (BENCHMARKS.md, eighth session). cuBLAS wrote the blocks bit-identical to one product there
+    /// (`examples/gpu_ops_check.rs`); a row's sum runs over the hidden size only.
     pub fn logits_native_blocks(&self, hidden: &Tensor) -> Result<Vec<Tensor>> {
         let t = hidden.dim(0)?;
         let rows = match hidden.device() {
