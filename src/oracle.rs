@@ -693,8 +693,10 @@ fn run_streamed(
     let v = cfg.vocab_size;
     let kind = logits_kind(req.precision);
     let mut st = Streamer::new(cfg, ws, req.precision, req.exec.head_chunk)?;
-    // The prefetch thread was verified on the CPU only; on a GPU each layer loads on the computing thread.
-    st.set_prefetch(req.exec.prefetch && req.exec.device.is_cpu());
+    // With prefetch the next block is read from the checkpoint, converted and uploaded on the prefetch
+    // thread while the current one computes, on a GPU too: its uploads are enqueued on the device's one
+    // stream before the block is handed over, so every kernel that reads them runs after them.
+    st.set_prefetch(req.exec.prefetch);
     let ids = req
         .plan
         .iter()

@@ -127,3 +127,79 @@ fn auto_mode_streams_above_the_budget() {
     assert_eq!(run(1 << 40, &tmp.path().join("a")), "in-memory");
     assert_eq!(run(1 << 10, &tmp.path().join("b")), "streamed");
 }
+
+/// The portable kernels (what a GPU runs; on the CPU with `set_portable_kernels`) streamed layer by layer
+/// give the in-memory portable model's hidden states and logits bit for bit. In bf16/f16 these kernels
+/// store activations in the model dtype (`act_io`): the streamed layer loop must add a bf16 mixer output
+/// into the f32 residual stream as the in-memory one does (it once failed with "dtype mismatch in add").
+#[test]
+fn streamed_portable_kernels_match_in_memory() {
+    use qgate::model::config::TextConfig;
+    use qgate::model::streaming::Streamer;
+    use qgate::model::weights::WeightStore;
+    use qgate::model::{Cache, Model};
+    let dev = candle_core::Device::Cpu;
+    for name in ["dense-gva-untied", "moe-experts"] {
+        let dir = fixture(&format!("models/{name}"));
+        let cfg = TextConfig::from_dir(&dir).unwrap();
+        let ids: Vec<u32> = (0..19u32)
+            .map(|i| (i * 53 + 7) % cfg.vocab_size as u32)
+            .collect();
+        for prec in [Precision::F32, Precision::BF16, Precision::F16] {
+            let what = format!("{name} {}", prec.name());
+            let model = Model::load_on(&dir, prec, &dev, true).unwrap();
+            let want_hidden = model.hidden_states(&ids, &mut model.new_cache()).unwrap();
+            let want_logits = model.logits(&want_hidden).unwrap();
+            let mut ws = WeightStore::open(&dir).unwrap();
+            ws.set_streaming(true);
+            ws.set_portable_kernels(true);
+            for prefetch in [true, false] {
+                let mut st = Streamer::new(&cfg, &ws, prec, 100).unwrap();
+                st.set_prefetch(prefetch);
+                let mut xs = vec![st.embed(&ids).unwrap()];
+                let mut caches = vec![Cache::default()];
+                st.layers(&mut xs, &mut caches, false, &mut |_, _| {})
+                    .unwrap_or_else(|e| panic!("{what}: streamed layers: {e}"));
+                let hidden = st.final_norm(&xs).unwrap().remove(0);
+                let f32s = |t: &candle_core::Tensor| -> Vec<u32> {
+                    t.flatten_all()
+                        .unwrap()
+                        .to_dtype(candle_core::DType::F32)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .into_iter()
+                        .map(f32::to_bits)
+                        .collect()
+                };
+                assert_eq!(
+                    f32s(&hidden),
+                    f32s(&want_hidden),
+                    "{what} prefetch {prefetch}: hidden states"
+                );
+                // The head in vocabulary chunks of 100, joined: the in-memory head's logits.
+                let v = cfg.vocab_size;
+                let mut logits = vec![0u32; ids.len() * v];
+                st.head(
+                    std::slice::from_ref(&hidden),
+                    &mut |_, first, chunk| {
+                        let n = chunk.dim(1)?;
+                        let bits = f32s(chunk);
+                        for r in 0..ids.len() {
+                            logits[r * v + first..r * v + first + n]
+                                .copy_from_slice(&bits[r * n..(r + 1) * n]);
+                        }
+                        Ok(())
+                    },
+                    &mut |_| {},
+                )
+                .unwrap();
+                assert_eq!(
+                    logits,
+                    f32s(&want_logits),
+                    "{what} prefetch {prefetch}: logits"
+                );
+            }
+        }
+    }
+}

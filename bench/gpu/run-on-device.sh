@@ -47,10 +47,13 @@ if [[ " $STEPS " == *" check "* ]]; then
     done
   done
   # Streaming on the GPU (one layer on the device at a time) vs the in-memory GPU run.
+  # (With prefetch, the default: the next block loads and uploads on the prefetch thread.)
   for m in ${STREAM_MODELS-dense-gva-untied moe-experts}; do
-    $Q/qgate oracle --device cuda --stream --model fixtures/models/$m --dtype f32 --plan fixtures/hf/$m.f32.capture.safetensors \
-      --rollout 16 --out $Q/$m.f32.cuda-stream.st 2>>$OUT/check.log || { echo "$m stream failed"; fail=1; }
-    python3 bench/gpu/compare_captures.py $Q/$m.f32.cuda-stream.st $Q/$m.f32.cuda.st "$m f32 gpu-streamed-vs-gpu-in-memory" 1e-4 || fail=1
+    for dt in ${STREAM_DTYPES:-f32}; do
+      $Q/qgate oracle --device cuda --stream --model fixtures/models/$m --dtype $dt --plan fixtures/hf/$m.$dt.capture.safetensors \
+        --rollout 16 --out $Q/$m.$dt.cuda-stream.st 2>>$OUT/check.log || { echo "$m $dt stream failed"; fail=1; }
+      python3 bench/gpu/compare_captures.py $Q/$m.$dt.cuda-stream.st $Q/$m.$dt.cuda.st "$m $dt gpu-streamed-vs-gpu-in-memory" 1e-4 || fail=1
+    done
   done
   # The main command on the GPU (gate run) and a simulated quantization.
   QGATE_ORACLE_CACHE=$Q/oracles $Q/qgate run --device cuda --bundle fixtures/hf/dense-gva-untied.f16.capture.safetensors \

@@ -19,6 +19,7 @@ use super::finite::{FiniteCheck, Origin, Stage};
 use super::linear::LinearWeight;
 use super::moe::Expert;
 use super::norms::RmsNormZeroCentred;
+use super::ops::add_round;
 use super::precision::Precision;
 use super::rope::Rope;
 use super::weights::WeightStore;
@@ -222,6 +223,10 @@ impl<'a> Streamer<'a> {
         check: &mut FiniteCheck,
     ) -> Result<()> {
         let p = self.prec;
+        // As the in-memory layer (`Model::run_layer_halves`): the residual stream stays f32, the normed
+        // inputs and the products' outputs are stored in the model dtype on the portable kernels.
+        let portable = self.ws.portable_kernels();
+        let io = super::act_io::storage_dtype(p, portable);
         self.submit_layer(ld, 0);
         for l in 0..self.cfg.layer_types.len() {
             let start = Instant::now();
@@ -248,9 +253,9 @@ impl<'a> Streamer<'a> {
                     let n = scratch.len() - 1;
                     &mut scratch[n]
                 };
-                let h = input_norm.forward(x)?;
+                let h = input_norm.forward_to(x, io)?;
                 let y = mixer.forward(&h, &self.rope, lc)?;
-                *x = p.round(&(&*x + y)?)?;
+                *x = add_round(x, &y, p, portable)?;
             }
             drop(mixer);
             drop(scratch);
@@ -261,7 +266,7 @@ impl<'a> Streamer<'a> {
             };
             let hs = xs
                 .iter()
-                .map(|x| post_norm.forward(x))
+                .map(|x| post_norm.forward_to(x, io))
                 .collect::<Result<Vec<_>>>()?;
             let ys = match &ffn {
                 FeedForward::Dense(m) => {
@@ -302,7 +307,7 @@ impl<'a> Streamer<'a> {
             };
             drop(ffn);
             for (x, y) in xs.iter_mut().zip(ys) {
-                *x = p.round(&(&*x + y)?)?;
+                *x = add_round(x, &y, p, portable)?;
                 check.check(Stage::Layer(l), x)?;
             }
             tm.total_s = start.elapsed().as_secs_f64();
