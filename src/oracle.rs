@@ -860,4 +860,37 @@ mod tests {
         assert_eq!(parse_bytes("8 parsecs"), None);
         assert_eq!(parse_bytes("0"), None);
     }
+
+    /// The logits written block by block (the GPU's head, forced on the CPU) are the one-block bytes,
+    /// in order, and the rollout starts from the last row.
+    #[test]
+    fn logits_in_row_blocks_write_the_same_capture_bytes() {
+        use crate::capture::FloatKind;
+        use crate::model::{precision::Precision, Model};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/models/dense-gva-untied");
+        let tokens: Vec<i64> = (0..21i64).map(|i| (i * 41 + 3) % 300).collect();
+        for (prec, kind) in [
+            (Precision::F32, FloatKind::F32),
+            (Precision::BF16, FloatKind::BF16),
+            (Precision::BF16, FloatKind::F32),
+        ] {
+            let mut model = Model::load_on(&dir, prec, &candle_core::Device::Cpu, true).unwrap();
+            let mut one = Vec::new();
+            let want = super::run_sequence_into(&model, &tokens, 4, kind, &mut one).unwrap();
+            assert_eq!(one.len(), tokens.len() * model.cfg.vocab_size * kind.size());
+            for rows in [1, 4, 20] {
+                model.set_head_block_rows(rows);
+                let mut blocks = Vec::new();
+                let got = super::run_sequence_into(&model, &tokens, 4, kind, &mut blocks).unwrap();
+                assert!(
+                    blocks == one,
+                    "{} as {kind:?}, blocks of {rows}: bytes differ",
+                    prec.name()
+                );
+                assert_eq!(got.tokens, want.tokens);
+                assert_eq!(got.margins, want.margins);
+            }
+        }
+    }
 }

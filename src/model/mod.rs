@@ -197,6 +197,8 @@ pub struct Model {
     rope: Rope,
     /// The portable (tensor-op) kernels (`device`).
     portable: bool,
+    /// Rows per head block, overriding [`head_block_rows`] (tests: blocks on the CPU).
+    head_block_rows: Option<usize>,
     /// The checkpoint, for reporting non-finite values (`finite`).
     origin: Origin,
 }
@@ -300,6 +302,7 @@ impl Model {
             head,
             rope,
             portable: ws.portable_kernels(),
+            head_block_rows: None,
             origin: Origin::of(ws, prec),
         })
     }
@@ -575,11 +578,18 @@ impl Model {
     /// (`examples/gpu_ops_check.rs`); a row's sum runs over the hidden size only.
     pub fn logits_native_blocks(&self, hidden: &Tensor) -> Result<Vec<Tensor>> {
         let t = hidden.dim(0)?;
-        let rows = match hidden.device() {
-            Device::Cpu => t,
-            _ => head_block_rows(t, self.cfg.vocab_size, self.head_dtype_size()),
+        let rows = match (self.head_block_rows, hidden.device()) {
+            (Some(rows), _) => rows,
+            (None, Device::Cpu) => t,
+            (None, _) => head_block_rows(t, self.cfg.vocab_size, self.head_dtype_size()),
         };
         self.logits_native_rows(hidden, rows)
+    }
+
+    /// Compute the head in blocks of `rows` rows on every device (tests: the GPU's block path on the CPU).
+    #[doc(hidden)]
+    pub fn set_head_block_rows(&mut self, rows: usize) {
+        self.head_block_rows = Some(rows.max(1));
     }
 
     /// `logits_native` computed `rows` rows at a time.
