@@ -139,6 +139,17 @@ fn streamed_portable_kernels_match_in_memory() {
     use qgate::model::weights::WeightStore;
     use qgate::model::{Cache, Model};
     let dev = candle_core::Device::Cpu;
+    let f32s = |t: &candle_core::Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    };
     for name in ["dense-gva-untied", "moe-experts"] {
         let dir = fixture(&format!("models/{name}"));
         let cfg = TextConfig::from_dir(&dir).unwrap();
@@ -161,17 +172,6 @@ fn streamed_portable_kernels_match_in_memory() {
                 st.layers(&mut xs, &mut caches, false, &mut |_, _| {})
                     .unwrap_or_else(|e| panic!("{what}: streamed layers: {e}"));
                 let hidden = st.final_norm(&xs).unwrap().remove(0);
-                let f32s = |t: &candle_core::Tensor| -> Vec<u32> {
-                    t.flatten_all()
-                        .unwrap()
-                        .to_dtype(candle_core::DType::F32)
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .into_iter()
-                        .map(f32::to_bits)
-                        .collect()
-                };
                 assert_eq!(
                     f32s(&hidden),
                     f32s(&want_hidden),
@@ -199,6 +199,34 @@ fn streamed_portable_kernels_match_in_memory() {
                     f32s(&want_logits),
                     "{what} prefetch {prefetch}: logits"
                 );
+            }
+            // Decode steps streamed from kept caches (the streamed rollout's path) against the in-memory
+            // model's single-token steps.
+            let mut st = Streamer::new(&cfg, &ws, prec, cfg.vocab_size).unwrap();
+            st.set_prefetch(true);
+            let mut xs = vec![st.embed(&ids).unwrap()];
+            let mut caches = vec![Cache::default()];
+            st.layers(&mut xs, &mut caches, true, &mut |_, _| {})
+                .unwrap();
+            let mut mem_cache = model.new_cache();
+            model.forward(&ids, &mut mem_cache).unwrap();
+            for (step, tok) in [5u32, 77, 130].into_iter().enumerate() {
+                let want = model.forward(&[tok], &mut mem_cache).unwrap();
+                let mut xs = vec![st.embed(&[tok]).unwrap()];
+                st.layers(&mut xs, &mut caches, true, &mut |_, _| {})
+                    .unwrap_or_else(|e| panic!("{what}: streamed step {step}: {e}"));
+                let hidden = st.final_norm(&xs).unwrap();
+                let mut got = Vec::new();
+                st.head(
+                    &hidden,
+                    &mut |_, _, chunk| {
+                        got = f32s(chunk);
+                        Ok(())
+                    },
+                    &mut |_| {},
+                )
+                .unwrap();
+                assert_eq!(got, f32s(&want), "{what}: decode step {step}");
             }
         }
     }
