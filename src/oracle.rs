@@ -95,7 +95,9 @@ pub fn run_sequence_into(
     // the device and written in turn, in order.
     let blocks = model.forward_native_blocks(&ids, &mut cache)?;
     let Some(last_block) = blocks.last() else {
-        return Err(Error::usage("an empty sequence has no logits"));
+        return Err(Error::Internal(
+            "an empty sequence has no logits (the plan check refuses one)".into(),
+        ));
     };
     // the last row, for the rollout's first step (bf16/f16 → f32 is exact)
     let last_rows = last_block.dim(0)?;
@@ -105,7 +107,7 @@ pub fn run_sequence_into(
         .to_dtype(candle_core::DType::F32)?
         .to_vec1()?;
     if last.len() != v {
-        return Err(Error::usage(format!(
+        return Err(Error::Internal(format!(
             "the head wrote rows of {} logits, the model's vocabulary is {v}",
             last.len()
         )));
