@@ -27,6 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device_name = a.get(4).map(String::as_str).unwrap_or("cpu");
     let dev = parse_device(device_name)?;
     let reps: usize = a.get(5).map(|r| r.parse()).transpose()?.unwrap_or(1).max(1);
+    // The device's memory in use before any weights: the CUDA context and what opening the device loads
+    // (cuBLAS, cuRAND), the part of the peak that lies outside the pool.
+    let device_at_open = pool::device_used_mib();
     let t_load = Instant::now();
     let model = Model::load_on(std::path::Path::new(&a[1]), prec, &dev, false)?;
     dev.synchronize()?;
@@ -76,7 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop((logits, cache));
     if !dev.is_cpu() {
         eprintln!(
-            "GPU pool MiB: before {mem_at_start:.0}, body peak {body_high:.0} (reserved {body_reserved:.0}), after body (hidden + cache) {after_body:.0}, head peak {head_high:.0} (reserved {head_reserved:.0}); device in use after the head {device_used:.0}"
+            "GPU pool MiB: device in use at open {device_at_open:.0}; before {mem_at_start:.0}, body peak {body_high:.0} (reserved {body_reserved:.0}), after body (hidden + cache) {after_body:.0}, head peak {head_high:.0} (reserved {head_reserved:.0}); device in use after the head {device_used:.0}"
         );
     }
     let secs = times[times.len() / 2];
