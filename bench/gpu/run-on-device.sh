@@ -49,7 +49,8 @@ if [[ " $STEPS " == *" check "* ]]; then
   # Streaming on the GPU (one layer on the device at a time) vs the in-memory GPU run.
   # (With prefetch, the default: the next block loads and uploads on the prefetch thread.)
   for m in ${STREAM_MODELS-dense-gva-untied moe-experts}; do
-    for dt in ${STREAM_DTYPES:-f32}; do
+    for dt in ${STREAM_DTYPES:-f32 bf16 f16}; do
+      [ -f fixtures/hf/$m.$dt.capture.safetensors ] && [ -f $Q/$m.$dt.cuda.st ] || continue
       $Q/qgate oracle --device cuda --stream --model fixtures/models/$m --dtype $dt --plan fixtures/hf/$m.$dt.capture.safetensors \
         --rollout 16 --out $Q/$m.$dt.cuda-stream.st 2>>$OUT/check.log || { echo "$m $dt stream failed"; fail=1; }
       python3 bench/gpu/compare_captures.py $Q/$m.$dt.cuda-stream.st $Q/$m.$dt.cuda.st "$m $dt gpu-streamed-vs-gpu-in-memory" 1e-4 || fail=1
