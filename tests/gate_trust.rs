@@ -164,16 +164,22 @@ impl Fx {
         std::fs::write(self.p(name), t).unwrap();
         self.s(name)
     }
+    /// The default policy without the cosine / KL rules and with rollouts off (top-1 flips only), with
+    /// `extra` edits.
+    fn flips_policy(&self, name: &str, extra: &[(&str, &str)]) -> String {
+        let mut edits = vec![
+            ("min_cosine = 0.98", ""),
+            ("max_mean_kl = 0.1", ""),
+            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
+        ];
+        edits.extend_from_slice(extra);
+        self.policy(name, &edits)
+    }
     /// A flips-only policy: no cosine / KL (argmax-only candidates), rollouts and collapse off.
     fn flips_only(&self) -> String {
-        self.policy(
+        self.flips_policy(
             "flips-only.toml",
-            &[
-                ("min_cosine = 0.98", ""),
-                ("max_mean_kl = 0.1", ""),
-                ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
-                ("fail_on_collapse = true", "fail_on_collapse = false"),
-            ],
+            &[("fail_on_collapse = true", "fail_on_collapse = false")],
         )
     }
     /// `qgate run` against the HF f32 capture as the oracle.
@@ -337,14 +343,9 @@ fn a_tie_is_only_between_near_top_tokens() {
     let reason = fx.summary()["candidates"][0]["verdict"]["reason"].to_string();
     assert!(reason.contains(&format!("{ties} tie-flip(s)")), "{reason}");
     // the logit gap is part of the rule: with a gap of 0 nats none of those changes is a tie
-    let wide = fx.policy(
+    let wide = fx.flips_policy(
         "tight-gap.toml",
-        &[
-            ("min_cosine = 0.98", ""),
-            ("max_mean_kl = 0.1", ""),
-            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
-            ("tie_max_logit_gap = 1.0", "tie_max_logit_gap = 0.0"),
-        ],
+        &[("tie_max_logit_gap = 1.0", "tie_max_logit_gap = 0.0")],
     );
     let r = fx.run(&["--bundle", &near, "--gate", &wide]);
     assert_eq!(r.code, 1, "{}", r.stderr);
@@ -798,17 +799,12 @@ fn a_shorter_rollout_without_eos_is_compared_over_the_common_length() {
 fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
     let fx = Fx::new();
     // collapse: position 0 agrees, every later position flips; a lenient flip limit would let it pass
-    let lenient = fx.policy(
+    let lenient = fx.flips_policy(
         "lenient.toml",
-        &[
-            ("min_cosine = 0.98", ""),
-            ("max_mean_kl = 0.1", ""),
-            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
-            (
-                "max_introduced_confident_flips = 0",
-                "max_introduced_confident_flips = 1000",
-            ),
-        ],
+        &[(
+            "max_introduced_confident_flips = 0",
+            "max_introduced_confident_flips = 1000",
+        )],
     );
     let collapsed = fx.argmax_capture("collapse.capture.safetensors", &|_, t, r| {
         (t > 0).then(|| ranked(r)[5])
@@ -816,12 +812,9 @@ fn symptoms_decide_and_a_masked_vocabulary_tail_is_not_garbage() {
     let r = fx.run(&["--bundle", &collapsed, "--gate", &lenient]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("[collapse]"), "{}", r.stderr);
-    let off = fx.policy(
+    let off = fx.flips_policy(
         "lenient-no-collapse.toml",
         &[
-            ("min_cosine = 0.98", ""),
-            ("max_mean_kl = 0.1", ""),
-            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
             (
                 "max_introduced_confident_flips = 0",
                 "max_introduced_confident_flips = 1000",
@@ -1270,14 +1263,7 @@ fn one_sequences_tail_cannot_hide_in_the_pooled_coverage() {
 #[test]
 fn a_control_that_is_the_candidate_in_another_dtype_is_refused() {
     let fx = Fx::new();
-    let pol = fx.policy(
-        "flips-logits.toml",
-        &[
-            ("rollout_prefix = \"full\"", "rollout_prefix = \"off\""),
-            ("min_cosine = 0.98", ""),
-            ("max_mean_kl = 0.1", ""),
-        ],
-    );
+    let pol = fx.flips_policy("flips-logits.toml", &[]);
     // HF's bf16 logits with one confident flip planted (the oracle's top-2 raised above its top-1)
     let bf16 = bf16_with_oracle_rollouts(&fx);
     let (fs, ft) = fx

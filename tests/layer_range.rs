@@ -3,6 +3,8 @@
 //! a fresh cache, the final norm and the head, gives logits bit-identical to the full forward — on every
 //! fixture model, in f32, bf16 and f16, for every split point; and a layer loaded on its own
 //! (`load_layer`) running in place of the model's own changes nothing when it is the same layer.
+mod common;
+use common::bits;
 use qgate::model::precision::Precision;
 use qgate::model::weights::WeightStore;
 use qgate::model::Model;
@@ -12,18 +14,6 @@ fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(rel)
-}
-
-fn bits(t: &candle_core::Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
 }
 
 #[test]

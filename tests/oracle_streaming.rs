@@ -2,6 +2,8 @@
 //! fixture model in every dtype: head in small vocabulary chunks (so chunk edges and a partial last
 //! chunk are exercised), MoE experts converted one at a time, rollouts streamed per token or in memory
 //! from the streamed caches.
+mod common;
+use common::bits;
 use qgate::capture::Capture;
 use qgate::model::precision::Precision;
 use qgate::oracle::{run_oracle, ExecOptions, Execution, OracleRequest};
@@ -139,17 +141,6 @@ fn streamed_portable_kernels_match_in_memory() {
     use qgate::model::weights::WeightStore;
     use qgate::model::{Cache, Model};
     let dev = candle_core::Device::Cpu;
-    let f32s = |t: &candle_core::Tensor| -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(candle_core::DType::F32)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect()
-    };
     for name in ["dense-gva-untied", "moe-experts"] {
         let dir = fixture(&format!("models/{name}"));
         let cfg = TextConfig::from_dir(&dir).unwrap();
@@ -173,8 +164,8 @@ fn streamed_portable_kernels_match_in_memory() {
                     .unwrap_or_else(|e| panic!("{what}: streamed layers: {e}"));
                 let hidden = st.final_norm(&xs).unwrap().remove(0);
                 assert_eq!(
-                    f32s(&hidden),
-                    f32s(&want_hidden),
+                    bits(&hidden),
+                    bits(&want_hidden),
                     "{what} prefetch {prefetch}: hidden states"
                 );
                 // The head in vocabulary chunks of 100, joined: the in-memory head's logits.
@@ -184,7 +175,7 @@ fn streamed_portable_kernels_match_in_memory() {
                     std::slice::from_ref(&hidden),
                     &mut |_, first, chunk| {
                         let n = chunk.dim(1)?;
-                        let bits = f32s(chunk);
+                        let bits = bits(chunk);
                         for r in 0..ids.len() {
                             logits[r * v + first..r * v + first + n]
                                 .copy_from_slice(&bits[r * n..(r + 1) * n]);
@@ -196,7 +187,7 @@ fn streamed_portable_kernels_match_in_memory() {
                 .unwrap();
                 assert_eq!(
                     logits,
-                    f32s(&want_logits),
+                    bits(&want_logits),
                     "{what} prefetch {prefetch}: logits"
                 );
             }
@@ -220,13 +211,13 @@ fn streamed_portable_kernels_match_in_memory() {
                 st.head(
                     &hidden,
                     &mut |_, _, chunk| {
-                        got = f32s(chunk);
+                        got = bits(chunk);
                         Ok(())
                     },
                     &mut |_| {},
                 )
                 .unwrap();
-                assert_eq!(got, f32s(&want), "{what}: decode step {step}");
+                assert_eq!(got, bits(&want), "{what}: decode step {step}");
             }
         }
     }

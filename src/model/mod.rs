@@ -677,24 +677,8 @@ mod head_block_tests {
                 let blocks = m.logits_native_rows(&hidden, rows).unwrap();
                 assert_eq!(blocks.len(), 23usize.div_ceil(rows));
                 let got = Tensor::cat(&blocks, 0).unwrap();
-                let (a, b): (Vec<f32>, Vec<f32>) = (
-                    got.flatten_all()
-                        .unwrap()
-                        .to_dtype(candle_core::DType::F32)
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap(),
-                    one.flatten_all()
-                        .unwrap()
-                        .to_dtype(candle_core::DType::F32)
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap(),
-                );
-                assert_eq!(a.len(), b.len());
-                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(
-                    same,
+                    test_util::bits(&got) == test_util::bits(&one),
                     "{} portable {portable}: {rows}-row blocks differ from one product",
                     prec.name()
                 );

@@ -12,6 +12,18 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
+/// A tensor's values as f32 bit patterns (bf16/f16 widen exactly), for bit-for-bit comparisons.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v.into_iter().map(f32::to_bits).collect()
+}
+
 /// Largest `|a − b|` over two tensors of one shape.
 pub fn max_diff_t(a: &Tensor, b: &Tensor) -> f32 {
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -5,6 +5,19 @@
 use serde_json::Value;
 use std::path::PathBuf;
 
+/// A tensor's values as f32 bit patterns (bf16/f16 widen exactly), for bit-for-bit comparisons.
+pub fn bits(t: &candle_core::Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
