@@ -69,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let after_body = pool::mib(Mark::Used);
     pool::reset_high();
     let t0 = Instant::now();
-    let logits = model.logits_native_blocks(&hidden)?; // the oracle's head (as `forward_native`), not an f32 copy
+    let logits = model.logits_native_blocks(&hidden)?; // the oracle's head (as `forward_native_blocks`), not an f32 copy
     dev.synchronize()?;
     let head_s = t0.elapsed().as_secs_f64();
     let (head_high, head_reserved) = (pool::mib(Mark::UsedHigh), pool::mib(Mark::ReservedHigh));
@@ -115,13 +115,14 @@ mod pool {
                 Mark::UsedHigh => A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
                 Mark::ReservedHigh => A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
             };
-            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let Some(pool) = qgate::model::device::default_mem_pool(0) else {
+                return f64::NAN;
+            };
             let mut v: u64 = 0;
-            // SAFETY: plain queries of device 0's default pool; the out-pointers live for the call.
+            // SAFETY: a plain query of device 0's default pool; the out-pointer lives for the call.
             let ok = unsafe {
-                sys::cuDeviceGetDefaultMemPool(&mut pool, 0) == sys::CUresult::CUDA_SUCCESS
-                    && sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _)
-                        == sys::CUresult::CUDA_SUCCESS
+                sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _)
+                    == sys::CUresult::CUDA_SUCCESS
             };
             if ok {
                 v as f64 / (1024.0 * 1024.0)
@@ -151,19 +152,18 @@ mod pool {
         {
             use candle_core::cuda_backend::cudarc::driver::sys;
             use sys::CUmemPool_attribute as A;
-            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let Some(pool) = qgate::model::device::default_mem_pool(0) else {
+                return;
+            };
             // SAFETY: resets device 0's default pool's high-water marks (the driver's documented use:
             // set to 0).
             unsafe {
-                if sys::cuDeviceGetDefaultMemPool(&mut pool, 0) == sys::CUresult::CUDA_SUCCESS {
-                    for attr in [
-                        A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                        A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-                    ] {
-                        let mut zero: u64 = 0;
-                        let _ =
-                            sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _);
-                    }
+                for attr in [
+                    A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                ] {
+                    let mut zero: u64 = 0;
+                    let _ = sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _);
                 }
             }
         }

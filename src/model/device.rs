@@ -54,24 +54,36 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
 #[cfg(feature = "cuda")]
 fn keep_freed_memory(ordinal: usize) {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let (mut device, mut pool): (sys::CUdevice, sys::CUmemoryPool) = (0, std::ptr::null_mut());
-    let mut threshold = u64::MAX;
-    let Ok(ordinal) = std::ffi::c_int::try_from(ordinal) else {
+    let Some(pool) = default_mem_pool(ordinal) else {
         return;
     };
-    // SAFETY: the device's default pool (the one candle's stream-ordered allocations use); the
-    // out-pointers and the u64 attribute live for the calls.
+    let mut threshold = u64::MAX;
+    // SAFETY: a valid pool handle; the u64 attribute lives for the call.
     unsafe {
-        if sys::cuDeviceGet(&mut device, ordinal) == sys::CUresult::CUDA_SUCCESS
-            && sys::cuDeviceGetDefaultMemPool(&mut pool, device) == sys::CUresult::CUDA_SUCCESS
-        {
-            let _ = sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut _,
-            );
-        }
+        let _ = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        );
     }
+}
+
+/// GPU `ordinal`'s default memory pool (the one candle's stream-ordered allocations use), or `None` when
+/// the driver cannot say.
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub fn default_mem_pool(
+    ordinal: usize,
+) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ordinal = std::ffi::c_int::try_from(ordinal).ok()?;
+    let (mut device, mut pool): (sys::CUdevice, sys::CUmemoryPool) = (0, std::ptr::null_mut());
+    // SAFETY: plain driver queries; the out-pointers live for the calls.
+    let ok = unsafe {
+        sys::cuDeviceGet(&mut device, ordinal) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuDeviceGetDefaultMemPool(&mut pool, device) == sys::CUresult::CUDA_SUCCESS
+    };
+    ok.then_some(pool)
 }
 
 #[cfg(not(feature = "cuda"))]

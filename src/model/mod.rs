@@ -326,19 +326,11 @@ impl Model {
         Ok(logits)
     }
 
-    /// `forward` with the logits in the dtype the head's product writes them: on a GPU in bf16/f16 the
-    /// model dtype (the values `forward` returns widened to f32, at half the memory), else f32. What the
-    /// oracle stores: a bf16 capture holds exactly these values.
-    pub fn forward_native(&self, tokens: &[u32], cache: &mut Cache) -> Result<Tensor> {
-        let mut blocks = self.forward_native_blocks(tokens, cache)?;
-        Ok(match blocks.len() {
-            1 => blocks.swap_remove(0),
-            _ => Tensor::cat(&blocks, 0)?,
-        })
-    }
-
-    /// `forward_native`'s logits as blocks of consecutive rows, in order (their concatenation is the
-    /// `[T, V]` logits; on the CPU one block). See [`Model::logits_native_blocks`].
+    /// `forward` with the logits in the dtype the head's product writes them (on a GPU in bf16/f16 the
+    /// model dtype: the values `forward` returns widened to f32, at half the memory; else f32), as blocks
+    /// of consecutive rows in order (their concatenation is the `[T, V]` logits; on the CPU one block;
+    /// see [`Model::logits_native_blocks`]). What the oracle stores: a bf16 capture holds exactly these
+    /// values.
     pub fn forward_native_blocks(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<Tensor>> {
         let report = |stage| self.nonfinite(stage);
         let mut check = FiniteCheck::new(self.portable, &report);
@@ -611,7 +603,7 @@ impl Model {
         }
     }
 
-    /// `logits` in the dtype the head's product writes them (`forward_native`'s head): the model dtype on
+    /// `logits` in the dtype the head's product writes them (`forward_native_blocks`'s head): the model dtype on
     /// a GPU in bf16/f16, else f32.
     pub fn logits_native(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.head {
