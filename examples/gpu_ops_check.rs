@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use qgate::model::noise::noise;
 use qgate::model::precision::Precision;
 use qgate::model::{
-    attention, attn_softmax, chunk_scan, finite, gdn_prep, matmul_acc, norm_ops, rope, strided_copy,
+    attention, attn_softmax, chunk_scan, finite, gdn_prep, matmul_acc, norm_ops, pair_ops, rope,
+    strided_copy,
 };
 
 fn f32s(x: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -33,6 +34,8 @@ fn diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
         })
         .fold(0.0, f32::max))
 }
+
+type PairFn = fn(&Tensor, &Tensor, Precision) -> candle_core::Result<Tensor>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let name = std::env::args().nth(1).unwrap_or_else(|| "cuda:0".into());
@@ -148,6 +151,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     for p in [Precision::F32, Precision::BF16, Precision::F16] {
         let io = p.half_dtype().unwrap_or(DType::F32);
+        // Pair ops: four-wide loads (start a multiple of 4) and element-wise ones, lengths with and
+        // without a short last group. GPU and host `exp` may differ by an ulp before R: a misplaced
+        // element would differ by O(1).
+        for n in [1usize, 7, 8, 4099, 65539] {
+            for off in [0usize, 1, 4] {
+                // Whole tensors on each device, then the same view of each (offset `off`).
+                let full = |seed| -> candle_core::Result<Tensor> {
+                    p.round(&Tensor::from_vec(noise(n + off, seed), n + off, &cpu)?)?
+                        .to_dtype(io)
+                };
+                let (xf, yf) = (full(11)?, full(12)?);
+                let (x, y) = (xf.narrow(0, off, n)?, yf.narrow(0, off, n)?);
+                let (xg, yg) = (
+                    xf.to_device(&gpu)?.narrow(0, off, n)?,
+                    yf.to_device(&gpu)?.narrow(0, off, n)?,
+                );
+                let tol = match p {
+                    Precision::F32 => 1e-5,
+                    _ => 3e-2,
+                };
+                for (what, f) in [
+                    ("add_round", pair_ops::add_round as PairFn),
+                    ("silu_mul_round", pair_ops::silu_mul_round),
+                    ("sigmoid_gate_round", pair_ops::sigmoid_gate_round),
+                ] {
+                    let d = diff(&f(&xg, &yg, p)?, &f(&x, &y, p)?)?;
+                    report(format!("{what} {} n {n} offset {off}", p.name()), d, tol);
+                }
+            }
+        }
         // GDN conv at the 0.8B widths (vector loads) and at odd widths (scalar loads).
         for (hk, hv, dk, dv, t) in [
             (16, 16, 128, 128, 300),
@@ -257,27 +290,57 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             0.0,
         );
         // Softmax with GQA row groups and a cached prefix: the sum's order differs (f32 ulps, then R).
-        // Rows of 25, 3,005 and 16,402 keys.
-        for (nkv, tq, start) in [(2, 19, 6), (1, 5, 3000), (1, 2, 16400)] {
+        // Rows of 25, 3,005 and 16,402 keys (scalar loads), 24, 4,096 and 16,384 (16-byte loads),
+        // 70,000 (past shared memory: the strided kernel), and one view off the 16-byte boundary.
+        // The shared-memory kernel must give the strided kernel's bits.
+        for (nkv, tq, start, off) in [
+            (2, 19, 6, 0),
+            (1, 5, 3000, 0),
+            (1, 2, 16400, 0),
+            (2, 19, 5, 0),
+            (1, 7, 4089, 0),
+            (1, 3, 16381, 0),
+            (1, 2, 69998, 0),
+            (2, 19, 5, 1),
+        ] {
             let keys = start + tq;
+            let n = nkv * tq * g * keys;
             let sc = p
-                .round(&Tensor::from_vec(
-                    noise(nkv * tq * g * keys, 5),
-                    (nkv, tq * g, keys),
-                    &cpu,
-                )?)?
+                .round(&Tensor::from_vec(noise(n + off, 5), n + off, &cpu)?)?
                 .to_dtype(io)?;
+            let (sc, sc_gpu) = (
+                sc.narrow(0, off, n)?.reshape((nkv, tq * g, keys))?,
+                sc.to_device(&gpu)?
+                    .narrow(0, off, n)?
+                    .reshape((nkv, tq * g, keys))?,
+            );
             let want = attn_softmax::scaled_masked_softmax(&sc, tq, g, start, 0.0625, p)?;
-            let got =
-                attn_softmax::scaled_masked_softmax(&sc.to_device(&gpu)?, tq, g, start, 0.0625, p)?;
+            let got = attn_softmax::scaled_masked_softmax(&sc_gpu, tq, g, start, 0.0625, p)?;
+            let strided = attn_softmax::scaled_masked_softmax_with(
+                &sc_gpu,
+                tq,
+                g,
+                start,
+                0.0625,
+                p,
+                attn_softmax::GpuKernel::Strided,
+            )?;
             let tol = match p {
                 Precision::F32 => 1e-6,
                 _ => 4e-3,
             };
             report(
-                format!("softmax {} group {g} keys {keys}", p.name()),
+                format!("softmax {} group {g} keys {keys} offset {off}", p.name()),
                 diff(&got, &want)?,
                 tol,
+            );
+            report(
+                format!(
+                    "softmax {} group {g} keys {keys} offset {off}: shared-memory = strided kernel",
+                    p.name()
+                ),
+                diff(&got, &strided)?,
+                0.0,
             );
         }
         let (nkv, tq, start) = (2, 19, 6);

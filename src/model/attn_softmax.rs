@@ -7,10 +7,13 @@
 //! exactly these values; only the order of the f32 sum differs between devices (sequential on the CPU, a
 //! block reduction on the GPU), as it does between torch's CPU and CUDA softmax.
 //!
-//! On a GPU it is one kernel (one block per score row, three passes over the row, which stays in L2)
-//! reading the scores in the dtype cuBLAS wrote them and writing the probabilities in the dtype the next
-//! product reads: where the tensor-op version made ~12 passes over an f32 `[heads, T, T]` tensor, this
-//! makes one read-heavy pass over a half-size one. The kernel is compiled at first use with NVRTC.
+//! On a GPU it is one kernel, one block per score row, reading the scores in the dtype cuBLAS wrote them
+//! and writing the probabilities in the dtype the next product reads. Where the row fits in shared memory
+//! (rows up to ~58,000 keys on an H100/H200) the row is read from memory once, 16 bytes a load, its scaled
+//! scores and then their `exp` kept in shared memory as f32, and the probabilities written 16 bytes a
+//! store; longer rows take the strided kernel (three passes over the row, one element a load). Both sum
+//! each thread's keys `j ≡ tid (mod 256)` in ascending order and then reduce the same way, so they give
+//! the same bits. The kernels are compiled at first use with NVRTC.
 use super::precision::Precision;
 #[cfg(any(feature = "cuda", test))]
 use candle_core::DType;
@@ -27,12 +30,35 @@ pub fn scaled_masked_softmax(
     scale: f32,
     prec: Precision,
 ) -> Result<Tensor> {
+    scaled_masked_softmax_with(x, t, group, start, scale, prec, GpuKernel::Fastest)
+}
+
+/// Which GPU kernel [`scaled_masked_softmax_with`] runs (the host ignores it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuKernel {
+    /// The row in shared memory where it fits, else the strided kernel.
+    Fastest,
+    /// The strided kernel (three passes over the row in memory), for checks against the other.
+    Strided,
+}
+
+/// [`scaled_masked_softmax`] with the GPU kernel chosen (`gpu_ops_check` compares the two bit for bit).
+pub fn scaled_masked_softmax_with(
+    x: &Tensor,
+    t: usize,
+    group: usize,
+    start: usize,
+    scale: f32,
+    prec: Precision,
+    kernel: GpuKernel,
+) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&ScaledMaskedSoftmax {
         t,
         group,
         start,
         scale,
         prec,
+        kernel,
     })
 }
 
@@ -42,6 +68,8 @@ struct ScaledMaskedSoftmax {
     start: usize,
     scale: f32,
     prec: Precision,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kernel: GpuKernel,
 }
 
 impl ScaledMaskedSoftmax {
@@ -115,16 +143,31 @@ impl CustomOp1 for ScaledMaskedSoftmax {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
         let (rows, total) = self.dims(l)?;
         let dev = s.device().clone();
         let name = kernel_name(s.dtype(), self.prec)?;
-        let func = dev.get_or_load_custom_func(name, "qgate_attn_softmax", ptx()?)?;
+        // The row's scores as f32 in shared memory, where the block may have that much.
+        let smem = total * 4;
+        let in_smem = self.kernel == GpuKernel::Fastest && smem <= max_smem(&dev);
+        let func = if in_smem {
+            let f =
+                dev.get_or_load_custom_func(&format!("{name}_smem"), "qgate_attn_softmax", ptx()?)?;
+            f.set_attribute(
+                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()?;
+            f
+        } else {
+            dev.get_or_load_custom_func(name, "qgate_attn_softmax", ptx()?)?
+        };
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: if in_smem { smem as u32 } else { 0 },
         };
         let (total32, t32, start32) = (total as i32, self.t as i32, self.start as i32);
         let group32 = self.group as i32;
@@ -134,6 +177,12 @@ impl CustomOp1 for ScaledMaskedSoftmax {
                 let x = s.as_cuda_slice::<$ty>()?.slice(l.start_offset()..);
                 // SAFETY: the kernel writes every element of every row (zeros after the visible keys).
                 let y = unsafe { dev.alloc::<$ty>(rows * total)? };
+                // 16-byte loads and stores: every row starts on a 16-byte boundary (the output's
+                // allocation does; the input's start offset and the row length keep it there).
+                let per16 = 16 / std::mem::size_of::<$ty>();
+                let vec = i32::from(
+                    total.is_multiple_of(per16) && l.start_offset().is_multiple_of(per16),
+                );
                 let mut b = func.builder();
                 b.arg(&x);
                 b.arg(&y);
@@ -142,7 +191,11 @@ impl CustomOp1 for ScaledMaskedSoftmax {
                 b.arg(&group32);
                 b.arg(&start32);
                 b.arg(&scale);
-                // SAFETY: reads and writes rows·total elements, as allocated.
+                if in_smem {
+                    b.arg(&vec);
+                }
+                // SAFETY: reads and writes rows·total elements, as allocated; the shared-memory kernel
+                // indexes `total` floats of dynamic shared memory, as configured.
                 unsafe { b.launch(cfg) }.w()?;
                 candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone())
             }};
@@ -157,8 +210,21 @@ impl CustomOp1 for ScaledMaskedSoftmax {
     }
 }
 
+/// Threads a row (both kernels: the same threads sum the same keys, so they give the same bits).
 #[cfg(feature = "cuda")]
 const THREADS: u32 = 256;
+
+/// Bytes of dynamic shared memory a block of `dev` may opt in to (0 where the driver does not say).
+#[cfg(feature = "cuda")]
+fn max_smem(dev: &candle_core::CudaDevice) -> usize {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    dev.cuda_stream()
+        .context()
+        .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(0, |m| usize::try_from(m).unwrap_or(0))
+        // Room for the kernel's static reduction buffer.
+        .saturating_sub(1024)
+}
 /// The kernel for scores stored as `dtype`, rounded to `prec`.
 #[cfg(feature = "cuda")]
 fn kernel_name(dtype: DType, prec: Precision) -> Result<&'static str> {
@@ -238,6 +304,64 @@ SOFTMAX(qgate_softmax_f32_rbf16, float, ldf, stf, rbf16)
 SOFTMAX(qgate_softmax_f32_rf16, float, ldf, stf, rf16)
 SOFTMAX(qgate_softmax_bf16, unsigned short, bf2f, f2bf, rbf16)
 SOFTMAX(qgate_softmax_f16, unsigned short, h2f, f2h, rf16)
+
+// The row in shared memory: read once (16-byte loads when `vec`: the row starts on a 16-byte boundary and
+// its length is a multiple of N elements), the scaled scores kept as f32, then replaced by their exp; the
+// probabilities written 16 bytes a store. The max is order-free; the sum runs over the same keys per
+// thread in the same order as SOFTMAX, so both kernels give the same bits.
+#define SOFTMAX_SMEM(NAME, TY, N, LOAD, STORE, RND)                                                \
+extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int group, int start, float scale, \
+                                int vec) {                                                         \
+    extern __shared__ __align__(16) float srow[];                                                  \
+    __shared__ float red[32];                                                                      \
+    const long row = blockIdx.x;                                                                   \
+    const TY* xr = x + row * (long)total;                                                          \
+    TY* yr = y + row * (long)total;                                                                \
+    const int visible = start + (int)((row / group) % t) + 1;                                      \
+    float m = __int_as_float(0xff800000);                                                          \
+    if (vec) {                                                                                     \
+        const int nv = (visible + N - 1) / N;                                                      \
+        for (int q = threadIdx.x; q < nv; q += blockDim.x) {                                       \
+            const uint4 raw = ((const uint4*)xr)[q];                                               \
+            const TY* e = (const TY*)&raw;                                                         \
+            _Pragma("unroll") for (int i = 0; i < N; ++i) {                                        \
+                const int j = q * N + i;                                                           \
+                if (j < visible) { const float v = RND(RND(LOAD(e[i])) * scale); srow[j] = v; m = nanmax(m, v); } \
+            }                                                                                      \
+        }                                                                                          \
+    } else {                                                                                       \
+        for (int j = threadIdx.x; j < visible; j += blockDim.x) {                                  \
+            const float v = RND(RND(LOAD(xr[j])) * scale); srow[j] = v; m = nanmax(m, v);          \
+        }                                                                                          \
+    }                                                                                              \
+    m = block_max(m, red);                                                                         \
+    float s = 0.0f;                                                                                \
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) {                                      \
+        const float e = expf(srow[j] - m); srow[j] = e; s += e;                                    \
+    }                                                                                              \
+    s = block_sum(s, red);                                                                         \
+    if (vec) {                                                                                     \
+        const int nv = total / N;                                                                  \
+        for (int q = threadIdx.x; q < nv; q += blockDim.x) {                                       \
+            uint4 raw;                                                                             \
+            TY* e = (TY*)&raw;                                                                     \
+            _Pragma("unroll") for (int i = 0; i < N; ++i) {                                        \
+                const int j = q * N + i;                                                           \
+                e[i] = STORE(j < visible ? RND(srow[j] / s) : 0.0f);                               \
+            }                                                                                      \
+            ((uint4*)yr)[q] = raw;                                                                 \
+        }                                                                                          \
+    } else {                                                                                       \
+        for (int j = threadIdx.x; j < total; j += blockDim.x)                                      \
+            yr[j] = STORE(j < visible ? RND(srow[j] / s) : 0.0f);                                  \
+    }                                                                                              \
+}
+
+SOFTMAX_SMEM(qgate_softmax_f32_smem, float, 4, ldf, stf, id)
+SOFTMAX_SMEM(qgate_softmax_f32_rbf16_smem, float, 4, ldf, stf, rbf16)
+SOFTMAX_SMEM(qgate_softmax_f32_rf16_smem, float, 4, ldf, stf, rf16)
+SOFTMAX_SMEM(qgate_softmax_bf16_smem, unsigned short, 8, bf2f, f2bf, rbf16)
+SOFTMAX_SMEM(qgate_softmax_f16_smem, unsigned short, 8, h2f, f2h, rf16)
 "#;
 
 /// The kernels' PTX, compiled once per process.

@@ -121,12 +121,16 @@ impl CustomOp2 for PairOp {
         // Four elements a thread (more loads in flight).
         let cfg = super::device::grid_stride(n.div_ceil(4));
         let n64 = n as u64;
+        let v4 = [l1.start_offset(), l2.start_offset()]
+            .iter()
+            .all(|o| o.is_multiple_of(4));
         let ints = [
             self.kind as i32,
             super::precision::round_code(self.prec),
             x.code(),
             y.code(),
             out.code(),
+            i32::from(v4),
         ];
         let mut b = func.builder();
         x.push(&mut b);
@@ -145,27 +149,25 @@ impl CustomOp2 for PairOp {
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
 // kind 0: R(x + y); 1: R(R(silu(x)) · y); 2: R(x · R(1 / (exp(−y) + 1))). Four consecutive elements a
-// thread.
+// thread, loaded and stored as one 8- or 16-byte access when `v4` (every operand's start a multiple of
+// four elements; allocations are 256-byte aligned; `n` need not be: the last group is element-wise).
 extern "C" __global__ void qgate_pair_op(const void* x, const void* y, void* out, unsigned long long n,
-                                         int kind, int mode, int xt, int yt, int ot) {
+                                         int kind, int mode, int xt, int yt, int ot, int v4) {
     for (unsigned long long i4 = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; 4 * i4 < n;
          i4 += (unsigned long long)gridDim.x * blockDim.x) {
-        float a[4], b[4];
+        const unsigned long long i0 = 4 * i4;
+        const int lim = (int)((n - i0) < 4 ? (n - i0) : 4);
+        const int vec = v4 && lim == 4;
+        float a[4], b[4], r[4];
+        ld4(x, (long)i0, xt, vec, lim, a);
+        ld4(y, (long)i0, yt, vec, lim, b);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const unsigned long long i = 4 * i4 + u;
-            a[u] = i < n ? ld(x, i, xt) : 0.0f;
-            b[u] = i < n ? ld(y, i, yt) : 0.0f;
+            if (kind == 1) r[u] = rnd(__fmul_rn(rnd(silu(a[u]), mode), b[u]), mode);
+            else if (kind == 2) r[u] = rnd(__fmul_rn(a[u], rnd(__fdiv_rn(1.0f, __fadd_rn(expf(-b[u]), 1.0f)), mode)), mode);
+            else r[u] = rnd(__fadd_rn(a[u], b[u]), mode);
         }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const unsigned long long i = 4 * i4 + u;
-            float r;
-            if (kind == 1) r = rnd(__fmul_rn(rnd(silu(a[u]), mode), b[u]), mode);
-            else if (kind == 2) r = rnd(__fmul_rn(a[u], rnd(__fdiv_rn(1.0f, __fadd_rn(expf(-b[u]), 1.0f)), mode)), mode);
-            else r = rnd(__fadd_rn(a[u], b[u]), mode);
-            if (i < n) st(out, i, r, ot);
-        }
+        st4(out, (long)i0, r, ot, vec, lim);
     }
 }
 "#;
