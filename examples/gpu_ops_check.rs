@@ -7,7 +7,7 @@ use qgate::model::noise::noise;
 use qgate::model::precision::Precision;
 use qgate::model::{
     attention, attn_softmax, chunk_scan, finite, gdn_prep, matmul_acc, norm_ops, pair_ops, rope,
-    strided_copy,
+    solve_tril, strided_copy,
 };
 
 fn f32s(x: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -128,9 +128,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    // The chunk scan at the 0.8B head shape (and a narrow one): the same fused multiply-adds in the same
+    // The UT solve: the 64-row kernel (the delta rule's chunks, B loaded up front) and the general one,
+    // with the split parts. The GPU fuses each multiply-add (fmaf), the host rounds the product first:
+    // relative differences of a few f32 ulps per term, growing along the 64 sequential rows.
+    for (b, c, w, split) in [(3usize, 64usize, 256usize, 128usize), (2, 20, 37, 5)] {
+        let a = (Tensor::from_vec(noise(b * c * c, 21), (b, c, c), &cpu)? * 0.1)?;
+        let rhs = Tensor::from_vec(noise(b * c * w, 22), (b, c, w), &cpu)?;
+        let (want, want_l, want_r) = solve_tril::solve_unit_lower_split(&a, &rhs, split)?;
+        let (got, got_l, got_r) =
+            solve_tril::solve_unit_lower_split(&a.to_device(&gpu)?, &rhs.to_device(&gpu)?, split)?;
+        let scale = f32s(&want)?
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(1.0);
+        let d = diff(&got, &want)?
+            .max(diff(&got_l, &want_l)?)
+            .max(diff(&got_r, &want_r)?);
+        report(
+            format!("UT solve B {b} C {c} W {w} split {split} (relative to max |x| {scale:.2})"),
+            d / scale,
+            1e-5,
+        );
+        // Not vacuous: the solution differs from the right-hand side.
+        report(
+            format!("UT solve B {b} C {c} W {w}: solution ≠ rhs"),
+            if diff(&want, &rhs)? > 1e-3 { 0.0 } else { 1.0 },
+            0.0,
+        );
+    }
+
+    // The chunk scan at the 0.8B head shape (and narrower ones; Dv 36 and 68 leave a thread half its
+    // columns): the same fused multiply-adds in the same
     // order as the host, so the same bits.
-    for (h, n, dk, dv) in [(3, 5, 128, 128), (2, 4, 16, 24)] {
+    for (h, n, dk, dv) in [
+        (3, 5, 128, 128),
+        (2, 4, 16, 24),
+        (2, 3, 32, 36),
+        (1, 2, 128, 68),
+    ] {
         let gnt = Tensor::from_vec(
             noise(h * n * (dv + dk) * dk, 13),
             (h * n, dv + dk, dk),

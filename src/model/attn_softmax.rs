@@ -309,6 +309,7 @@ SOFTMAX(qgate_softmax_f16, unsigned short, h2f, f2h, rf16)
 // its length is a multiple of N elements), the scaled scores kept as f32, then replaced by their exp; the
 // probabilities written 16 bytes a store. The max is order-free; the sum runs over the same keys per
 // thread in the same order as SOFTMAX, so both kernels give the same bits.
+#define UNR 4
 #define SOFTMAX_SMEM(NAME, TY, N, LOAD, STORE, RND)                                                \
 extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int group, int start, float scale, \
                                 int vec) {                                                         \
@@ -321,12 +322,26 @@ extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int group,
     float m = __int_as_float(0xff800000);                                                          \
     if (vec) {                                                                                     \
         const int nv = (visible + N - 1) / N;                                                      \
-        for (int q = threadIdx.x; q < nv; q += blockDim.x) {                                       \
-            const uint4 raw = ((const uint4*)xr)[q];                                               \
-            const TY* e = (const TY*)&raw;                                                         \
-            _Pragma("unroll") for (int i = 0; i < N; ++i) {                                        \
-                const int j = q * N + i;                                                           \
-                if (j < visible) { const float v = RND(RND(LOAD(e[i])) * scale); srow[j] = v; m = nanmax(m, v); } \
+        /* UNR loads in flight a thread before any is used (one at a time, the pass waited on    \
+           memory latency once per load) */                                                        \
+        for (int q0 = threadIdx.x; q0 < nv; q0 += UNR * blockDim.x) {                              \
+            uint4 raw[UNR];                                                                        \
+            _Pragma("unroll") for (int u = 0; u < UNR; ++u) {                                      \
+                const int q = q0 + u * blockDim.x;                                                 \
+                if (q < nv) raw[u] = ((const uint4*)xr)[q];                                        \
+            }                                                                                      \
+            _Pragma("unroll") for (int u = 0; u < UNR; ++u) {                                      \
+                const int q = q0 + u * blockDim.x;                                                 \
+                if (q >= nv) break;                                                                \
+                const TY* e = (const TY*)&raw[u];                                                  \
+                float v[N];                                                                        \
+                _Pragma("unroll") for (int i = 0; i < N; ++i) {                                    \
+                    v[i] = RND(RND(LOAD(e[i])) * scale);                                           \
+                    if (q * N + i < visible) m = nanmax(m, v[i]);                                  \
+                }                                                                                  \
+                /* 16-byte stores (few bank conflicts); past `visible` they are never read */      \
+                _Pragma("unroll") for (int i = 0; i < N; i += 4)                                   \
+                    *(float4*)(srow + q * N + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]); \
             }                                                                                      \
         }                                                                                          \
     } else {                                                                                       \
@@ -345,9 +360,16 @@ extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int group,
         for (int q = threadIdx.x; q < nv; q += blockDim.x) {                                       \
             uint4 raw;                                                                             \
             TY* e = (TY*)&raw;                                                                     \
+            float v[N];                                                                            \
+            if (q * N < visible) {                                                                 \
+                _Pragma("unroll") for (int i = 0; i < N; i += 4) {                                 \
+                    const float4 f = *(const float4*)(srow + q * N + i);                           \
+                    v[i] = f.x; v[i + 1] = f.y; v[i + 2] = f.z; v[i + 3] = f.w;                    \
+                }                                                                                  \
+            }                                                                                      \
             _Pragma("unroll") for (int i = 0; i < N; ++i) {                                        \
                 const int j = q * N + i;                                                           \
-                e[i] = STORE(j < visible ? RND(srow[j] / s) : 0.0f);                               \
+                e[i] = STORE(j < visible ? RND(v[i] / s) : 0.0f);                                  \
             }                                                                                      \
             ((uint4*)yr)[q] = raw;                                                                 \
         }                                                                                          \

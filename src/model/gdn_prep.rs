@@ -384,36 +384,17 @@ extern "C" __global__ void qgate_gdn_conv_qkv(const void* hist, const void* x, c
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (lim > 0) {
             const int ch = base + d0;
-            // The first four taps' loads all issued before any arithmetic (one round trip, not four);
-            // taps past four, if a model has them, one at a time. Added in tap order either way.
-            float r[4][4], wj[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if (j < kk) {
-                    const int i = tt + j;
-                    if (i < kk - 1) ld4(hist, (long)i * c + ch, ht, v4, lim, r[j]);
-                    else ld4(x, (long)(i - (kk - 1)) * c + ch, xt, v4, lim, r[j]);
-                    ld4(w, (long)j * c + ch, 0, v4, lim, wj[j]);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if (j < kk) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float prod = __fmul_rn(r[j][e], wj[j][e]);
-                        acc[e] = (j == 0) ? prod : __fadd_rn(acc[e], prod);
-                    }
-                }
-            }
-            for (int j = 4; j < kk; ++j) {
+            for (int j = 0; j < kk; ++j) {
                 const int i = tt + j;
-                float rr[4], ww[4];
-                if (i < kk - 1) ld4(hist, (long)i * c + ch, ht, v4, lim, rr);
-                else ld4(x, (long)(i - (kk - 1)) * c + ch, xt, v4, lim, rr);
-                ld4(w, (long)j * c + ch, 0, v4, lim, ww);
+                float r[4], wj[4];
+                if (i < kk - 1) ld4(hist, (long)i * c + ch, ht, v4, lim, r);
+                else ld4(x, (long)(i - (kk - 1)) * c + ch, xt, v4, lim, r);
+                ld4(w, (long)j * c + ch, 0, v4, lim, wj);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(rr[e], ww[e]));
+                for (int e = 0; e < 4; ++e) {
+                    const float prod = __fmul_rn(r[e], wj[e]);
+                    acc[e] = (j == 0) ? prod : __fadd_rn(acc[e], prod);
+                }
             }
 #pragma unroll
             for (int e = 0; e < 4; ++e) {

@@ -192,8 +192,8 @@ extern "C" __global__ void qgate_solve_unit_lower(const float* a, const float* b
 }
 
 // C = 64: the same arithmetic (fmaf over j ascending, then b − acc); A staged in shared memory (every
-// thread reads the same A[i][j]: a broadcast), the thread's column of X kept in registers (both loops
-// unrolled), so the sequential rows wait on no global load.
+// thread reads the same A[i][j]: a broadcast), the thread's column of B loaded into registers up front
+// and solved in place (both loops unrolled), so the sequential rows wait on no global load.
 extern "C" __global__ void qgate_solve_unit_lower_64(const float* a, const float* b, float* x, int c, int w,
                                                      int split) {
     __shared__ __align__(16) float A[64 * 64];
@@ -209,13 +209,16 @@ extern "C" __global__ void qgate_solve_unit_lower_64(const float* a, const float
     const int tw = col < split ? split : w - split;
     float* T = x + (size_t)gridDim.x * 64 * w + (col < split ? (size_t)n * 64 * split + col
         : (size_t)gridDim.x * 64 * split + (size_t)n * 64 * tw + (col - split));
+    // The column of B loaded before any row is solved (64 independent loads in flight, not one a row).
     float xr[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) xr[i] = B[(size_t)i * w + col];
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
         float acc = 0.0f;
 #pragma unroll
         for (int j = 0; j < i; ++j) acc = fmaf(A[i * 64 + j], xr[j], acc);
-        xr[i] = B[(size_t)i * w + col] - acc;
+        xr[i] = xr[i] - acc;
         X[(size_t)i * w + col] = xr[i];
         if (parts) T[(size_t)i * tw] = xr[i];
     }
