@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use qgate::model::noise::noise;
 use qgate::model::precision::Precision;
 use qgate::model::{
-    attention, attn_softmax, chunk_scan, finite, gdn_prep, matmul_acc, norm_ops, pair_ops, rope,
-    solve_tril, strided_copy,
+    attention, attn_softmax, chunk_scan, delta_chunk_prep, finite, gdn_prep, matmul_acc, norm_ops,
+    pair_ops, rope, solve_tril, strided_copy,
 };
 
 fn f32s(x: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -126,6 +126,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             diff(&cg, &c)?,
             0.0,
         );
+    }
+
+    // The delta rule's per-chunk operands: T ending inside a chunk (zero padding) and on a boundary.
+    // The same operations in the same order as the host; only `exp` may differ by an ulp.
+    for (h, t, dk, dv) in [(3usize, 150usize, 128usize, 128usize), (2, 128, 16, 24)] {
+        let dims = delta_chunk_prep::Dims { h, t, dk, dv };
+        let qkv = Tensor::from_vec(
+            noise(h * t * (2 * dk + dv), 31),
+            h * t * (2 * dk + dv),
+            &cpu,
+        )?;
+        let beta: Vec<f32> = noise(h * t, 32).iter().map(|v| 0.5 + 0.4 * v).collect();
+        let g: Vec<f32> = noise(h * t, 33).iter().map(|v| -0.05 * v.abs()).collect();
+        let bg = Tensor::from_vec([beta, g].concat(), (2, h, t), &cpu)?;
+        let want = delta_chunk_prep::prepare(&qkv, &bg, dims)?;
+        let got = delta_chunk_prep::prepare(&qkv.to_device(&gpu)?, &bg.to_device(&gpu)?, dims)?;
+        for (what, a, b) in [
+            ("rhs", &got.rhs, &want.rhs),
+            ("kb_qs", &got.kb_qs, &want.kb_qs),
+            ("k", &got.k, &want.k),
+            ("q_decayed", &got.q_decayed, &want.q_decayed),
+            ("k_to_end", &got.k_to_end, &want.k_to_end),
+            ("cum", &got.cum, &want.cum),
+            ("chunk_decay", &got.chunk_decay, &want.chunk_decay),
+        ] {
+            let scale = f32s(b)?.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+            report(
+                format!("delta prepare H {h} T {t} Dk {dk} Dv {dv} {what} (relative)"),
+                diff(a, b)? / scale,
+                2e-6,
+            );
+        }
     }
 
     // The UT solve: the 64-row kernel (the delta rule's chunks, B loaded up front) and the general one,
