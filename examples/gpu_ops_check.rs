@@ -383,15 +383,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             let want = attn_softmax::scaled_masked_softmax(&sc, tq, g, start, 0.0625, p)?;
             let got = attn_softmax::scaled_masked_softmax(&sc_gpu, tq, g, start, 0.0625, p)?;
-            let strided = attn_softmax::scaled_masked_softmax_with(
-                &sc_gpu,
-                tq,
-                g,
+            let strided = attn_softmax::ScaledMaskedSoftmax {
+                t: tq,
+                group: g,
                 start,
-                0.0625,
-                p,
-                attn_softmax::GpuKernel::Strided,
-            )?;
+                scale: 0.0625,
+                prec: p,
+                kernel: attn_softmax::GpuKernel::Strided,
+            }
+            .apply(&sc_gpu)?;
             let tol = match p {
                 Precision::F32 => 1e-6,
                 _ => 4e-3,

@@ -30,49 +30,43 @@ pub fn scaled_masked_softmax(
     scale: f32,
     prec: Precision,
 ) -> Result<Tensor> {
-    scaled_masked_softmax_with(x, t, group, start, scale, prec, GpuKernel::Fastest)
-}
-
-/// Which GPU kernel [`scaled_masked_softmax_with`] runs (the host ignores it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GpuKernel {
-    /// The row in shared memory where it fits, else the strided kernel.
-    Fastest,
-    /// The strided kernel (three passes over the row in memory), for checks against the other.
-    Strided,
-}
-
-/// [`scaled_masked_softmax`] with the GPU kernel chosen (`gpu_ops_check` compares the two bit for bit).
-pub fn scaled_masked_softmax_with(
-    x: &Tensor,
-    t: usize,
-    group: usize,
-    start: usize,
-    scale: f32,
-    prec: Precision,
-    kernel: GpuKernel,
-) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&ScaledMaskedSoftmax {
+    ScaledMaskedSoftmax {
         t,
         group,
         start,
         scale,
         prec,
-        kernel,
-    })
+        kernel: GpuKernel::Fastest,
+    }
+    .apply(x)
 }
 
-struct ScaledMaskedSoftmax {
-    t: usize,
-    group: usize,
-    start: usize,
-    scale: f32,
-    prec: Precision,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    kernel: GpuKernel,
+/// Which GPU kernel [`ScaledMaskedSoftmax::apply`] runs (the host ignores it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuKernel {
+    /// The row in shared memory where it fits, else the strided kernel.
+    Fastest,
+    /// The strided kernel (three passes over the row in memory), for checks against the other
+    /// (`gpu_ops_check` compares the two bit for bit).
+    Strided,
+}
+
+/// The op, with the GPU kernel chosen: the arguments of [`scaled_masked_softmax`], and `kernel`.
+pub struct ScaledMaskedSoftmax {
+    pub t: usize,
+    pub group: usize,
+    pub start: usize,
+    pub scale: f32,
+    pub prec: Precision,
+    pub kernel: GpuKernel,
 }
 
 impl ScaledMaskedSoftmax {
+    /// The probabilities of `x`'s scores (see [`scaled_masked_softmax`]).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
     fn dims(&self, l: &Layout) -> Result<(usize, usize)> {
         let dims = l.shape().dims();
         let total = *dims.last().unwrap_or(&0);
@@ -214,16 +208,11 @@ impl CustomOp1 for ScaledMaskedSoftmax {
 #[cfg(feature = "cuda")]
 const THREADS: u32 = 256;
 
-/// Bytes of dynamic shared memory a block of `dev` may opt in to (0 where the driver does not say).
+/// Bytes of dynamic shared memory the shared-memory kernel may take on `dev`.
 #[cfg(feature = "cuda")]
 fn max_smem(dev: &candle_core::CudaDevice) -> usize {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
-    dev.cuda_stream()
-        .context()
-        .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_or(0, |m| usize::try_from(m).unwrap_or(0))
-        // Room for the kernel's static reduction buffer.
-        .saturating_sub(1024)
+    // Room for the kernel's static reduction buffer.
+    super::device::max_shared_mem_optin(dev).saturating_sub(1024)
 }
 /// The kernel for scores stored as `dtype`, rounded to `prec`.
 #[cfg(feature = "cuda")]

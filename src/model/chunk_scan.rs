@@ -42,13 +42,10 @@ fn smem_bytes(dk: usize) -> usize {
 /// RTX 4090's 99 KB do not).
 #[cfg(feature = "cuda")]
 fn fits(x: &Tensor, dk: usize) -> bool {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
     match x.device() {
-        candle_core::Device::Cuda(dev) => dev
-            .cuda_stream()
-            .context()
-            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .is_ok_and(|max| max >= 0 && max as usize >= smem_bytes(dk)),
+        candle_core::Device::Cuda(dev) => {
+            super::device::max_shared_mem_optin(dev) >= smem_bytes(dk)
+        }
         _ => false,
     }
 }

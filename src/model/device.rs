@@ -279,6 +279,17 @@ pub(crate) fn cuda_f32<'a>(
     Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
 }
 
+/// Bytes of shared memory a block on `dev` may opt in to (0 where the driver does not say): the H100/H200
+/// allow 227 KB, consumer GPUs ~99 KB.
+#[cfg(feature = "cuda")]
+pub(crate) fn max_shared_mem_optin(dev: &candle_core::CudaDevice) -> usize {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    dev.cuda_stream()
+        .context()
+        .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(0, |m| usize::try_from(m).unwrap_or(0))
+}
+
 /// Launch shape of the grid-stride element-wise kernels over `n` elements: 256 threads a block, one
 /// element per thread up to 262,140 blocks.
 #[cfg(feature = "cuda")]
