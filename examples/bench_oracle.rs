@@ -34,6 +34,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = Model::load_on(std::path::Path::new(&a[1]), prec, &dev, false)?;
     dev.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
+    if !dev.is_cpu() {
+        eprintln!(
+            "GPU after load MiB: device in use {:.0}; default pool used {:.0} reserved {:.0}",
+            pool::device_used_mib(),
+            pool::mib(pool::Mark::Used),
+            pool::mib(pool::Mark::Reserved)
+        );
+    }
     let ids = qgate::plan::random_token_ids(t, model.cfg.vocab_size);
     // Warm-up: on a GPU at the full length (kernel compilation, cuBLAS heuristics, the allocator's pool),
     // as the transformers peer does; on the CPU a short one.
@@ -101,6 +109,7 @@ mod pool {
     #[derive(Clone, Copy)]
     pub enum Mark {
         Used,
+        Reserved,
         UsedHigh,
         ReservedHigh,
     }
@@ -112,6 +121,7 @@ mod pool {
             use sys::CUmemPool_attribute as A;
             let attr = match mark {
                 Mark::Used => A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                Mark::Reserved => A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
                 Mark::UsedHigh => A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
                 Mark::ReservedHigh => A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
             };

@@ -126,6 +126,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             diff(&cg, &c)?,
             0.0,
         );
+        // Written over c (a view at an offset): the same bits as the copy's, and the rest of the
+        // buffer untouched.
+        let big_g = big.to_device(&gpu)?;
+        let view = big_g.narrow(0, bt * m * 16, bt * m * n)?.reshape((bt, m, n))?;
+        let into = matmul_acc::matmul_acc_into(view, &a.to_device(&gpu)?, &b.to_device(&gpu)?, sign)?;
+        report(format!("matmul_acc_into sign {sign} = matmul_acc"), diff(&into, &got)?, 0.0);
+        report(
+            format!("matmul_acc_into sign {sign} leaves the rest"),
+            diff(&big_g.narrow(0, 0, bt * m * 16)?, &big.narrow(0, 0, bt * m * 16)?)?,
+            0.0,
+        );
     }
 
     // The delta rule's per-chunk operands: T ending inside a chunk (zero padding) and on a boundary.

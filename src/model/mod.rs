@@ -245,11 +245,12 @@ impl Model {
                 "missing tensor `lm_head.weight` (config says tie_word_embeddings = false)",
             ));
         } else {
-            let head = ws.load("lm_head.weight", &[v, h], prec)?;
+            let head = ws.load_in("lm_head.weight", &[v, h], prec, ws.upload_dtype(prec))?;
             if cfg.tie_word_embeddings && !ws.untie_head() {
                 // HF: a tied config with a differing stored head is not tied (it warns).
-                let embed32 = embed.to_dtype(candle_core::DType::F32)?;
-                let same = (&head - &embed32)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+                let f32 = candle_core::DType::F32;
+                let (head32, embed32) = (head.to_dtype(f32)?, embed.to_dtype(f32)?);
+                let same = (&head32 - &embed32)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
                 if same {
                     None
                 } else {
@@ -335,6 +336,9 @@ impl Model {
         let report = |stage| self.nonfinite(stage);
         let mut check = FiniteCheck::new(self.portable, &report);
         let hidden = self.hidden_states_checked(tokens, cache, None, &mut check)?;
+        if !hidden.device().is_cpu() && tokens.len() <= RELEASE_BEFORE_HEAD_MAX_T {
+            device::release_pool_memory(hidden.device())?;
+        }
         let blocks = self.logits_native_blocks(&hidden)?;
         for b in &blocks {
             check.check(Stage::Head, b)?;
@@ -481,14 +485,16 @@ impl Model {
     /// loaded under that name, as the simulator unties a quantized head), for `logits_with`.
     pub fn load_head(&self, ws: &WeightStore) -> Result<LinearWeight> {
         let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let dt = ws.upload_dtype(self.prec);
         let w = if ws.contains("lm_head.weight") {
-            ws.load("lm_head.weight", &[v, h], self.prec)?
+            ws.load_in("lm_head.weight", &[v, h], self.prec, dt)?
         } else {
-            ws.load_as(
+            ws.load_as_in(
                 &ws.decoder_name("embed_tokens.weight"),
                 "lm_head.weight",
                 &[v, h],
                 self.prec,
+                dt,
             )?
         };
         LinearWeight::new(w, self.prec)
@@ -614,6 +620,15 @@ impl Model {
         }
     }
 }
+
+/// Plans up to this many positions release the GPU pool's free memory between the body and the head
+/// ([`device::release_pool_memory`]): there the logits outweigh the activations. On an H200 (0.8B
+/// shapes) the device's peak at T = 512 fell from 2,577 to 2,513 MiB in bf16 and from 4,401 to
+/// 4,177–4,241 in f32, below transformers' 2,565 and 4,225; it costs a synchronisation and mapping the
+/// body's memory again each forward (5–17 % at T = 512–1,024; BENCHMARKS.md, tenth session). Longer
+/// plans skip it: 3–7 % slower at T = 4,096, where the row-blocked head already keeps the peak below
+/// both peers'.
+const RELEASE_BEFORE_HEAD_MAX_T: usize = 1024;
 
 /// Rows per head block on a GPU: blocks of at most 128 MiB of logits, and at least 256 rows (each block's
 /// product reads the whole head matrix once, so fewer rows would make it bound by that read); `t` rows
