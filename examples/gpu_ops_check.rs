@@ -200,30 +200,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    // The chunk scan at the 0.8B head shape (and narrower ones; Dv 36 and 68 leave a thread half its
-    // columns): the same fused multiply-adds in the same
-    // order as the host, so the same bits.
+    // The chunk scan at the 0.8B head shape (and narrower ones; Dv 36 and 68 leave a warp half its
+    // columns, Dk 16 and 32 leave threads without state rows): the same fused multiply-adds in the same
+    // order as the host, so the same bits. The inputs are views at offsets (as the solve's and the
+    // preparation's parts are).
     for (h, n, dk, dv) in [
         (3, 5, 128, 128),
         (2, 4, 16, 24),
         (2, 3, 32, 36),
         (1, 2, 128, 68),
     ] {
-        let gnt = Tensor::from_vec(
-            noise(h * n * (dv + dk) * dk, 13),
-            (h * n, dv + dk, dk),
-            &cpu,
-        )?
-        .affine(0.05, 0.0)?;
-        let d = Tensor::from_vec(noise(h * n, 14), h * n, &cpu)?.affine(0.2, 0.7)?;
+        let b = h * n;
+        let c = delta_chunk_prep::C;
+        let part = |len: usize, seed, shape: (usize, usize, usize), scale: f64| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(noise(len + 4, seed), len + 4, &cpu)?
+                .narrow(0, 4, len)?
+                .reshape(shape)?
+                .affine(scale, 0.0)
+        };
+        let u = part(b * c * dv, 13, (b, c, dv), 1.0)?;
+        let w = part(b * c * dk, 16, (b, c, dk), 0.05)?;
+        let kt = part(b * c * dk, 17, (b, c, dk), 0.05)?;
+        let d = Tensor::from_vec(noise(b, 14), b, &cpu)?.affine(0.2, 0.7)?;
         let s0 = Tensor::from_vec(noise(h * dk * dv, 15), (h, dk, dv), &cpu)?;
-        let (want_starts, want_fin) = chunk_scan::scan(&gnt, &d, &s0)?;
-        let (got_starts, got_fin) = chunk_scan::scan(
-            &gnt.to_device(&gpu)?,
-            &d.to_device(&gpu)?,
-            &s0.to_device(&gpu)?,
-        )?;
-        let dd = diff(&got_starts, &want_starts)?.max(diff(&got_fin, &want_fin)?);
+        let want = chunk_scan::scan(&u, &w, &kt, &d, &s0)?;
+        let gpu_of = |x: &Tensor| x.to_device(&gpu);
+        let got = chunk_scan::scan(&gpu_of(&u)?, &gpu_of(&w)?, &gpu_of(&kt)?, &gpu_of(&d)?, &gpu_of(&s0)?)?;
+        let dd = diff(&got.starts, &want.starts)?
+            .max(diff(&got.v_new, &want.v_new)?)
+            .max(diff(&got.last, &want.last)?);
         report(format!("chunk scan H {h} N {n} Dk {dk} Dv {dv}"), dd, 0.0);
     }
 

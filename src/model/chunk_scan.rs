@@ -1,41 +1,68 @@
-//! The scan over chunks of the chunked delta rule as one op: `S_{i+1} = M_i · S_i + N_i` for every chunk
-//! `i` of every value head, returning every chunk-start state and the final one.
+//! The scan over chunks of the chunked delta rule as one op, in HF's own form
+//! (`torch_chunk_gated_delta_rule`'s loop): for every chunk `i` of every value head,
 //!
-//! `delta_rule_portable::chunked` computes, for all chunks at once, `[Nᵀ; Gᵀ] = [V | W]ᵀ K̃` (one
-//! batched GEMM) and the chunk decays `d_i`; here `M_i = d_i·I − G_i` is formed on the fly (the same
-//! two roundings as `eye·d − G`). Only this recurrence is sequential. As tensor ops it cost two launches
-//! per chunk (a batched GEMM over the heads and an add), 128 per layer at T = 4,096, each too small to fill
-//! the GPU. Here it is one kernel per layer: a block owns one head and 16 of its state's columns (columns
-//! of `S` never mix), keeps that `[Dk, 16]` slice in shared memory for the whole scan, copies each
-//! chunk's `Gᵀ` into shared memory one chunk ahead, and each thread accumulates a 4 × 4 tile of outputs
-//! over `k` in ascending order with fused multiply-adds. All f32, as HF's delta rule.
+//! ```text
+//! v_new_i = U_i − W_i · S_i              (U: new_values, W: k_cumdecay, [C, Dv] and [C, Dk])
+//! S_{i+1} = S_i · d_i + K̃_iᵀ · v_new_i   (K̃ = k·exp(γ_last − γ) [C, Dk], d_i = exp(γ_last))
+//! ```
+//!
+//! returning every chunk-start state `S_i` (the outputs `O_i = Q̃_i S_i + A_i v_new_i` are then two
+//! batched GEMMs for all chunks at once), every `v_new_i`, and the final state. Each product is a sum of
+//! fused multiply-adds from zero in ascending order, then one rounding of the difference (`U − W·S`) or of
+//! the sum (`R(S·d) + K̃ᵀ·v_new`), as HF's GEMM-then-element-wise ops round.
+//!
+//! On a GPU it is one kernel per layer: a block owns one head and 16 of its state's columns (columns of
+//! `S` never mix), keeps that `[Dk, 16]` slice and the chunk's `[C, 16]` slice of `v_new` in shared
+//! memory, and copies each chunk's `W` and `K̃` into shared memory with `cp.async` one chunk ahead. Only
+//! this recurrence is sequential. (Until the tenth session the scan carried `S_{i+1} = M_i S_i + N_i`
+//! with `M_i = d_i·I − K̃ᵀW` formed by one more batched GEMM before it and `v_new` by one more after it;
+//! the products are the same size, and the two GEMMs are gone.) All f32, as HF's delta rule.
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-/// `gnt`: `[H·N, Dv + Dk, Dk]` (per chunk `[Nᵀ; Gᵀ]`, head-major), `d`: `[H·N]`, `s0`: `[H, Dk, Dv]`,
-/// f32. Returns `(starts [H·N, Dk, Dv], final [H, Dk, Dv])`: the state at the start of every chunk and the
-/// state after each head's last chunk.
-pub fn scan(gnt: &Tensor, d: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (h, dk, dv) = s0.dims3()?;
-    let b = gnt.dim(0)?;
-    if !gnt.device().is_cpu() && (dk > MAX_DK || dk % 4 != 0 || dv % 4 != 0 || !fits(gnt, dk)) {
-        // Outside the kernel's shared-memory tiles or its 4-wide loads, or a GPU whose blocks cannot
-        // have the kernel's shared memory (consumer GPUs allow ~100 KB).
-        return scan_tensor_ops(gnt, d, s0);
-    }
-    let out = aligned(gnt)?.apply_op3_no_bwd(&d.contiguous()?, &aligned(s0)?, &ChunkScan)?;
-    let block = dk * dv;
-    Ok((
-        out.narrow(0, 0, b * block)?.reshape((b, dk, dv))?,
-        // A copy: the state is carried to the next step, and a view would keep every chunk-start state
-        // of this layer (64 MiB a layer at T = 4,096 in the 0.8B shapes) alive with it.
-        super::strided_copy::copy(&out.narrow(0, b * block, h * block)?)?.reshape((h, dk, dv))?,
-    ))
+/// The chunk size (HF's 64).
+const C: usize = super::delta_chunk_prep::C;
+
+/// The scan's results: `starts [H·N, Dk, Dv]` (the state at the start of every chunk), `v_new
+/// [H·N, C, Dv]`, `last [H, Dk, Dv]` (each head's state after its last chunk).
+pub struct Scanned {
+    pub starts: Tensor,
+    pub v_new: Tensor,
+    pub last: Tensor,
 }
 
-/// Bytes of dynamic shared memory the GPU kernel needs: two chunks' `Gᵀ` and the state slice.
+/// `u`: `[H·N, C, Dv]`, `w`, `kt`: `[H·N, C, Dk]` (head-major), `d`: `[H·N]`, `s0`: `[H, Dk, Dv]`, all f32.
+pub fn scan(u: &Tensor, w: &Tensor, kt: &Tensor, d: &Tensor, s0: &Tensor) -> Result<Scanned> {
+    let (h, dk, dv) = s0.dims3()?;
+    let b = u.dim(0)?;
+    if !u.device().is_cpu() && (dk > MAX_DK || dk % 4 != 0 || dv % 4 != 0 || !fits(u, dk)) {
+        // Outside the kernel's shared-memory tiles or its 4-wide loads, or a GPU whose blocks cannot
+        // have the kernel's shared memory (consumer GPUs allow ~100 KB).
+        return scan_tensor_ops(u, w, kt, d, s0);
+    }
+    // Copies of their own: the op reads them while candle holds the inputs' storage, and `d` is a
+    // part of the same storage as `kt` (`delta_chunk_prep::prepare`'s one output).
+    let op = ChunkScan {
+        d: d.force_contiguous()?,
+        s0: s0.force_contiguous()?,
+    };
+    let out = aligned(u)?.apply_op3_no_bwd(&aligned(w)?, &aligned(kt)?, &op)?;
+    let (state, vn) = (dk * dv, C * dv);
+    Ok(Scanned {
+        starts: out.narrow(0, 0, b * state)?.reshape((b, dk, dv))?,
+        v_new: out.narrow(0, b * state, b * vn)?.reshape((b, C, dv))?,
+        // A copy: the state is carried to the next step, and a view would keep every chunk-start state
+        // of this layer (64 MiB a layer at T = 4,096 in the 0.8B shapes) alive with it.
+        last: super::strided_copy::copy(&out.narrow(0, b * (state + vn), h * state)?)?
+            .reshape((h, dk, dv))?,
+    })
+}
+
+/// Bytes of dynamic shared memory the GPU kernel needs: two chunks' `W` and `K̃` (rows padded by 4
+/// floats, so a warp's 16-byte loads of consecutive rows hit distinct banks), the state slice and the
+/// chunk's `v_new` slice.
 #[cfg(feature = "cuda")]
 fn smem_bytes(dk: usize) -> usize {
-    (2 * dk * dk + COLS * dk) * 4
+    (4 * C * (dk + 4) + COLS * dk + C * COLS) * 4
 }
 
 /// Whether `x`'s GPU lets a block opt in to the kernel's shared memory (the H100/H200's 227 KB do; an
@@ -64,54 +91,74 @@ fn aligned(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The same recurrence as tensor ops (two per chunk), for GPUs when `Dk` exceeds the kernel's tiles.
-fn scan_tensor_ops(gnt: &Tensor, d: &Tensor, s0: &Tensor) -> Result<(Tensor, Tensor)> {
+/// The same recurrence as tensor ops (a few per chunk), for GPUs outside the kernel's tiles.
+fn scan_tensor_ops(
+    u: &Tensor,
+    w: &Tensor,
+    kt: &Tensor,
+    d: &Tensor,
+    s0: &Tensor,
+) -> Result<Scanned> {
+    use super::device::matmul;
     let (h, dk, dv) = s0.dims3()?;
-    let b = gnt.dim(0)?;
+    let b = u.dim(0)?;
     let n = b / h.max(1);
-    let g = gnt
-        .narrow(1, dv, dk)?
-        .transpose(1, 2)?
-        .reshape((h, n, dk, dk))?;
-    let nn = gnt
-        .narrow(1, 0, dv)?
-        .transpose(1, 2)?
-        .reshape((h, n, dk, dv))?;
+    let per_chunk = |x: &Tensor, cols: usize| x.reshape((h, n, C, cols));
+    let (u, w, kt) = (per_chunk(u, dv)?, per_chunk(w, dk)?, per_chunk(kt, dk)?);
     let d = d.reshape((h, n, 1, 1))?;
-    let eye = Tensor::eye(dk, candle_core::DType::F32, gnt.device())?;
-    let mut starts = Vec::with_capacity(n);
+    let (mut starts, mut v_new) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let mut s = s0.clone();
     for i in 0..n {
         starts.push(s.clone());
-        let m = eye
-            .broadcast_mul(&d.narrow(1, i, 1)?.squeeze(1)?)?
-            .broadcast_sub(&g.narrow(1, i, 1)?.squeeze(1)?)?;
-        s = (super::device::matmul(&m, &s)? + nn.narrow(1, i, 1)?.squeeze(1)?)?;
+        let at = |x: &Tensor| x.narrow(1, i, 1)?.squeeze(1);
+        let vn = (at(&u)? - matmul(&at(&w)?, &s)?)?;
+        let upd = matmul(&at(&kt)?.transpose(1, 2)?, &vn)?;
+        s = (s.broadcast_mul(&at(&d)?)? + upd)?;
+        v_new.push(vn);
     }
-    Ok((Tensor::stack(&starts, 1)?.reshape((b, dk, dv))?, s))
+    Ok(Scanned {
+        starts: Tensor::stack(&starts, 1)?.reshape((b, dk, dv))?,
+        v_new: Tensor::stack(&v_new, 1)?.reshape((b, C, dv))?,
+        last: s,
+    })
 }
 
-/// The largest key head dim the GPU kernel's shared-memory tiles hold.
+/// The largest key head dim the GPU kernel's shared-memory tiles hold (a thread's 4 rows × 32 threads).
 const MAX_DK: usize = 128;
 
-struct ChunkScan;
+/// `d` and `s0` ride with the op (candle's custom ops take at most three tensors).
+struct ChunkScan {
+    d: Tensor,
+    s0: Tensor,
+}
 
-fn dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize, usize, usize)> {
-    let (b, w, dk) = l1.shape().dims3()?;
-    let b2 = l2.shape().dims1()?;
-    let (h, dk2, dv) = l3.shape().dims3()?;
-    if b != b2 || dk != dk2 || w != dv + dk || h == 0 || b % h != 0 {
+/// `(N, H, Dk, Dv)` from the layouts of `u`, `w`, `kt`, `d`, `s0`.
+fn dims(lu: &Layout, lw: &Layout, lk: &Layout, ld: &Layout, ls: &Layout) -> Result<[usize; 4]> {
+    let (b, c, dv) = lu.shape().dims3()?;
+    let (b2, c2, dk) = lw.shape().dims3()?;
+    let (b3, c3, dk2) = lk.shape().dims3()?;
+    let b4 = ld.shape().dims1()?;
+    let (h, dk3, dv2) = ls.shape().dims3()?;
+    let same = b == b2 && b == b3 && b == b4 && c == C && c2 == C && c3 == C;
+    if !same || dk != dk2 || dk != dk3 || dv != dv2 || h == 0 || b % h != 0 {
         candle_core::bail!(
-            "chunk_scan: expected [H·N, Dv+Dk, Dk], [H·N], [H, Dk, Dv], got {:?}, {:?}, {:?}",
-            l1.shape(),
-            l2.shape(),
-            l3.shape()
+            "chunk_scan: expected [H·N, {C}, Dv], [H·N, {C}, Dk] ×2, [H·N], [H, Dk, Dv], got {:?}, {:?}, {:?}, {:?}, {:?}",
+            lu.shape(),
+            lw.shape(),
+            lk.shape(),
+            ld.shape(),
+            ls.shape()
         );
     }
-    if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
+    if ![lu, lw, lk, ld, ls].iter().all(|l| l.is_contiguous()) {
         candle_core::bail!("chunk_scan: contiguous inputs expected");
     }
-    Ok((b / h, h, dk, dv))
+    Ok([b / h, h, dk, dv])
+}
+
+/// Floats of the op's output: every chunk-start state, every `v_new`, the final states.
+fn out_len([n, h, dk, dv]: [usize; 4]) -> usize {
+    n * h * (dk * dv + C * dv) + h * dk * dv
 }
 
 impl CustomOp3 for ChunkScan {
@@ -121,57 +168,81 @@ impl CustomOp3 for ChunkScan {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        su: &CpuStorage,
+        lu: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (n, h, dk, dv) = dims(l1, l2, l3)?;
-        let (CpuStorage::F32(gn), CpuStorage::F32(d), CpuStorage::F32(s0)) = (s1, s2, s3) else {
-            candle_core::bail!("chunk_scan: f32 only");
+        let (d_storage, ld) = self.d.storage_and_layout();
+        let (s_storage, ls) = self.s0.storage_and_layout();
+        let dims4 = dims(lu, lw, lk, ld, ls)?;
+        let [n, h, dk, dv] = dims4;
+        let (
+            CpuStorage::F32(u),
+            CpuStorage::F32(w),
+            CpuStorage::F32(kt),
+            candle_core::Storage::Cpu(CpuStorage::F32(d)),
+            candle_core::Storage::Cpu(CpuStorage::F32(s0)),
+        ) = (su, sw, sk, &*d_storage, &*s_storage)
+        else {
+            candle_core::bail!("chunk_scan: f32 host tensors only");
         };
-        let w = dv + dk;
-        let gn = &gn[l1.start_offset()..];
-        let d = &d[l2.start_offset()..];
-        let s0 = &s0[l3.start_offset()..l3.start_offset() + h * dk * dv];
-        let block = dk * dv;
-        // Per head: its N chunk-start states then its final state; laid out below.
-        let per_head: Vec<Vec<f32>> = (0..h)
+        let u = &u[lu.start_offset()..];
+        let w = &w[lw.start_offset()..];
+        let kt = &kt[lk.start_offset()..];
+        let d = &d[ld.start_offset()..];
+        let s0 = &s0[ls.start_offset()..ls.start_offset() + h * dk * dv];
+        let state = dk * dv;
+        // Per head: its N chunk-start states, its final state, then its N chunks' v_new.
+        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..h)
             .into_par_iter()
             .map(|hh| {
-                let mut states = vec![0f32; (n + 1) * block];
-                states[..block].copy_from_slice(&s0[hh * block..(hh + 1) * block]);
+                let mut states = vec![0f32; (n + 1) * state];
+                let mut vns = vec![0f32; n * C * dv];
+                states[..state].copy_from_slice(&s0[hh * state..(hh + 1) * state]);
                 for i in 0..n {
                     let bi = hh * n + i;
-                    let ci = &gn[bi * w * dk..(bi + 1) * w * dk]; // [Nᵀ; Gᵀ]
-                    let (nt, gt) = ci.split_at(dv * dk);
-                    let di = d[bi];
-                    let (done, rest) = states.split_at_mut((i + 1) * block);
-                    let s = &done[i * block..];
-                    let next = &mut rest[..block];
-                    for r in 0..dk {
-                        for c in 0..dv {
+                    let (ui, wi, ki) = (
+                        &u[bi * C * dv..(bi + 1) * C * dv],
+                        &w[bi * C * dk..(bi + 1) * C * dk],
+                        &kt[bi * C * dk..(bi + 1) * C * dk],
+                    );
+                    let (done, rest) = states.split_at_mut((i + 1) * state);
+                    let s = &done[i * state..];
+                    let next = &mut rest[..state];
+                    let vn = &mut vns[i * C * dv..(i + 1) * C * dv];
+                    for c in 0..C {
+                        for x in 0..dv {
                             let mut acc = 0f32;
                             for k in 0..dk {
-                                let g = gt[k * dk + r];
-                                let m = if k == r { di - g } else { -g };
-                                acc = m.mul_add(s[k * dv + c], acc);
+                                acc = wi[c * dk + k].mul_add(s[k * dv + x], acc);
                             }
-                            next[r * dv + c] = acc + nt[c * dk + r];
+                            vn[c * dv + x] = ui[c * dv + x] - acc;
+                        }
+                    }
+                    for k in 0..dk {
+                        for x in 0..dv {
+                            let mut acc = 0f32;
+                            for c in 0..C {
+                                acc = ki[c * dk + k].mul_add(vn[c * dv + x], acc);
+                            }
+                            next[k * dv + x] = s[k * dv + x] * d[bi] + acc;
                         }
                     }
                 }
-                states
+                (states, vns)
             })
             .collect();
-        let mut out = vec![0f32; (n + 1) * h * block];
-        let (starts, fin) = out.split_at_mut(n * h * block);
-        for (hh, states) in per_head.iter().enumerate() {
-            starts[hh * n * block..(hh + 1) * n * block].copy_from_slice(&states[..n * block]);
-            fin[hh * block..(hh + 1) * block].copy_from_slice(&states[n * block..]);
+        let mut out = vec![0f32; out_len(dims4)];
+        let (starts, rest) = out.split_at_mut(n * h * state);
+        let (vn_all, last) = rest.split_at_mut(n * h * C * dv);
+        for (hh, (states, vns)) in per_head.iter().enumerate() {
+            starts[hh * n * state..(hh + 1) * n * state].copy_from_slice(&states[..n * state]);
+            last[hh * state..(hh + 1) * state].copy_from_slice(&states[n * state..]);
+            vn_all[hh * n * C * dv..(hh + 1) * n * C * dv].copy_from_slice(vns);
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
@@ -180,32 +251,43 @@ impl CustomOp3 for ChunkScan {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
+        su: &candle_core::CudaStorage,
+        lu: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sk: &candle_core::CudaStorage,
+        lk: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
-        let (n, h, dk, dv) = dims(l1, l2, l3)?;
+        let (d_storage, ld) = self.d.storage_and_layout();
+        let (s_storage, ls) = self.s0.storage_and_layout();
+        let dims4 = dims(lu, lw, lk, ld, ls)?;
+        let [n, h, dk, dv] = dims4;
         if dk > MAX_DK || dk % 4 != 0 || dv % 4 != 0 {
             candle_core::bail!("chunk_scan: the GPU kernel needs Dk ≤ {MAX_DK}, Dk and Dv multiples of 4, got {dk}, {dv}");
         }
-        if !l1.start_offset().is_multiple_of(4) || !l3.start_offset().is_multiple_of(4) {
+        if ![lu, lw, lk, ls].iter().all(|l| l.start_offset().is_multiple_of(4)) {
             candle_core::bail!("chunk_scan: the GPU kernel needs 16-byte aligned inputs");
         }
-        let dev = s1.device().clone();
-        let gn = super::device::cuda_f32(s1, l1)?;
-        let d = super::device::cuda_f32(s2, l2)?;
-        let s0 = super::device::cuda_f32(s3, l3)?;
-        let len = (n + 1) * h * dk * dv;
-        // SAFETY: the kernel writes all N·H chunk-start states (entry 0 copied from s0) and H final ones.
+        let (candle_core::Storage::Cuda(sd), candle_core::Storage::Cuda(ss)) =
+            (&*d_storage, &*s_storage)
+        else {
+            candle_core::bail!("chunk_scan: d and s0 must be on the GPU with u");
+        };
+        let dev = su.device().clone();
+        let u = super::device::cuda_f32(su, lu)?;
+        let w = super::device::cuda_f32(sw, lw)?;
+        let kt = super::device::cuda_f32(sk, lk)?;
+        let d = super::device::cuda_f32(sd, ld)?;
+        let s0 = super::device::cuda_f32(ss, ls)?;
+        let len = out_len(dims4);
+        // SAFETY: the kernel writes all N·H chunk-start states (entry 0 copied from s0), all N·H·C·Dv
+        // entries of v_new and the H final states.
         let out = unsafe { dev.alloc::<f32>(len)? };
         let func = dev.get_or_load_custom_func("qgate_chunk_scan", "qgate_chunk_scan", ptx()?)?;
-        // Two chunks' Gᵀ and the state slice; above the 48 KiB default, so opted in.
+        // Two chunks' W and K̃, the state and v_new slices; above the 48 KiB default, so opted in.
         let smem = smem_bytes(dk) as u32;
         use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
         func.set_attribute(
@@ -215,12 +297,14 @@ impl CustomOp3 for ChunkScan {
         .w()?;
         let cfg = LaunchConfig {
             grid_dim: (h as u32, dv.div_ceil(COLS) as u32, 1),
-            block_dim: (dk as u32, 1, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: smem,
         };
         let (n32, h32, dk32, dv32) = (n as i32, h as i32, dk as i32, dv as i32);
         let mut b = func.builder();
-        b.arg(&gn);
+        b.arg(&u);
+        b.arg(&w);
+        b.arg(&kt);
         b.arg(&d);
         b.arg(&s0);
         b.arg(&out);
@@ -228,7 +312,7 @@ impl CustomOp3 for ChunkScan {
         b.arg(&h32);
         b.arg(&dk32);
         b.arg(&dv32);
-        // SAFETY: reads H·N·(Dv+Dk)·Dk + H·N + H·Dk·Dv floats and writes (N+1)·H·Dk·Dv, as allocated;
+        // SAFETY: reads H·N·C·(Dv + 2·Dk) + H·N + H·Dk·Dv floats and writes `len`, as allocated;
         // `smem` bytes of dynamic shared memory, as the kernel indexes.
         unsafe { b.launch(cfg) }.w()?;
         Ok((
@@ -238,103 +322,147 @@ impl CustomOp3 for ChunkScan {
     }
 }
 
-/// Columns of the state per block (a thread computes 4 rows × 4 of them).
+/// Columns of the state per block.
 #[cfg(feature = "cuda")]
 const COLS: usize = 16;
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// Block (head h, columns c0..c0+16 of the state; fewer at the right edge), Dk threads; thread: rows
-// r0..r0+3 (r0 = 4·(tid mod Dk/4)), columns 4·(tid div Dk/4) .. +4 of the block's 16. The block's state
-// slice S[k][16] stays in shared memory for the whole scan; each chunk's Gᵀ [Dk][Dk] is copied into
-// shared memory with cp.async one chunk ahead (double buffer), so the scan waits on no global load.
-// M[r][k] = (k == r ? d − G[r][k] : −G[r][k]): the diagonal of the shared copy is replaced by G − d
-// (−(G − d) = d − G exactly in round-to-nearest), then every term is fmaf(−Gᵀ[k][r], S[k][c], acc),
-// accumulated over k in ascending order. Dk a multiple of 4 (≤ 128), Dv a multiple of 4.
+// Block (head h, columns c0..c0+16 of the state; fewer at the right edge), 128 threads, warp wp owns
+// columns 4·wp..4·wp+3 of the block's 16 (col = c0 + 4·wp). Per chunk i:
+//   phase 1: thread (lane, wp) computes v_new rows lane and lane+32: acc = Σ_k fmaf(W[r][k], S[k][col..],
+//            acc) over k ascending from zero, then v_new = U − acc;
+//   phase 2: thread computes S rows 4·lane..4·lane+3: acc = Σ_c fmaf(K̃[c][r], v_new[c][col..], acc) over
+//            c ascending from zero, then S = S·d + acc (two roundings, as HF's ops).
+// W and K̃ of chunk i+1 are copied into shared memory (rows padded to Dk+4 floats) with cp.async while
+// chunk i is computed; U and d of chunk i+1 are loaded into registers. Dk a multiple of 4 (≤ 128), Dv a
+// multiple of 4; C = 64.
+#define CH 64
 __device__ __forceinline__ void cp16(float* dst, const float* src) {
     unsigned a = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(a), "l"(src));
 }
-extern "C" __global__ void qgate_chunk_scan(const float* gnt, const float* d, const float* s0, float* out,
-                                            int n, int h, int dk, int dv) {
+extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, const float* kt, const float* d,
+                                            const float* s0, float* out, int n, int h, int dk, int dv) {
     extern __shared__ __align__(16) float sm[];
-    float* S = sm + 2 * dk * dk;  // [dk][16]
-    const int head = blockIdx.x, c0 = blockIdx.y * 16, tid = threadIdx.x, nth = blockDim.x;
-    const int rgs = dk / 4, r0 = 4 * (tid % rgs), cl = 4 * (tid / rgs), col = c0 + cl;
+    const int ld = dk + 4, mat = CH * ld;     // padded row stride, one chunk's W (or K̃)
+    float* S = sm + 4 * mat;                  // [dk][16]
+    float* V = S + dk * 16;                   // [CH][16]
+    const int head = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
+    const int cl = 4 * wp, col = blockIdx.y * 16 + cl;
     const bool active = col < dv;
-    const long blk = (long)dk * dv, w = dv + dk;
-    float* starts = out + (long)head * n * blk;
-    float* fin = out + (long)n * h * blk + (long)head * blk;
-    for (int i = 0; i < 4; ++i) {
-        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (active) {
-            v = *(const float4*)(s0 + head * blk + (long)(r0 + i) * dv + col);
-            *(float4*)((n > 0 ? starts : fin) + (long)(r0 + i) * dv + col) = v;
+    const int r0 = 4 * lane;                  // phase 2 rows
+    const bool rows2 = r0 < dk;
+    const long state = (long)dk * dv, vlen = (long)CH * dv;
+    float* starts = out + (long)head * n * state;
+    float* vnew = out + (long)n * h * state + (long)head * n * vlen;
+    float* fin = out + (long)n * h * (state + vlen) + (long)head * state;
+    if (rows2)
+        for (int a = 0; a < 4; ++a) {
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (active) {
+                v = *(const float4*)(s0 + head * state + (long)(r0 + a) * dv + col);
+                *(float4*)((n > 0 ? starts : fin) + (long)(r0 + a) * dv + col) = v;
+            }
+            *(float4*)(S + (r0 + a) * 16 + cl) = v;
         }
-        *(float4*)(S + (r0 + i) * 16 + cl) = v;
-    }
-    const int quads = dk * dk / 4;
-    if (n > 0) {
-        const float* src = gnt + ((long)head * n * w + dv) * dk;
-        for (int q = tid; q < quads; q += nth) cp16(sm + 4 * q, src + 4 * q);
-    }
+    const int q4 = dk / 4, quads = CH * q4;
+    // Chunk j's W and K̃ into buffer j & 1.
+    auto fetch = [&](long j) {
+        float* bw = sm + (j & 1) * 2 * mat;
+        float* bk = bw + mat;
+        const float* gw = w + ((long)head * n + j) * CH * dk;
+        const float* gk = kt + ((long)head * n + j) * CH * dk;
+        for (int q = tid; q < quads; q += 128) {
+            const int r = q / q4, c4 = 4 * (q % q4);
+            cp16(bw + r * ld + c4, gw + 4 * q);
+            cp16(bk + r * ld + c4, gk + 4 * q);
+        }
+    };
+    if (n > 0) fetch(0);
     asm volatile("cp.async.commit_group;\n" ::);
-    // Chunk i's decay and Nᵀ entries (rows col..col+3, entries r0..r0+3; N[r][c] = Nᵀ[c][r]) are loaded
-    // into registers one chunk ahead too.
     float di_next = 0.0f;
-    float4 nv_next[4] = {};
+    float4 u_next[2] = {};
     if (n > 0) {
         di_next = d[(long)head * n];
         if (active)
-            for (int j = 0; j < 4; ++j) nv_next[j] = *(const float4*)(gnt + ((long)head * n * w + col + j) * dk + r0);
+            for (int j = 0; j < 2; ++j) u_next[j] = *(const float4*)(u + ((long)head * n * CH + lane + 32 * j) * dv + col);
     }
+    __syncthreads();
     for (int i = 0; i < n; ++i) {
         const long bi = (long)head * n + i;
-        float* cur = sm + (i & 1) * dk * dk;
+        const float* W = sm + (i & 1) * 2 * mat;
+        const float* K = W + mat;
         const float di = di_next;
-        float4 nv[4];
-        for (int j = 0; j < 4; ++j) nv[j] = nv_next[j];
+        const float4 uu[2] = {u_next[0], u_next[1]};
         if (i + 1 < n) {
-            float* nxt = sm + ((i + 1) & 1) * dk * dk;
-            const float* src = gnt + ((bi + 1) * w + dv) * dk;
-            for (int q = tid; q < quads; q += nth) cp16(nxt + 4 * q, src + 4 * q);
+            fetch(i + 1);
             di_next = d[bi + 1];
             if (active)
-                for (int j = 0; j < 4; ++j) nv_next[j] = *(const float4*)(gnt + ((bi + 1) * w + col + j) * dk + r0);
+                for (int j = 0; j < 2; ++j) u_next[j] = *(const float4*)(u + ((bi + 1) * CH + lane + 32 * j) * dv + col);
         }
         asm volatile("cp.async.commit_group;\n" ::);
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
-        for (int r = tid; r < dk; r += nth) cur[r * dk + r] = cur[r * dk + r] - di;
+        // Phase 1: v_new rows lane, lane + 32.
+        float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+        for (int k = 0; k < dk; k += 4) {
+            const float4 x0 = *(const float4*)(W + lane * ld + k);
+            const float4 x1 = *(const float4*)(W + (lane + 32) * ld + k);
+            const float w0[4] = {x0.x, x0.y, x0.z, x0.w}, w1[4] = {x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const float4 s = *(const float4*)(S + (k + q) * 16 + cl);
+                const float ss[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    a0[b] = fmaf(w0[q], ss[b], a0[b]);
+                    a1[b] = fmaf(w1[q], ss[b], a1[b]);
+                }
+            }
+        }
+        const float4 v0 = make_float4(__fsub_rn(uu[0].x, a0[0]), __fsub_rn(uu[0].y, a0[1]),
+                                      __fsub_rn(uu[0].z, a0[2]), __fsub_rn(uu[0].w, a0[3]));
+        const float4 v1 = make_float4(__fsub_rn(uu[1].x, a1[0]), __fsub_rn(uu[1].y, a1[1]),
+                                      __fsub_rn(uu[1].z, a1[2]), __fsub_rn(uu[1].w, a1[3]));
+        *(float4*)(V + lane * 16 + cl) = v0;
+        *(float4*)(V + (lane + 32) * 16 + cl) = v1;
+        if (active) {
+            *(float4*)(vnew + ((long)i * CH + lane) * dv + col) = v0;
+            *(float4*)(vnew + ((long)i * CH + lane + 32) * dv + col) = v1;
+        }
         __syncthreads();
-        float acc[4][4];
-#pragma unroll
-        for (int a = 0; a < 4; ++a)
-#pragma unroll
-            for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
-#pragma unroll 8
-        for (int k = 0; k < dk; ++k) {
-            const float4 g = *(const float4*)(cur + k * dk + r0);
-            const float4 s = *(const float4*)(S + k * 16 + cl);
-            const float gg[4] = {g.x, g.y, g.z, g.w}, ss[4] = {s.x, s.y, s.z, s.w};
+        // Phase 2: S rows r0..r0+3.
+        if (rows2) {
+            float acc[4][4];
 #pragma unroll
             for (int a = 0; a < 4; ++a)
 #pragma unroll
-                for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(-gg[a], ss[b], acc[a][b]);
-        }
-        __syncthreads();
-        float* dst = i + 1 < n ? starts + (long)(i + 1) * blk : fin;
-        const float nn[4][4] = {{nv[0].x, nv[1].x, nv[2].x, nv[3].x}, {nv[0].y, nv[1].y, nv[2].y, nv[3].y},
-                                {nv[0].z, nv[1].z, nv[2].z, nv[3].z}, {nv[0].w, nv[1].w, nv[2].w, nv[3].w}};
-        if (active) {
+                for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+#pragma unroll 4
+            for (int c = 0; c < CH; ++c) {
+                const float4 kk = *(const float4*)(K + c * ld + r0);
+                const float4 v = *(const float4*)(V + c * 16 + cl);
+                const float k4[4] = {kk.x, kk.y, kk.z, kk.w}, v4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int a = 0; a < 4; ++a)
+#pragma unroll
+                    for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(k4[a], v4[b], acc[a][b]);
+            }
+            float* dst = i + 1 < n ? starts + (long)(i + 1) * state : fin;
 #pragma unroll
             for (int a = 0; a < 4; ++a) {
-                const float4 v = make_float4(acc[a][0] + nn[a][0], acc[a][1] + nn[a][1],
-                                             acc[a][2] + nn[a][2], acc[a][3] + nn[a][3]);
-                *(float4*)(S + (r0 + a) * 16 + cl) = v;
-                *(float4*)(dst + (long)(r0 + a) * dv + col) = v;
+                const float4 s = *(const float4*)(S + (r0 + a) * 16 + cl);
+                const float4 x = make_float4(__fadd_rn(__fmul_rn(s.x, di), acc[a][0]),
+                                             __fadd_rn(__fmul_rn(s.y, di), acc[a][1]),
+                                             __fadd_rn(__fmul_rn(s.z, di), acc[a][2]),
+                                             __fadd_rn(__fmul_rn(s.w, di), acc[a][3]));
+                *(float4*)(S + (r0 + a) * 16 + cl) = x;
+                if (active) *(float4*)(dst + (long)(r0 + a) * dv + col) = x;
             }
         }
+        __syncthreads();
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
 }
@@ -359,41 +487,54 @@ mod tests {
         noise(len, seed).iter().map(|x| 0.5 * x).collect()
     }
 
-    /// The op against the recurrence written out with tensor ops (candle's matmul), f32, and the
-    /// tensor-op fallback (what a GPU runs when `Dk` exceeds the kernel's tile) against both.
+    /// The op against HF's loop written with tensor ops (candle's matmul), f32, and the tensor-op
+    /// fallback (what a GPU runs outside the kernel's tiles) against both.
     #[test]
-    fn scan_is_the_recurrence() {
-        let (n, h, dk, dv) = (5, 3, 8, 16);
+    fn scan_is_hf_loop() {
+        let (n, h, dk, dv) = (5, 3, 8, 12);
         let dev = Device::Cpu;
         let b = h * n;
-        let gn = Tensor::from_vec(f(b * dk * (dv + dk), 1), (b, dv + dk, dk), &dev).unwrap();
-        let d = Tensor::from_vec(f(b, 2), b, &dev).unwrap();
-        let s0 = Tensor::from_vec(f(h * dk * dv, 3), (h, dk, dv), &dev).unwrap();
-        let (starts, fin) = scan(&gn, &d, &s0).unwrap();
-        let (starts2, fin2) = scan_tensor_ops(&gn, &d, &s0).unwrap();
-        assert!(max(&starts, &starts2) <= 1e-5 && max(&fin, &fin2) <= 1e-5);
-        let eye = Tensor::eye(dk, candle_core::DType::F32, &dev).unwrap();
+        let t = |len, seed, shape: (usize, usize, usize)| {
+            Tensor::from_vec(f(len, seed), shape, &dev).unwrap()
+        };
+        let u = t(b * C * dv, 1, (b, C, dv));
+        let w = t(b * C * dk, 2, (b, C, dk)).affine(0.1, 0.0).unwrap();
+        let kt = t(b * C * dk, 3, (b, C, dk)).affine(0.1, 0.0).unwrap();
+        let d = Tensor::from_vec(f(b, 4), b, &dev).unwrap().affine(0.2, 0.8).unwrap();
+        let s0 = t(h * dk * dv, 5, (h, dk, dv));
+        let got = scan(&u, &w, &kt, &d, &s0).unwrap();
+        let ops = scan_tensor_ops(&u, &w, &kt, &d, &s0).unwrap();
+        for (x, y) in [
+            (&got.starts, &ops.starts),
+            (&got.v_new, &ops.v_new),
+            (&got.last, &ops.last),
+        ] {
+            assert_eq!(x.dims(), y.dims());
+            assert!(max(x, y) <= 1e-5, "op vs tensor ops: {}", max(x, y));
+        }
+        // HF's loop, one head at a time.
         for hh in 0..h {
             let mut s = s0.get(hh).unwrap();
             for i in 0..=n {
-                let got = if i < n {
-                    starts.get(hh * n + i).unwrap()
+                let want = if i < n {
+                    got.starts.get(hh * n + i).unwrap()
                 } else {
-                    fin.get(hh).unwrap()
+                    got.last.get(hh).unwrap()
                 };
-                let dlt = max(&got, &s);
-                assert!(dlt <= 1e-5, "head {hh} chunk {i}: max |Δ| {dlt}");
+                let dlt = max(&want, &s);
+                assert!(dlt <= 1e-5, "head {hh} chunk {i}: state off by {dlt}");
                 if i < n {
-                    let c = gn.get(hh * n + i).unwrap().t().unwrap();
-                    let g = c.narrow(1, dv, dk).unwrap();
-                    let nn = c.narrow(1, 0, dv).unwrap();
-                    let di = d.get(hh * n + i).unwrap();
-                    let m = eye.broadcast_mul(&di).unwrap().sub(&g).unwrap();
-                    s = (m.matmul(&s).unwrap() + nn).unwrap();
+                    let bi = hh * n + i;
+                    let v_prime = w.get(bi).unwrap().matmul(&s).unwrap();
+                    let v_new = (u.get(bi).unwrap() - v_prime).unwrap();
+                    let dlt = max(&got.v_new.get(bi).unwrap(), &v_new);
+                    assert!(dlt <= 1e-5, "head {hh} chunk {i}: v_new off by {dlt}");
+                    let upd = kt.get(bi).unwrap().t().unwrap().matmul(&v_new).unwrap();
+                    s = (s.broadcast_mul(&d.get(bi).unwrap()).unwrap() + upd).unwrap();
                 }
             }
         }
-        let zeros = starts.zeros_like().unwrap();
-        assert!(max(&starts, &zeros) > 0.1, "degenerate test: states ~0");
+        let zeros = got.starts.zeros_like().unwrap();
+        assert!(max(&got.starts, &zeros) > 0.1, "degenerate test: states ~0");
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! The chunked form is a few ops per layer (each one kernel or one batched cuBLAS GEMM on a GPU): the
 //! element-wise preparation (`delta_chunk_prep`), one GEMM for both `·kᵀ` products, the decay mask, the UT
-//! solve (`solve_tril`), one GEMM for the scan's operands, the scan (`chunk_scan`) and three GEMMs for the
-//! outputs.
+//! solve (`solve_tril`), the scan over chunks in HF's form (`chunk_scan`: the state and `v_new`) and two
+//! GEMMs for the outputs.
+use super::chunk_scan;
 use super::delta_chunk_prep::{self, Dims, C};
 use super::device::matmul;
 use super::matmul_acc::matmul_acc_into;
@@ -24,22 +25,17 @@ pub fn chunked(qkv: &Tensor, bg: &Tensor, dims: Dims, state: &Tensor) -> Result<
     let products = matmul(&p.kb_qs, &p.k.transpose(1, 2)?)?; // [B, 2C, C]
     let (ut_system, intra) = delta_chunk_prep::decay_mask(&products, &p.cum)?;
     // (I + strictly_lower(ut)) · [new_values | k_cumdecay] = [v_β | k_β·exp(γ)]
-    // [B, C, Dv + Dk], and its parts new_values and k_cumdecay contiguous for the ops below.
-    let (solved, new_values, k_cumdecay) = solve_unit_lower_split(&ut_system, &p.rhs, dv)?;
-
-    // The scan over chunks carries only the state: S_{i+1} = S_i·d_i + K̃_iᵀ (V_i − W_i S_i)
-    //   = (d_i·I − K̃_iᵀ W_i) S_i + K̃_iᵀ V_i = M_i S_i + N_i,
-    // with K̃ = k·exp(γ_last − γ), V = new_values, W = k_cumdecay; [Nᵀ; Gᵀ] = [V | W]ᵀ K̃ for every
-    // chunk at once (one GEMM; transposed, so the scan reads a column of G as contiguous memory), so only
-    // the recurrence is sequential (one op, `chunk_scan`). The outputs then come from the chunk-start
-    // states exactly as HF writes them: O_i = Q̃_i S_i + A_i (V_i − W_i S_i).
-    let gnt = matmul(&solved.transpose(1, 2)?, &p.k_to_end)?; // [B, Dv + Dk, Dk]
-    let (starts, s) = super::chunk_scan::scan(&gnt, &p.chunk_decay, state)?;
-    // Each sum is the GEMM's epilogue on a GPU (`matmul_acc`: the same single rounding), written over
-    // its first term: `new_values` (its own part of the solve's output; `solved` and `k_cumdecay`, the
-    // other parts, are not written) and the fresh product `Q̃·S`, neither read again.
-    let v_new = matmul_acc_into(new_values, &k_cumdecay, &starts, -1.0)?;
-    let o = matmul_acc_into(matmul(&p.q_decayed, &starts)?, &intra, &v_new, 1.0)?; // [B, C, Dv]
+    // [B, C, Dv + Dk], and its parts new_values and k_cumdecay contiguous for the scan.
+    let (_, new_values, k_cumdecay) = solve_unit_lower_split(&ut_system, &p.rhs, dv)?;
+    // HF's loop over chunks, the sequential part (one op, `chunk_scan`): v_new_i = V_i − W_i S_i and
+    // S_{i+1} = S_i·d_i + K̃_iᵀ v_new_i, with V = new_values, W = k_cumdecay, K̃ = k·exp(γ_last − γ).
+    let scanned = chunk_scan::scan(&new_values, &k_cumdecay, &p.k_to_end, &p.chunk_decay, state)?;
+    // Then the outputs from the chunk-start states for every chunk at once, as HF writes them:
+    // O_i = Q̃_i S_i + A_i v_new_i, the sum the GEMM's epilogue on a GPU (`matmul_acc`: the same single
+    // rounding) written over the fresh product Q̃·S.
+    let o = matmul(&p.q_decayed, &scanned.starts)?;
+    let o = matmul_acc_into(o, &intra, &scanned.v_new, 1.0)?; // [B, C, Dv]
+    let s = scanned.last;
     let o = o.reshape((h, n * C, dv))?;
     if n * C == t {
         Ok((o, s))
