@@ -177,8 +177,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (b, c, w, split) in [(3usize, 64usize, 256usize, 128usize), (2, 20, 37, 5)] {
         let a = (Tensor::from_vec(noise(b * c * c, 21), (b, c, c), &cpu)? * 0.1)?;
         let rhs = Tensor::from_vec(noise(b * c * w, 22), (b, c, w), &cpu)?;
-        let (want, want_l, want_r) = solve_tril::solve_unit_lower_split(&a, &rhs, split)?;
-        let (got, got_l, got_r) =
+        let want = solve_tril::solve_unit_lower(&a, &rhs)?;
+        let got = solve_tril::solve_unit_lower(&a.to_device(&gpu)?, &rhs.to_device(&gpu)?)?;
+        let (want_l, want_r) = solve_tril::solve_unit_lower_split(&a, &rhs, split)?;
+        let (got_l, got_r) =
             solve_tril::solve_unit_lower_split(&a.to_device(&gpu)?, &rhs.to_device(&gpu)?, split)?;
         let scale = f32s(&want)?
             .iter()

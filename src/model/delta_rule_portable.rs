@@ -25,8 +25,8 @@ pub fn chunked(qkv: &Tensor, bg: &Tensor, dims: Dims, state: &Tensor) -> Result<
     let products = matmul(&p.kb_qs, &p.k.transpose(1, 2)?)?; // [B, 2C, C]
     let (ut_system, intra) = delta_chunk_prep::decay_mask(&products, &p.cum)?;
     // (I + strictly_lower(ut)) · [new_values | k_cumdecay] = [v_β | k_β·exp(γ)]
-    // [B, C, Dv + Dk], and its parts new_values and k_cumdecay contiguous for the scan.
-    let (_, new_values, k_cumdecay) = solve_unit_lower_split(&ut_system, &p.rhs, dv)?;
+    // [B, C, Dv + Dk], written as its two parts, each contiguous for the scan.
+    let (new_values, k_cumdecay) = solve_unit_lower_split(&ut_system, &p.rhs, dv)?;
     // HF's loop over chunks, the sequential part (one op, `chunk_scan`): v_new_i = V_i − W_i S_i and
     // S_{i+1} = S_i·d_i + K̃_iᵀ v_new_i, with V = new_values, W = k_cumdecay, K̃ = k·exp(γ_last − γ).
     let scanned = chunk_scan::scan(&new_values, &k_cumdecay, &p.k_to_end, &p.chunk_decay, state)?;
