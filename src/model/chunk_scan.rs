@@ -297,7 +297,7 @@ impl CustomOp3 for ChunkScan {
         .w()?;
         let cfg = LaunchConfig {
             grid_dim: (h as u32, dv.div_ceil(COLS) as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
         let (n32, h32, dk32, dv32) = (n as i32, h as i32, dk as i32, dv as i32);
@@ -326,45 +326,66 @@ impl CustomOp3 for ChunkScan {
 #[cfg(feature = "cuda")]
 const COLS: usize = 16;
 
+/// Threads per block: the kernel's `NT`. (256 gave the same bits and was 4 % slower on an H200 at
+/// bf16 T = 4,096: 115k against 120k tok/s; BENCHMARKS.md, tenth session.)
+#[cfg(feature = "cuda")]
+const THREADS: u32 = 128;
+
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// Block (head h, columns c0..c0+16 of the state; fewer at the right edge), 128 threads, warp wp owns
-// columns 4·wp..4·wp+3 of the block's 16 (col = c0 + 4·wp). Per chunk i:
-//   phase 1: thread (lane, wp) computes v_new rows lane and lane+32: acc = Σ_k fmaf(W[r][k], S[k][col..],
-//            acc) over k ascending from zero, then v_new = U − acc;
-//   phase 2: thread computes S rows 4·lane..4·lane+3: acc = Σ_c fmaf(K̃[c][r], v_new[c][col..], acc) over
-//            c ascending from zero, then S = S·d + acc (two roundings, as HF's ops).
-// W and K̃ of chunk i+1 are copied into shared memory (rows padded to Dk+4 floats) with cp.async while
-// chunk i is computed; U and d of chunk i+1 are loaded into registers. Dk a multiple of 4 (≤ 128), Dv a
-// multiple of 4; C = 64.
+// Block (head h, columns c0..c0+16 of the state; fewer at the right edge), NT threads (128; 256 works):
+//   phase 1 (v_new [64][16]): warp wp computes columns 4·(wp / RH) .. +3 of rows lane + 32·(wp % RH + RH·j),
+//            j < 2 / RH (RH = NT / 128): acc = Σ_k fmaf(W[r][k], S[k][col], acc) over k ascending from
+//            zero, then v_new = U − acc;
+//   phase 2 (S [Dk][16]): warp wp computes columns C2·wp .. +C2−1 (C2 = 16·32 / NT) of rows 4·lane .. +3:
+//            acc = Σ_c fmaf(K̃[c][r], v_new[c][col], acc) over c ascending from zero, then S = S·d + acc
+//            (two roundings, as HF's ops).
+// So every value is the same whatever NT. W and K̃ of chunk i+1 are copied into shared memory (rows
+// padded to Dk+4 floats) with cp.async while chunk i is computed; U and d of chunk i+1 are loaded into
+// registers. Dk a multiple of 4 (≤ 128), Dv a multiple of 4; C = 64.
 #define CH 64
 __device__ __forceinline__ void cp16(float* dst, const float* src) {
     unsigned a = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(a), "l"(src));
 }
-extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, const float* kt, const float* d,
-                                            const float* s0, float* out, int n, int h, int dk, int dv) {
-    extern __shared__ __align__(16) float sm[];
+template <int N> __device__ __forceinline__ void ldn(float* d, const float* p);
+template <> __device__ __forceinline__ void ldn<4>(float* d, const float* p) {
+    const float4 v = *(const float4*)p; d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
+}
+template <> __device__ __forceinline__ void ldn<2>(float* d, const float* p) {
+    const float2 v = *(const float2*)p; d[0] = v.x; d[1] = v.y;
+}
+template <int N> __device__ __forceinline__ void stn(float* p, const float* d);
+template <> __device__ __forceinline__ void stn<4>(float* p, const float* d) {
+    *(float4*)p = make_float4(d[0], d[1], d[2], d[3]);
+}
+template <> __device__ __forceinline__ void stn<2>(float* p, const float* d) {
+    *(float2*)p = make_float2(d[0], d[1]);
+}
+template <int NT>
+__device__ __forceinline__ void scan(float* sm, const float* u, const float* w, const float* kt, const float* d,
+                                     const float* s0, float* out, int n, int h, int dk, int dv) {
+    constexpr int RH = NT / 128, R1 = 2 / RH, C2 = 16 * 32 / NT;
     const int ld = dk + 4, mat = CH * ld;     // padded row stride, one chunk's W (or K̃)
     float* S = sm + 4 * mat;                  // [dk][16]
     float* V = S + dk * 16;                   // [CH][16]
-    const int head = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
-    const int cl = 4 * wp, col = blockIdx.y * 16 + cl;
-    const bool active = col < dv;
-    const int r0 = 4 * lane;                  // phase 2 rows
-    const bool rows2 = r0 < dk;
+    const int head = blockIdx.x, c0 = blockIdx.y * 16, tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
+    const int cl1 = 4 * (wp / RH), col1 = c0 + cl1, rb = lane + 32 * (wp % RH);
+    const bool act1 = col1 < dv;
+    const int cl2 = C2 * wp, col2 = c0 + cl2, r0 = 4 * lane;
+    const bool act2 = col2 < dv, rows2 = r0 < dk;
     const long state = (long)dk * dv, vlen = (long)CH * dv;
     float* starts = out + (long)head * n * state;
     float* vnew = out + (long)n * h * state + (long)head * n * vlen;
     float* fin = out + (long)n * h * (state + vlen) + (long)head * state;
     if (rows2)
         for (int a = 0; a < 4; ++a) {
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (active) {
-                v = *(const float4*)(s0 + head * state + (long)(r0 + a) * dv + col);
-                *(float4*)((n > 0 ? starts : fin) + (long)(r0 + a) * dv + col) = v;
+            float v[C2] = {};
+            if (act2) {
+                ldn<C2>(v, s0 + head * state + (long)(r0 + a) * dv + col2);
+                stn<C2>((n > 0 ? starts : fin) + (long)(r0 + a) * dv + col2, v);
             }
-            *(float4*)(S + (r0 + a) * 16 + cl) = v;
+            stn<C2>(S + (r0 + a) * 16 + cl2, v);
         }
     const int q4 = dk / 4, quads = CH * q4;
     // Chunk j's W and K̃ into buffer j & 1.
@@ -373,7 +394,7 @@ extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, cons
         float* bk = bw + mat;
         const float* gw = w + ((long)head * n + j) * CH * dk;
         const float* gk = kt + ((long)head * n + j) * CH * dk;
-        for (int q = tid; q < quads; q += 128) {
+        for (int q = tid; q < quads; q += NT) {
             const int r = q / q4, c4 = 4 * (q % q4);
             cp16(bw + r * ld + c4, gw + 4 * q);
             cp16(bk + r * ld + c4, gk + 4 * q);
@@ -382,11 +403,12 @@ extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, cons
     if (n > 0) fetch(0);
     asm volatile("cp.async.commit_group;\n" ::);
     float di_next = 0.0f;
-    float4 u_next[2] = {};
+    float4 u_next[R1] = {};
     if (n > 0) {
         di_next = d[(long)head * n];
-        if (active)
-            for (int j = 0; j < 2; ++j) u_next[j] = *(const float4*)(u + ((long)head * n * CH + lane + 32 * j) * dv + col);
+        if (act1)
+            for (int j = 0; j < R1; ++j)
+                u_next[j] = *(const float4*)(u + ((long)head * n * CH + rb + 32 * RH * j) * dv + col1);
     }
     __syncthreads();
     for (int i = 0; i < n; ++i) {
@@ -394,77 +416,86 @@ extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, cons
         const float* W = sm + (i & 1) * 2 * mat;
         const float* K = W + mat;
         const float di = di_next;
-        const float4 uu[2] = {u_next[0], u_next[1]};
+        float4 uu[R1];
+#pragma unroll
+        for (int j = 0; j < R1; ++j) uu[j] = u_next[j];
         if (i + 1 < n) {
             fetch(i + 1);
             di_next = d[bi + 1];
-            if (active)
-                for (int j = 0; j < 2; ++j) u_next[j] = *(const float4*)(u + ((bi + 1) * CH + lane + 32 * j) * dv + col);
+            if (act1)
+#pragma unroll
+                for (int j = 0; j < R1; ++j)
+                    u_next[j] = *(const float4*)(u + ((bi + 1) * CH + rb + 32 * RH * j) * dv + col1);
         }
         asm volatile("cp.async.commit_group;\n" ::);
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
-        // Phase 1: v_new rows lane, lane + 32.
-        float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // Phase 1: v_new rows rb + 32·RH·j.
+        float a1[R1][4];
+#pragma unroll
+        for (int j = 0; j < R1; ++j)
+#pragma unroll
+            for (int b = 0; b < 4; ++b) a1[j][b] = 0.0f;
 #pragma unroll 2
         for (int k = 0; k < dk; k += 4) {
-            const float4 x0 = *(const float4*)(W + lane * ld + k);
-            const float4 x1 = *(const float4*)(W + (lane + 32) * ld + k);
-            const float w0[4] = {x0.x, x0.y, x0.z, x0.w}, w1[4] = {x1.x, x1.y, x1.z, x1.w};
+            float wr[R1][4];
+#pragma unroll
+            for (int j = 0; j < R1; ++j) ldn<4>(wr[j], W + (rb + 32 * RH * j) * ld + k);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const float4 s = *(const float4*)(S + (k + q) * 16 + cl);
-                const float ss[4] = {s.x, s.y, s.z, s.w};
+                float ss[4];
+                ldn<4>(ss, S + (k + q) * 16 + cl1);
 #pragma unroll
-                for (int b = 0; b < 4; ++b) {
-                    a0[b] = fmaf(w0[q], ss[b], a0[b]);
-                    a1[b] = fmaf(w1[q], ss[b], a1[b]);
-                }
+                for (int j = 0; j < R1; ++j)
+#pragma unroll
+                    for (int b = 0; b < 4; ++b) a1[j][b] = fmaf(wr[j][q], ss[b], a1[j][b]);
             }
         }
-        const float4 v0 = make_float4(__fsub_rn(uu[0].x, a0[0]), __fsub_rn(uu[0].y, a0[1]),
-                                      __fsub_rn(uu[0].z, a0[2]), __fsub_rn(uu[0].w, a0[3]));
-        const float4 v1 = make_float4(__fsub_rn(uu[1].x, a1[0]), __fsub_rn(uu[1].y, a1[1]),
-                                      __fsub_rn(uu[1].z, a1[2]), __fsub_rn(uu[1].w, a1[3]));
-        *(float4*)(V + lane * 16 + cl) = v0;
-        *(float4*)(V + (lane + 32) * 16 + cl) = v1;
-        if (active) {
-            *(float4*)(vnew + ((long)i * CH + lane) * dv + col) = v0;
-            *(float4*)(vnew + ((long)i * CH + lane + 32) * dv + col) = v1;
+#pragma unroll
+        for (int j = 0; j < R1; ++j) {
+            const float4 v = make_float4(__fsub_rn(uu[j].x, a1[j][0]), __fsub_rn(uu[j].y, a1[j][1]),
+                                         __fsub_rn(uu[j].z, a1[j][2]), __fsub_rn(uu[j].w, a1[j][3]));
+            const int r = rb + 32 * RH * j;
+            *(float4*)(V + r * 16 + cl1) = v;
+            if (act1) *(float4*)(vnew + ((long)i * CH + r) * dv + col1) = v;
         }
         __syncthreads();
-        // Phase 2: S rows r0..r0+3.
+        // Phase 2: S rows r0..r0+3, columns cl2..cl2+C2−1.
         if (rows2) {
-            float acc[4][4];
+            float acc[4][C2];
 #pragma unroll
             for (int a = 0; a < 4; ++a)
 #pragma unroll
-                for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+                for (int b = 0; b < C2; ++b) acc[a][b] = 0.0f;
 #pragma unroll 4
             for (int c = 0; c < CH; ++c) {
-                const float4 kk = *(const float4*)(K + c * ld + r0);
-                const float4 v = *(const float4*)(V + c * 16 + cl);
-                const float k4[4] = {kk.x, kk.y, kk.z, kk.w}, v4[4] = {v.x, v.y, v.z, v.w};
+                float k4[4], v4[C2];
+                ldn<4>(k4, K + c * ld + r0);
+                ldn<C2>(v4, V + c * 16 + cl2);
 #pragma unroll
                 for (int a = 0; a < 4; ++a)
 #pragma unroll
-                    for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(k4[a], v4[b], acc[a][b]);
+                    for (int b = 0; b < C2; ++b) acc[a][b] = fmaf(k4[a], v4[b], acc[a][b]);
             }
             float* dst = i + 1 < n ? starts + (long)(i + 1) * state : fin;
 #pragma unroll
             for (int a = 0; a < 4; ++a) {
-                const float4 s = *(const float4*)(S + (r0 + a) * 16 + cl);
-                const float4 x = make_float4(__fadd_rn(__fmul_rn(s.x, di), acc[a][0]),
-                                             __fadd_rn(__fmul_rn(s.y, di), acc[a][1]),
-                                             __fadd_rn(__fmul_rn(s.z, di), acc[a][2]),
-                                             __fadd_rn(__fmul_rn(s.w, di), acc[a][3]));
-                *(float4*)(S + (r0 + a) * 16 + cl) = x;
-                if (active) *(float4*)(dst + (long)(r0 + a) * dv + col) = x;
+                float sv[C2];
+                ldn<C2>(sv, S + (r0 + a) * 16 + cl2);
+#pragma unroll
+                for (int b = 0; b < C2; ++b) sv[b] = __fadd_rn(__fmul_rn(sv[b], di), acc[a][b]);
+                stn<C2>(S + (r0 + a) * 16 + cl2, sv);
+                if (act2) stn<C2>(dst + (long)(r0 + a) * dv + col2, sv);
             }
         }
         __syncthreads();
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
+}
+extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, const float* kt, const float* d,
+                                            const float* s0, float* out, int n, int h, int dk, int dv) {
+    extern __shared__ __align__(16) float sm[];
+    scan<128>(sm, u, w, kt, d, s0, out, n, h, dk, dv);
 }
 "#;
 
