@@ -129,12 +129,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Written over c (a view at an offset): the same bits as the copy's, and the rest of the
         // buffer untouched.
         let big_g = big.to_device(&gpu)?;
-        let view = big_g.narrow(0, bt * m * 16, bt * m * n)?.reshape((bt, m, n))?;
-        let into = matmul_acc::matmul_acc_into(view, &a.to_device(&gpu)?, &b.to_device(&gpu)?, sign)?;
-        report(format!("matmul_acc_into sign {sign} = matmul_acc"), diff(&into, &got)?, 0.0);
+        let view = big_g
+            .narrow(0, bt * m * 16, bt * m * n)?
+            .reshape((bt, m, n))?;
+        let into =
+            matmul_acc::matmul_acc_into(view, &a.to_device(&gpu)?, &b.to_device(&gpu)?, sign)?;
+        report(
+            format!("matmul_acc_into sign {sign} = matmul_acc"),
+            diff(&into, &got)?,
+            0.0,
+        );
         report(
             format!("matmul_acc_into sign {sign} leaves the rest"),
-            diff(&big_g.narrow(0, 0, bt * m * 16)?, &big.narrow(0, 0, bt * m * 16)?)?,
+            diff(
+                &big_g.narrow(0, 0, bt * m * 16)?,
+                &big.narrow(0, 0, bt * m * 16)?,
+            )?,
             0.0,
         );
     }
@@ -214,7 +224,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         let b = h * n;
         let c = delta_chunk_prep::C;
-        let part = |len: usize, seed, shape: (usize, usize, usize), scale: f64| -> candle_core::Result<Tensor> {
+        let part = |len: usize,
+                    seed,
+                    shape: (usize, usize, usize),
+                    scale: f64|
+         -> candle_core::Result<Tensor> {
             Tensor::from_vec(noise(len + 4, seed), len + 4, &cpu)?
                 .narrow(0, 4, len)?
                 .reshape(shape)?
@@ -227,7 +241,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let s0 = Tensor::from_vec(noise(h * dk * dv, 15), (h, dk, dv), &cpu)?;
         let want = chunk_scan::scan(&u, &w, &kt, &d, &s0)?;
         let gpu_of = |x: &Tensor| x.to_device(&gpu);
-        let got = chunk_scan::scan(&gpu_of(&u)?, &gpu_of(&w)?, &gpu_of(&kt)?, &gpu_of(&d)?, &gpu_of(&s0)?)?;
+        let got = chunk_scan::scan(
+            &gpu_of(&u)?,
+            &gpu_of(&w)?,
+            &gpu_of(&kt)?,
+            &gpu_of(&d)?,
+            &gpu_of(&s0)?,
+        )?;
         let dd = diff(&got.starts, &want.starts)?
             .max(diff(&got.v_new, &want.v_new)?)
             .max(diff(&got.last, &want.last)?);

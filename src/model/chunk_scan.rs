@@ -268,7 +268,10 @@ impl CustomOp3 for ChunkScan {
         if dk > MAX_DK || dk % 4 != 0 || dv % 4 != 0 {
             candle_core::bail!("chunk_scan: the GPU kernel needs Dk ≤ {MAX_DK}, Dk and Dv multiples of 4, got {dk}, {dv}");
         }
-        if ![lu, lw, lk, ls].iter().all(|l| l.start_offset().is_multiple_of(4)) {
+        if ![lu, lw, lk, ls]
+            .iter()
+            .all(|l| l.start_offset().is_multiple_of(4))
+        {
             candle_core::bail!("chunk_scan: the GPU kernel needs 16-byte aligned inputs");
         }
         let (candle_core::Storage::Cuda(sd), candle_core::Storage::Cuda(ss)) =
@@ -531,7 +534,10 @@ mod tests {
         let u = t(b * C * dv, 1, (b, C, dv));
         let w = t(b * C * dk, 2, (b, C, dk)).affine(0.1, 0.0).unwrap();
         let kt = t(b * C * dk, 3, (b, C, dk)).affine(0.1, 0.0).unwrap();
-        let d = Tensor::from_vec(f(b, 4), b, &dev).unwrap().affine(0.2, 0.8).unwrap();
+        let d = Tensor::from_vec(f(b, 4), b, &dev)
+            .unwrap()
+            .affine(0.2, 0.8)
+            .unwrap();
         let s0 = t(h * dk * dv, 5, (h, dk, dv));
         let got = scan(&u, &w, &kt, &d, &s0).unwrap();
         let ops = scan_tensor_ops(&u, &w, &kt, &d, &s0).unwrap();

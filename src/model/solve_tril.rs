@@ -95,7 +95,8 @@ impl CustomOp2 for SolveUnitLower {
             return Ok((CpuStorage::F32(x), Shape::from((batch, c, w))));
         };
         let part = |r: std::ops::Range<usize>| {
-            x.chunks_exact(w).flat_map(move |row| row[r.clone()].iter().copied())
+            x.chunks_exact(w)
+                .flat_map(move |row| row[r.clone()].iter().copied())
         };
         let parts: Vec<f32> = part(0..split).chain(part(split..w)).collect();
         let len = parts.len();
