@@ -319,8 +319,7 @@ impl WeightStore {
     /// Load a tensor by full name, check its shape, widen to f32 and round to `prec`
     /// (HF casts every parameter to the model dtype, F32-stored ones included).
     pub fn load(&self, full: &str, shape: &[usize], prec: Precision) -> Result<Tensor> {
-        let logical = full.strip_prefix(&self.decoder_prefix).unwrap_or(full);
-        self.load_as(full, logical, shape, prec)
+        self.load_in(full, shape, prec, None)
     }
 
     /// The dtype a GPU keeps `prec`'s 16-bit weights in (`None` on the CPU, or in f32): what
