@@ -268,14 +268,19 @@ __device__ float block_sum(float v, float* red) {
     return v;
 }
 
-#define SOFTMAX(NAME, TY, LOAD, STORE, RND)                                                        \
-extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int group, int start, float scale) { \
-    __shared__ float red[32];                                                                      \
+// Both kernels' start: the block's row of scores `xr` and of probabilities `yr`, its visible keys
+// (causal, after a cached prefix of `start`), and the running max `m` from −inf.
+#define SOFTMAX_ROW(TY)                                                                            \
     const long row = blockIdx.x;                                                                   \
     const TY* xr = x + row * (long)total;                                                          \
     TY* yr = y + row * (long)total;                                                                \
     const int visible = start + (int)((row / group) % t) + 1;                                      \
-    float m = __int_as_float(0xff800000);                                                          \
+    float m = __int_as_float(0xff800000);
+
+#define SOFTMAX(NAME, TY, LOAD, STORE, RND)                                                        \
+extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int group, int start, float scale) { \
+    __shared__ float red[32];                                                                      \
+    SOFTMAX_ROW(TY)                                                                                \
     for (int j = threadIdx.x; j < visible; j += blockDim.x) m = nanmax(m, RND(RND(LOAD(xr[j])) * scale)); \
     m = block_max(m, red);                                                                         \
     float s = 0.0f;                                                                                \
@@ -304,11 +309,7 @@ extern "C" __global__ void NAME(const TY* x, TY* y, int total, int t, int group,
                                 int vec) {                                                         \
     extern __shared__ __align__(16) float srow[];                                                  \
     __shared__ float red[32];                                                                      \
-    const long row = blockIdx.x;                                                                   \
-    const TY* xr = x + row * (long)total;                                                          \
-    TY* yr = y + row * (long)total;                                                                \
-    const int visible = start + (int)((row / group) % t) + 1;                                      \
-    float m = __int_as_float(0xff800000);                                                          \
+    SOFTMAX_ROW(TY)                                                                                \
     if (vec) {                                                                                     \
         const int nv = (visible + N - 1) / N;                                                      \
         /* UNR loads in flight a thread before any is used (one at a time, the pass waited on    \
