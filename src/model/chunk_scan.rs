@@ -123,7 +123,7 @@ fn scan_tensor_ops(
     })
 }
 
-/// The largest key head dim the GPU kernel's shared-memory tiles hold (a thread's 4 rows × 32 threads).
+/// The largest key head dim the GPU kernel's tiles hold (phase 2: 4 rows a thread, 8 a warp's lanes, 4 warps).
 const MAX_DK: usize = 128;
 
 /// `d` and `s0` ride with the op (candle's custom ops take at most three tensors).
@@ -329,89 +329,88 @@ impl CustomOp3 for ChunkScan {
 #[cfg(feature = "cuda")]
 const COLS: usize = 16;
 
-/// Threads per block: the kernel's `NT`. (256 gave the same bits and was 4 % slower on an H200 at
-/// bf16 T = 4,096: 115k against 120k tok/s; BENCHMARKS.md, tenth session.)
+/// Threads per block (four warps).
 #[cfg(feature = "cuda")]
 const THREADS: u32 = 128;
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-// Block (head h, columns c0..c0+16 of the state; fewer at the right edge), NT threads (128; 256 works):
-//   phase 1 (v_new [64][16]): warp wp computes columns 4·(wp / RH) .. +3 of rows lane + 32·(wp % RH + RH·j),
-//            j < 2 / RH (RH = NT / 128): acc = Σ_k fmaf(W[r][k], S[k][col], acc) over k ascending from
-//            zero, then v_new = U − acc;
-//   phase 2 (S [Dk][16]): warp wp computes columns C2·wp .. +C2−1 (C2 = 16·32 / NT) of rows 4·lane .. +3:
+// Block (head h, columns c0..c0+16 of the state; fewer at the right edge), 128 threads, lane = (y, x) with
+// y = lane & 7, x = lane >> 3, so a warp's shared-memory loads are 8 consecutive 16-byte pieces of one
+// row of W or K̃ and 4 of one row of S or v_new (one wavefront each):
+//   phase 1 (v_new [64][16]): warp wp computes rows 16·wp + y and 16·wp + 8 + y, columns 4x .. 4x+3:
+//            acc = Σ_k fmaf(W[r][k], S[k][col], acc) over k ascending from zero, then v_new = U − acc;
+//   phase 2 (S [Dk][16]): warp wp computes rows 32·wp + 4y .. +3, columns 4x .. 4x+3:
 //            acc = Σ_c fmaf(K̃[c][r], v_new[c][col], acc) over c ascending from zero, then S = S·d + acc
 //            (two roundings, as HF's ops).
-// So every value is the same whatever NT. W and K̃ of chunk i+1 are copied into shared memory (rows
-// padded to Dk+4 floats) with cp.async while chunk i is computed; U and d of chunk i+1 are loaded into
-// registers. Dk a multiple of 4 (≤ 128), Dv a multiple of 4; C = 64.
+// W and K̃ of chunk i+1 are copied into shared memory (rows padded to Dk+4 floats) with cp.async while
+// chunk i is computed; U and d of chunk i+1 are loaded into registers. Dk a multiple of 4 (≤ 128), Dv a
+// multiple of 4; C = 64.
 #define CH 64
+#define NT 128
 __device__ __forceinline__ void cp16(float* dst, const float* src) {
     unsigned a = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(a), "l"(src));
 }
-template <int N> __device__ __forceinline__ void ldn(float* d, const float* p);
-template <> __device__ __forceinline__ void ldn<4>(float* d, const float* p) {
+__device__ __forceinline__ void ld4(float* d, const float* p) {
     const float4 v = *(const float4*)p; d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
 }
-template <> __device__ __forceinline__ void ldn<2>(float* d, const float* p) {
-    const float2 v = *(const float2*)p; d[0] = v.x; d[1] = v.y;
-}
-template <int N> __device__ __forceinline__ void stn(float* p, const float* d);
-template <> __device__ __forceinline__ void stn<4>(float* p, const float* d) {
+__device__ __forceinline__ void st4(float* p, const float* d) {
     *(float4*)p = make_float4(d[0], d[1], d[2], d[3]);
 }
-template <> __device__ __forceinline__ void stn<2>(float* p, const float* d) {
-    *(float2*)p = make_float2(d[0], d[1]);
-}
-template <int NT>
-__device__ __forceinline__ void scan(float* sm, const float* u, const float* w, const float* kt, const float* d,
-                                     const float* s0, float* out, int n, int h, int dk, int dv) {
-    constexpr int RH = NT / 128, R1 = 2 / RH, C2 = 16 * 32 / NT;
+extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, const float* kt, const float* d,
+                                            const float* s0, float* out, int n, int h, int dk, int dv) {
+    extern __shared__ __align__(16) float sm[];
     const int ld = dk + 4, mat = CH * ld;     // padded row stride, one chunk's W (or K̃)
     float* S = sm + 4 * mat;                  // [dk][16]
     float* V = S + dk * 16;                   // [CH][16]
     const int head = blockIdx.x, c0 = blockIdx.y * 16, tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
-    const int cl1 = 4 * (wp / RH), col1 = c0 + cl1, rb = lane + 32 * (wp % RH);
-    const bool act1 = col1 < dv;
-    const int cl2 = C2 * wp, col2 = c0 + cl2, r0 = 4 * lane;
-    const bool act2 = col2 < dv, rows2 = r0 < dk;
+    const int y = lane & 7, cl = 4 * (lane >> 3), col = c0 + cl;
+    const bool act = col < dv;
+    const int r1 = 16 * wp + y;               // phase 1 rows r1, r1 + 8
+    const int r0 = 32 * wp + 4 * y;           // phase 2 rows r0 .. r0 + 3
+    const bool rows2 = r0 < dk;
     const long state = (long)dk * dv, vlen = (long)CH * dv;
     float* starts = out + (long)head * n * state;
     float* vnew = out + (long)n * h * state + (long)head * n * vlen;
     float* fin = out + (long)n * h * (state + vlen) + (long)head * state;
     if (rows2)
         for (int a = 0; a < 4; ++a) {
-            float v[C2] = {};
-            if (act2) {
-                ldn<C2>(v, s0 + head * state + (long)(r0 + a) * dv + col2);
-                stn<C2>((n > 0 ? starts : fin) + (long)(r0 + a) * dv + col2, v);
+            float v[4] = {};
+            if (act) {
+                ld4(v, s0 + head * state + (long)(r0 + a) * dv + col);
+                st4((n > 0 ? starts : fin) + (long)(r0 + a) * dv + col, v);
             }
-            stn<C2>(S + (r0 + a) * 16 + cl2, v);
+            st4(S + (r0 + a) * 16 + cl, v);
         }
-    const int q4 = dk / 4, quads = CH * q4;
+    // The thread's first 16-byte piece of a chunk's [CH][dk] matrix (row fr, quad fq), and the step to
+    // its next (NT pieces on), without a division per piece.
+    const int q4 = dk / 4, quads = CH * q4, dr = NT / q4, dq = NT % q4;
+    const int fr0 = tid / q4, fq0 = tid % q4;
     // Chunk j's W and K̃ into buffer j & 1.
     auto fetch = [&](long j) {
         float* bw = sm + (j & 1) * 2 * mat;
         float* bk = bw + mat;
         const float* gw = w + ((long)head * n + j) * CH * dk;
         const float* gk = kt + ((long)head * n + j) * CH * dk;
-        for (int q = tid; q < quads; q += NT) {
-            const int r = q / q4, c4 = 4 * (q % q4);
-            cp16(bw + r * ld + c4, gw + 4 * q);
-            cp16(bk + r * ld + c4, gk + 4 * q);
+        int r = fr0, q = fq0;
+        for (int p = tid; p < quads; p += NT) {
+            cp16(bw + r * ld + 4 * q, gw + 4 * p);
+            cp16(bk + r * ld + 4 * q, gk + 4 * p);
+            r += dr;
+            q += dq;
+            if (q >= q4) { q -= q4; ++r; }
         }
     };
     if (n > 0) fetch(0);
     asm volatile("cp.async.commit_group;\n" ::);
     float di_next = 0.0f;
-    float4 u_next[R1] = {};
+    float4 u_next[2] = {};
     if (n > 0) {
         di_next = d[(long)head * n];
-        if (act1)
-            for (int j = 0; j < R1; ++j)
-                u_next[j] = *(const float4*)(u + ((long)head * n * CH + rb + 32 * RH * j) * dv + col1);
+        if (act)
+            for (int j = 0; j < 2; ++j)
+                u_next[j] = *(const float4*)(u + ((long)head * n * CH + r1 + 8 * j) * dv + col);
     }
     __syncthreads();
     for (int i = 0; i < n; ++i) {
@@ -419,86 +418,79 @@ __device__ __forceinline__ void scan(float* sm, const float* u, const float* w, 
         const float* W = sm + (i & 1) * 2 * mat;
         const float* K = W + mat;
         const float di = di_next;
-        float4 uu[R1];
-#pragma unroll
-        for (int j = 0; j < R1; ++j) uu[j] = u_next[j];
+        const float4 uu[2] = {u_next[0], u_next[1]};
         if (i + 1 < n) {
             fetch(i + 1);
             di_next = d[bi + 1];
-            if (act1)
+            if (act)
 #pragma unroll
-                for (int j = 0; j < R1; ++j)
-                    u_next[j] = *(const float4*)(u + ((bi + 1) * CH + rb + 32 * RH * j) * dv + col1);
+                for (int j = 0; j < 2; ++j)
+                    u_next[j] = *(const float4*)(u + ((bi + 1) * CH + r1 + 8 * j) * dv + col);
         }
         asm volatile("cp.async.commit_group;\n" ::);
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
-        // Phase 1: v_new rows rb + 32·RH·j.
-        float a1[R1][4];
+        // Phase 1: v_new rows r1, r1 + 8.
+        float a1[2][4];
 #pragma unroll
-        for (int j = 0; j < R1; ++j)
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int b = 0; b < 4; ++b) a1[j][b] = 0.0f;
-#pragma unroll 2
+#pragma unroll 4
         for (int k = 0; k < dk; k += 4) {
-            float wr[R1][4];
+            float wr[2][4];
 #pragma unroll
-            for (int j = 0; j < R1; ++j) ldn<4>(wr[j], W + (rb + 32 * RH * j) * ld + k);
+            for (int j = 0; j < 2; ++j) ld4(wr[j], W + (r1 + 8 * j) * ld + k);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 float ss[4];
-                ldn<4>(ss, S + (k + q) * 16 + cl1);
+                ld4(ss, S + (k + q) * 16 + cl);
 #pragma unroll
-                for (int j = 0; j < R1; ++j)
+                for (int j = 0; j < 2; ++j)
 #pragma unroll
                     for (int b = 0; b < 4; ++b) a1[j][b] = fmaf(wr[j][q], ss[b], a1[j][b]);
             }
         }
 #pragma unroll
-        for (int j = 0; j < R1; ++j) {
+        for (int j = 0; j < 2; ++j) {
             const float4 v = make_float4(__fsub_rn(uu[j].x, a1[j][0]), __fsub_rn(uu[j].y, a1[j][1]),
                                          __fsub_rn(uu[j].z, a1[j][2]), __fsub_rn(uu[j].w, a1[j][3]));
-            const int r = rb + 32 * RH * j;
-            *(float4*)(V + r * 16 + cl1) = v;
-            if (act1) *(float4*)(vnew + ((long)i * CH + r) * dv + col1) = v;
+            const int r = r1 + 8 * j;
+            *(float4*)(V + r * 16 + cl) = v;
+            if (act) *(float4*)(vnew + ((long)i * CH + r) * dv + col) = v;
         }
         __syncthreads();
-        // Phase 2: S rows r0..r0+3, columns cl2..cl2+C2−1.
+        // Phase 2: S rows r0..r0+3, columns cl..cl+3.
         if (rows2) {
-            float acc[4][C2];
+            float acc[4][4];
 #pragma unroll
             for (int a = 0; a < 4; ++a)
 #pragma unroll
-                for (int b = 0; b < C2; ++b) acc[a][b] = 0.0f;
-#pragma unroll 4
+                for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+#pragma unroll 8
             for (int c = 0; c < CH; ++c) {
-                float k4[4], v4[C2];
-                ldn<4>(k4, K + c * ld + r0);
-                ldn<C2>(v4, V + c * 16 + cl2);
+                float k4[4], v4[4];
+                ld4(k4, K + c * ld + r0);
+                ld4(v4, V + c * 16 + cl);
 #pragma unroll
                 for (int a = 0; a < 4; ++a)
 #pragma unroll
-                    for (int b = 0; b < C2; ++b) acc[a][b] = fmaf(k4[a], v4[b], acc[a][b]);
+                    for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(k4[a], v4[b], acc[a][b]);
             }
             float* dst = i + 1 < n ? starts + (long)(i + 1) * state : fin;
 #pragma unroll
             for (int a = 0; a < 4; ++a) {
-                float sv[C2];
-                ldn<C2>(sv, S + (r0 + a) * 16 + cl2);
+                float sv[4];
+                ld4(sv, S + (r0 + a) * 16 + cl);
 #pragma unroll
-                for (int b = 0; b < C2; ++b) sv[b] = __fadd_rn(__fmul_rn(sv[b], di), acc[a][b]);
-                stn<C2>(S + (r0 + a) * 16 + cl2, sv);
-                if (act2) stn<C2>(dst + (long)(r0 + a) * dv + col2, sv);
+                for (int b = 0; b < 4; ++b) sv[b] = __fadd_rn(__fmul_rn(sv[b], di), acc[a][b]);
+                st4(S + (r0 + a) * 16 + cl, sv);
+                if (act) st4(dst + (long)(r0 + a) * dv + col, sv);
             }
         }
         __syncthreads();
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
-}
-extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, const float* kt, const float* d,
-                                            const float* s0, float* out, int n, int h, int dk, int dv) {
-    extern __shared__ __align__(16) float sm[];
-    scan<128>(sm, u, w, kt, d, s0, out, n, h, dk, dv);
 }
 "#;
 
