@@ -151,7 +151,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The delta rule's per-chunk operands: T ending inside a chunk (zero padding) and on a boundary.
     // The same operations in the same order as the host; only `exp` may differ by an ulp.
-    for (h, t, dk, dv) in [(3usize, 150usize, 128usize, 128usize), (2, 128, 16, 24)] {
+    for (h, t, dk, dv) in [
+        (3usize, 150usize, 128usize, 128usize),
+        (2, 128, 16, 24),
+        (2, 70, 6, 10),
+    ] {
         let dims = delta_chunk_prep::Dims { h, t, dk, dv };
         let qkv = Tensor::from_vec(
             noise(h * t * (2 * dk + dv), 31),
@@ -286,21 +290,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        // GDN conv at the 0.8B widths (vector loads) and at odd widths (scalar loads).
-        for (hk, hv, dk, dv, t) in [
-            (16, 16, 128, 128, 300),
-            (2, 4, 6, 10, 37),
-            (4, 4, 256, 256, 9),
+        // GDN conv at the 0.8B widths (vector loads), at odd widths (scalar loads), past 128 channels a
+        // head (the wide kernel), a conv of 3 taps (the kernel's any-width path) and plans shorter than
+        // and not a multiple of its 8-position tiles.
+        for (hk, hv, dk, dv, t, kk) in [
+            (16, 16, 128, 128, 300, 4),
+            (2, 4, 6, 10, 37, 4),
+            (4, 4, 256, 256, 9, 4),
+            (2, 4, 8, 12, 21, 3),
+            (2, 2, 128, 64, 5, 4),
+            (2, 2, 192, 64, 13, 2),
         ] {
             let dims = gdn_prep::Dims { hk, hv, dk, dv };
             let c = 2 * hk * dk + hv * dv;
             let hist = p
-                .round(&Tensor::from_vec(noise(3 * c, 1), (3, c), &cpu)?)?
+                .round(&Tensor::from_vec(
+                    noise((kk - 1) * c, 1),
+                    (kk - 1, c),
+                    &cpu,
+                )?)?
                 .to_dtype(io)?;
             let x = p
                 .round(&Tensor::from_vec(noise(t * c, 2), (t, c), &cpu)?)?
                 .to_dtype(io)?;
-            let w = p.round(&Tensor::from_vec(noise(4 * c, 3), (4, c), &cpu)?)?;
+            let w = p.round(&Tensor::from_vec(noise(kk * c, 3), (kk, c), &cpu)?)?;
             let want = gdn_prep::conv_qkv(&hist, &x, &w, dims, p)?;
             let got = gdn_prep::conv_qkv(
                 &hist.to_device(&gpu)?,
@@ -314,7 +327,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let qk = diff(&got.narrow(0, 0, nqk)?, &want.narrow(0, 0, nqk)?)?;
             report(
                 format!(
-                    "conv {} hk {hk} hv {hv} dk {dk} dv {dv} T {t} q,k",
+                    "conv {} hk {hk} hv {hv} dk {dk} dv {dv} T {t} K {kk} q,k",
                     p.name()
                 ),
                 qk,
@@ -327,7 +340,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // v: exact in bf16/f16; in f32 SiLU's expf and the host's exp may differ by an ulp.
             let tol = if p == Precision::F32 { 1e-6 } else { 0.0 };
             report(
-                format!("conv {} hk {hk} hv {hv} dk {dk} dv {dv} T {t} v", p.name()),
+                format!(
+                    "conv {} hk {hk} hv {hv} dk {dk} dv {dv} T {t} K {kk} v",
+                    p.name()
+                ),
                 vd,
                 tol,
             );

@@ -235,6 +235,10 @@ impl CustomOp2 for Prepare {
             bld.arg(i);
         }
         bld.arg(&scale);
+        // 16-byte loads and stores where every row and part starts on a multiple of 4 floats (the parts'
+        // offsets are multiples of C·Dk or C·Dv, allocations 256-byte aligned).
+        let v4 = i32::from(dk % 4 == 0 && dv % 4 == 0 && l1.start_offset() % 4 == 0);
+        bld.arg(&v4);
         // SAFETY: reads H·T·(2Dk+Dv) + 2·H·T floats, writes `len`, as allocated.
         unsafe { bld.launch(cfg) }.w()?;
         Ok((
@@ -335,10 +339,33 @@ impl CustomOp2 for DecayMask {
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
 #define CH 64
-// One block per (head, chunk). The chunk's cumulative log-decay is summed in order by one thread.
-extern "C" __global__ void qgate_delta_prepare(const float* qkv, const float* bg, float* out,
-                                               int h, int t, int dk, int dv, float scale) {
-    __shared__ float cum[CH], eg[CH], to_end[CH], beta[CH];
+// W consecutive floats (W = 4: one 16-byte access).
+template <int W> __device__ __forceinline__ void ldw(float* d, const float* p) {
+    if (W == 4) { const float4 v = *(const float4*)p; d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w; }
+    else for (int e = 0; e < W; ++e) d[e] = p[e];
+}
+template <int W> __device__ __forceinline__ void stw(float* p, const float* d) {
+    if (W == 4) *(float4*)p = make_float4(d[0], d[1], d[2], d[3]);
+    else for (int e = 0; e < W; ++e) p[e] = d[e];
+}
+// Rows 0..CH of a chunk, W columns a step, `width` columns a row: f(row, column) for the thread's pieces
+// tid, tid + blockDim, … without a division per piece.
+template <int W, class F> __device__ __forceinline__ void for_pieces(int width, F f) {
+    const int pr = width / W, dr = blockDim.x / pr, dq = blockDim.x % pr;
+    int i = threadIdx.x / pr, x = threadIdx.x % pr;
+    for (int e = threadIdx.x; e < CH * pr; e += blockDim.x) {
+        f(i, W * x);
+        i += dr;
+        x += dq;
+        if (x >= pr) { x -= pr; ++i; }
+    }
+}
+// One block per (head, chunk). The chunk's cumulative log-decay is summed in order by one thread. W = 4:
+// Dk, Dv and the input's offset multiples of 4 (checked on the host).
+template <int W>
+__device__ __forceinline__ void prepare(const float* qkv, const float* bg, float* out, int h, int t, int dk,
+                                        int dv, float scale) {
+    __shared__ float cum[CH], eg[CH], to_end[CH], beta[CH], gl[CH];
     const int n = (t + CH - 1) / CH, bi = blockIdx.x, hh = bi / n, c = bi % n, b = h * n;
     const float* q = qkv;
     const float* k = qkv + (long)h * t * dk;
@@ -350,11 +377,15 @@ extern "C" __global__ void qgate_delta_prepare(const float* qkv, const float* bg
     const long p4 = p3 + (long)b * CH * dk;
     const long p5 = p4 + (long)b * CH * dk;
     const long p6 = p5 + (long)b * CH;
+    if (threadIdx.x < CH) {
+        const int pos = c * CH + threadIdx.x;
+        gl[threadIdx.x] = pos < t ? bg[(long)h * t + (long)hh * t + pos] : 0.0f;
+    }
+    __syncthreads();
     if (threadIdx.x == 0) {
         float acc = 0.0f;
         for (int i = 0; i < CH; ++i) {
-            const int pos = c * CH + i;
-            if (pos < t) acc += bg[(long)h * t + (long)hh * t + pos];
+            if (c * CH + i < t) acc += gl[i];
             cum[i] = acc;
         }
         out[p6 + bi] = expf(acc);
@@ -368,27 +399,39 @@ extern "C" __global__ void qgate_delta_prepare(const float* qkv, const float* bg
         out[p5 + (long)bi * CH + i] = cum[i];
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < CH * dv; e += blockDim.x) {
-        const int i = e / dv, x = e % dv, pos = c * CH + i;
-        const float val = pos < t ? v[((long)hh * t + pos) * dv + x] * beta[i] : 0.0f;
-        out[p0 + ((long)bi * CH + i) * (dv + dk) + x] = val;
-    }
-    for (int e = threadIdx.x; e < CH * dk; e += blockDim.x) {
-        const int i = e / dk, a = e % dk, pos = c * CH + i;
-        float kv = 0.0f, qv = 0.0f;
+    for_pieces<W>(dv, [&](int i, int col) {
+        const int pos = c * CH + i;
+        float val[W] = {};
         if (pos < t) {
-            kv = k[((long)hh * t + pos) * dk + a];
-            qv = q[((long)hh * t + pos) * dk + a];
+            ldw<W>(val, v + ((long)hh * t + pos) * dv + col);
+            for (int e = 0; e < W; ++e) val[e] = val[e] * beta[i];
         }
-        const float kb = kv * beta[i];
-        const float qs = qv * scale;
-        out[p0 + ((long)bi * CH + i) * (dv + dk) + dv + a] = kb * eg[i];
-        out[p1 + ((long)bi * 2 * CH + i) * dk + a] = kb;
-        out[p1 + ((long)bi * 2 * CH + CH + i) * dk + a] = qs;
-        out[p2 + ((long)bi * CH + i) * dk + a] = kv;
-        out[p3 + ((long)bi * CH + i) * dk + a] = qs * eg[i];
-        out[p4 + ((long)bi * CH + i) * dk + a] = kv * to_end[i];
-    }
+        stw<W>(out + p0 + ((long)bi * CH + i) * (dv + dk) + col, val);
+    });
+    for_pieces<W>(dk, [&](int i, int col) {
+        const int pos = c * CH + i;
+        float kv[W] = {}, qv[W] = {}, o[W];
+        if (pos < t) {
+            ldw<W>(kv, k + ((long)hh * t + pos) * dk + col);
+            ldw<W>(qv, q + ((long)hh * t + pos) * dk + col);
+        }
+        float kb[W], qs[W];
+        for (int e = 0; e < W; ++e) { kb[e] = kv[e] * beta[i]; qs[e] = qv[e] * scale; }
+        for (int e = 0; e < W; ++e) o[e] = kb[e] * eg[i];
+        stw<W>(out + p0 + ((long)bi * CH + i) * (dv + dk) + dv + col, o);
+        stw<W>(out + p1 + ((long)bi * 2 * CH + i) * dk + col, kb);
+        stw<W>(out + p1 + ((long)bi * 2 * CH + CH + i) * dk + col, qs);
+        stw<W>(out + p2 + ((long)bi * CH + i) * dk + col, kv);
+        for (int e = 0; e < W; ++e) o[e] = qs[e] * eg[i];
+        stw<W>(out + p3 + ((long)bi * CH + i) * dk + col, o);
+        for (int e = 0; e < W; ++e) o[e] = kv[e] * to_end[i];
+        stw<W>(out + p4 + ((long)bi * CH + i) * dk + col, o);
+    });
+}
+extern "C" __global__ void qgate_delta_prepare(const float* qkv, const float* bg, float* out,
+                                               int h, int t, int dk, int dv, float scale, int v4) {
+    if (v4) prepare<4>(qkv, bg, out, h, t, dk, dv, scale);
+    else prepare<1>(qkv, bg, out, h, t, dk, dv, scale);
 }
 
 // One block per (head, chunk): the two [C, C] products times exp(cum_i − cum_j) below the diagonal.

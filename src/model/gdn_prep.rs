@@ -201,12 +201,17 @@ impl CustomOp3 for ConvQkv {
         let xs = super::act_io::view(s2, l2)?;
         let ws = super::device::cuda_f32(s3, l3)?;
         let n = hv * t * (2 * dk + dv);
-        // SAFETY: every output element is written (each (head slot, position) warp writes its rows).
+        // SAFETY: every output element is written (each (head slot, tile) warp writes its rows).
         let out = unsafe { dev.alloc::<f32>(n)? };
-        let func = dev.get_or_load_custom_func("qgate_gdn_conv_qkv", "qgate_gdn_prep", ptx()?)?;
-        // A warp per (head slot, position), 8 warps a block.
+        let name = if width > 128 {
+            "qgate_gdn_conv_qkv_wide"
+        } else {
+            "qgate_gdn_conv_qkv"
+        };
+        let func = dev.get_or_load_custom_func(name, "qgate_gdn_prep", ptx()?)?;
+        // A warp per (head slot, tile of 8 positions: the kernel's CP), 8 warps a block.
         let cfg = LaunchConfig {
-            grid_dim: ((t * (2 * hk + hv)).div_ceil(8) as u32, 1, 1),
+            grid_dim: ((t.div_ceil(8) * (2 * hk + hv)).div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -358,82 +363,129 @@ impl CustomOp3 for BetaG {
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
 // (rnd, silu, ld, ld4: `device::nvrtc_ptx_with_rounding`.)
-// One warp per (head slot, position): slots 0..hk are q heads, hk..2hk k heads, then the hv value heads;
-// lane l owns the four consecutive channels 4l.. and 4l + 128.. of the slot (width ≤ 256). Consecutive
-// warps take consecutive positions of one slot, so the taps' rows are shared through L1/L2. Each
-// channel: Σ_j R-free products x·w over the taps in order (the host's sum), R, SiLU, R; q and k rows are
-// then L2-normalised (sum of squares: per lane in channel order, then a butterfly) and written once per
-// value head they serve. v4: vector loads (checked on the host: dims, row width and offsets multiples of 4).
-extern "C" __global__ void qgate_gdn_conv_qkv(const void* hist, const void* x, const float* w, float* out,
-                                              int t, int kk, int c, int hk, int hv, int dk, int dv, int mode,
-                                              int ht, int xt, int v4) {
+// One warp per (head slot, tile of CP consecutive positions): slots 0..hk are q heads, hk..2hk k heads,
+// then the hv value heads; lane l owns the four consecutive channels 4l.. and 4l + 128.. of the slot
+// (width ≤ 256). The taps' weights are loaded once a warp; with the conv width KK a template argument
+// (4, Qwen3.5's; 0: any width, rows re-read per tap) the last KK input rows slide through registers, so
+// each row is read once a tile. Each channel: Σ_j R-free products x·w over the taps in order (the host's
+// sum), R, SiLU, R; q and k rows are then L2-normalised (sum of squares: per lane in channel order, then
+// a butterfly) and written once per value head they serve. v4: vector loads (checked on the host: dims,
+// row width and offsets multiples of 4).
+#define CP 8
+// Row i of the conv's input: the history's rows first (kk − 1 of them), then x's.
+__device__ __forceinline__ void conv_row(const void* hist, const void* x, int i, int kk, int c, int ch,
+                                         int ht, int xt, int v4, int lim, float* r) {
+    if (i < kk - 1) ld4(hist, (long)i * c + ch, ht, v4, lim, r);
+    else ld4(x, (long)(i - (kk - 1)) * c + ch, xt, v4, lim, r);
+}
+template <int KK, int NQ>
+__device__ __forceinline__ void conv_tile(const void* hist, const void* x, const float* w, float* out,
+                                          int t, int kk, int c, int hk, int hv, int dk, int dv, int mode,
+                                          int ht, int xt, int v4, int slot, int t0) {
+    constexpr int NW = KK > 0 ? KK : 1;
     const int lane = threadIdx.x & 31;
-    const long task = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int slots = 2 * hk + hv;
-    if (task >= (long)t * slots) return;
-    const int slot = (int)(task / t), tt = (int)(task % t);
     const int is_v = slot >= 2 * hk;
     const int width = is_v ? dv : dk;
     const int base = is_v ? 2 * hk * dk + (slot - 2 * hk) * dv : slot * dk;
-    float val[8];
-    float ss = 0.0f;
+    const int which = slot >= hk;          // q/k slots: 0 q, 1 k
+    const int j0 = slot - which * hk;      // key head
+    const int r = hv / hk;
+    float wt[NQ][NW][4];                   // the taps' weights (KK > 0)
+    float win[NQ][NW][4];                  // rows tt .. tt + KK − 1 (KK > 0)
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const int d0 = 4 * lane + 128 * q;
-        const int lim = width - d0;
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (lim > 0) {
-            const int ch = base + d0;
-            for (int j = 0; j < kk; ++j) {
-                const int i = tt + j;
-                float r[4], wj[4];
-                if (i < kk - 1) ld4(hist, (long)i * c + ch, ht, v4, lim, r);
-                else ld4(x, (long)(i - (kk - 1)) * c + ch, xt, v4, lim, r);
-                ld4(w, (long)j * c + ch, 0, v4, lim, wj);
+    for (int q = 0; q < NQ; ++q) {
+        const int d0 = 4 * lane + 128 * q, lim = width - d0, ch = base + d0;
+        if (KK > 0 && lim > 0)
+#pragma unroll
+            for (int j = 0; j < NW; ++j) {
+                ld4(w, (long)j * c + ch, 0, v4, lim, wt[q][j]);
+                if (j + 1 < NW) conv_row(hist, x, t0 + j, kk, c, ch, ht, xt, v4, lim, win[q][j + 1]);
+            }
+    }
+    const int t1 = min(t, t0 + CP);
+    for (int tt = t0; tt < t1; ++tt) {
+        float val[8] = {};
+        float ss = 0.0f;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) {
+            const int d0 = 4 * lane + 128 * q, lim = width - d0, ch = base + d0;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (lim > 0) {
+                if (KK > 0) {
+#pragma unroll
+                    for (int j = 0; j + 1 < NW; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) win[q][j][e] = win[q][j + 1][e];
+                    conv_row(hist, x, tt + NW - 1, kk, c, ch, ht, xt, v4, lim, win[q][NW - 1]);
+#pragma unroll
+                    for (int j = 0; j < NW; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const float prod = __fmul_rn(win[q][j][e], wt[q][j][e]);
+                            acc[e] = (j == 0) ? prod : __fadd_rn(acc[e], prod);
+                        }
+                } else {
+                    for (int j = 0; j < kk; ++j) {
+                        float rw[4], wj[4];
+                        conv_row(hist, x, tt + j, kk, c, ch, ht, xt, v4, lim, rw);
+                        ld4(w, (long)j * c + ch, 0, v4, lim, wj);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const float prod = __fmul_rn(rw[e], wj[e]);
+                            acc[e] = (j == 0) ? prod : __fadd_rn(acc[e], prod);
+                        }
+                    }
+                }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float prod = __fmul_rn(r[e], wj[e]);
-                    acc[e] = (j == 0) ? prod : __fadd_rn(acc[e], prod);
+                    const float v = (e < lim) ? rnd(silu(rnd(acc[e], mode)), mode) : 0.0f;
+                    ss = __fadd_rn(ss, __fmul_rn(v, v));
+                    acc[e] = v;
                 }
             }
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float v = (e < lim) ? rnd(silu(rnd(acc[e], mode)), mode) : 0.0f;
-                ss = __fadd_rn(ss, __fmul_rn(v, v));
-                acc[e] = v;
+            for (int e = 0; e < 4; ++e) val[4 * q + e] = acc[e];
+        }
+        if (is_v) {
+            float* o = out + 2L * hv * t * dk + ((long)(slot - 2 * hk) * t + tt) * dv;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const int d0 = 4 * lane + 128 * q;
+                if (v4 && d0 < dv) *(float4*)(o + d0) = make_float4(val[4 * q], val[4 * q + 1], val[4 * q + 2], val[4 * q + 3]);
+                else for (int e = 0; e < 4; ++e) if (d0 + e < dv) o[d0 + e] = val[4 * q + e];
             }
+            continue;
         }
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+        const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ss, 1e-6f)));
+        float* basep = out + (long)which * hv * t * dk;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) val[4 * q + e] = acc[e];
-    }
-    if (is_v) {
-        float* o = out + 2L * hv * t * dk + ((long)(slot - 2 * hk) * t + tt) * dv;
+        for (int e = 0; e < 4 * NQ; ++e) val[e] = __fmul_rn(val[e], inv);
+        for (int i = 0; i < r; ++i) {
+            float* o = basep + ((long)(j0 * r + i) * t + tt) * dk;
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int d0 = 4 * lane + 128 * q;
-            if (v4 && d0 < dv) *(float4*)(o + d0) = make_float4(val[4 * q], val[4 * q + 1], val[4 * q + 2], val[4 * q + 3]);
-            else for (int e = 0; e < 4; ++e) if (d0 + e < dv) o[d0 + e] = val[4 * q + e];
-        }
-        return;
-    }
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ss, 1e-6f)));
-    const int which = slot >= hk;          // 0: q, 1: k
-    const int j = slot - which * hk;       // key head
-    const int r = hv / hk;
-    float* basep = out + (long)which * hv * t * dk;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) val[e] = __fmul_rn(val[e], inv);
-    for (int i = 0; i < r; ++i) {
-        float* o = basep + ((long)(j * r + i) * t + tt) * dk;
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int d0 = 4 * lane + 128 * q;
-            if (v4 && d0 < dk) *(float4*)(o + d0) = make_float4(val[4 * q], val[4 * q + 1], val[4 * q + 2], val[4 * q + 3]);
-            else for (int e = 0; e < 4; ++e) if (d0 + e < dk) o[d0 + e] = val[4 * q + e];
+            for (int q = 0; q < NQ; ++q) {
+                const int d0 = 4 * lane + 128 * q;
+                if (v4 && d0 < dk) *(float4*)(o + d0) = make_float4(val[4 * q], val[4 * q + 1], val[4 * q + 2], val[4 * q + 3]);
+                else for (int e = 0; e < 4; ++e) if (d0 + e < dk) o[d0 + e] = val[4 * q + e];
+            }
         }
     }
 }
+// Two entry points, so the common one keeps its registers: head dims ≤ 128 (Qwen3.5's; one group of four
+// channels a lane) and ≤ 256 ("_wide").
+#define CONV_ENTRY(NAME, NQ)                                                                                  \
+extern "C" __global__ void NAME(const void* hist, const void* x, const float* w, float* out, int t, int kk,  \
+                                int c, int hk, int hv, int dk, int dv, int mode, int ht, int xt, int v4) {    \
+    const long task = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);                             \
+    const int slots = 2 * hk + hv, tiles = (t + CP - 1) / CP;                                                \
+    if (task >= (long)tiles * slots) return;                                                                 \
+    const int slot = (int)(task / tiles), t0 = (int)(task % tiles) * CP;                                     \
+    if (kk == 4) conv_tile<4, NQ>(hist, x, w, out, t, kk, c, hk, hv, dk, dv, mode, ht, xt, v4, slot, t0);    \
+    else conv_tile<0, NQ>(hist, x, w, out, t, kk, c, hk, hv, dk, dv, mode, ht, xt, v4, slot, t0);            \
+}
+CONV_ENTRY(qgate_gdn_conv_qkv, 1)
+CONV_ENTRY(qgate_gdn_conv_qkv_wide, 2)
 
 extern "C" __global__ void qgate_gdn_beta_g(const float* b, const float* a, const float* pr, float* out,
                                             int t, int hv, int mode) {
