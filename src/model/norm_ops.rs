@@ -160,6 +160,9 @@ impl Norm {
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
         let (rows, d) = self.rows(x.1, z.map(|z| z.1), w.1)?;
+        if i32::try_from(rows).is_err() || i32::try_from(d).is_err() {
+            candle_core::bail!("rms norm: {rows} rows of {d} are past the GPU kernel's 32-bit indices");
+        }
         let dev = x.0.device().clone();
         let xs = act_io::view(x.0, x.1)?;
         let ws = super::device::cuda_f32(w.0, w.1)?;
@@ -299,10 +302,11 @@ extern "C" __global__ void qgate_rms_norm(const void* x, const void* z, const fl
                                           float eps, int d, int heads, int gated_norm, int mode, int xt, int zt,
                                           int ot, int rows, int v4) {
     const int lane = threadIdx.x & 31;
-    const long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    // 32-bit row arithmetic (rows is an int): a 64-bit division costs more than a short row's work.
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
-    const long row0 = row * d;
-    const long xrow0 = heads > 0 ? ((row % heads) * (rows / heads) + row / heads) * d : row0;
+    const long row0 = (long)row * d;
+    const long xrow0 = heads > 0 ? ((long)(row % heads) * (rows / heads) + row / heads) * d : row0;
     float acc = 0.0f;
     for (int i = 4 * lane; i < d; i += 128) {
         float v[4];
