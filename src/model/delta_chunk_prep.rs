@@ -237,7 +237,9 @@ impl CustomOp2 for Prepare {
         bld.arg(&scale);
         // 16-byte loads and stores where every row and part starts on a multiple of 4 floats (the parts'
         // offsets are multiples of C·Dk or C·Dv, allocations 256-byte aligned).
-        let v4 = i32::from(dk % 4 == 0 && dv % 4 == 0 && l1.start_offset() % 4 == 0);
+        let v4 = i32::from(
+            dk.is_multiple_of(4) && dv.is_multiple_of(4) && l1.start_offset().is_multiple_of(4),
+        );
         bld.arg(&v4);
         // SAFETY: reads H·T·(2Dk+Dv) + 2·H·T floats, writes `len`, as allocated.
         unsafe { bld.launch(cfg) }.w()?;

@@ -161,7 +161,9 @@ impl Norm {
         use candle_core::cuda_backend::WrapErr;
         let (rows, d) = self.rows(x.1, z.map(|z| z.1), w.1)?;
         if i32::try_from(rows).is_err() || i32::try_from(d).is_err() {
-            candle_core::bail!("rms norm: {rows} rows of {d} are past the GPU kernel's 32-bit indices");
+            candle_core::bail!(
+                "rms norm: {rows} rows of {d} are past the GPU kernel's 32-bit indices"
+            );
         }
         let dev = x.0.device().clone();
         let xs = act_io::view(x.0, x.1)?;
