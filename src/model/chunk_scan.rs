@@ -329,7 +329,9 @@ impl CustomOp3 for ChunkScan {
 #[cfg(feature = "cuda")]
 const COLS: usize = 16;
 
-/// Threads per block (four warps).
+/// Threads per block (four warps). With 256 the lanes' tiles halve, the shared-memory loads per
+/// multiply-add double and the kernel was slower on an H200 (324 against 279 µs a layer at bf16
+/// T = 4,096; BENCHMARKS.md, eleventh session).
 #[cfg(feature = "cuda")]
 const THREADS: u32 = 128;
 
@@ -383,8 +385,8 @@ extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, cons
             }
             st4(S + (r0 + a) * 16 + cl, v);
         }
-    // The thread's first 16-byte piece of a chunk's [CH][dk] matrix (row fr, quad fq), and the step to
-    // its next (NT pieces on), without a division per piece.
+    // The thread's first 16-byte piece of a chunk's [CH][dk] matrix (row fr0, quad fq0), and the step
+    // to its next (NT pieces on: dr rows and dq quads), without a division per piece.
     const int q4 = dk / 4, quads = CH * q4, dr = NT / q4, dq = NT % q4;
     const int fr0 = tid / q4, fq0 = tid % q4;
     // Chunk j's W and K̃ into buffer j & 1.

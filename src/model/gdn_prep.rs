@@ -364,8 +364,8 @@ impl CustomOp3 for BetaG {
 const KERNEL: &str = r#"
 // (rnd, silu, ld, ld4: `device::nvrtc_ptx_with_rounding`.)
 // One warp per (head slot, tile of CP consecutive positions): slots 0..hk are q heads, hk..2hk k heads,
-// then the hv value heads; lane l owns the four consecutive channels 4l.. and 4l + 128.. of the slot
-// (width ≤ 256). The taps' weights are loaded once a warp; with the conv width KK a template argument
+// then the hv value heads; lane l owns the four consecutive channels 4l.. and, for heads wider than 128
+// (NQ = 2, the "_wide" entry), 4l + 128.. of the slot (width ≤ 256). The taps' weights are loaded once a warp; with the conv width KK a template argument
 // (4, Qwen3.5's; 0: any width, rows re-read per tap) the last KK input rows slide through registers, so
 // each row is read once a tile. Each channel: Σ_j R-free products x·w over the taps in order (the host's
 // sum), R, SiLU, R; q and k rows are then L2-normalised (sum of squares: per lane in channel order, then
