@@ -433,11 +433,7 @@ extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, cons
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
         // Phase 1: v_new rows r1, r1 + 8.
-        float a1[2][4];
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-            for (int b = 0; b < 4; ++b) a1[j][b] = 0.0f;
+        float a1[2][4] = {};
 #pragma unroll 4
         for (int k = 0; k < dk; k += 4) {
             float wr[2][4];
@@ -464,11 +460,7 @@ extern "C" __global__ void qgate_chunk_scan(const float* u, const float* w, cons
         __syncthreads();
         // Phase 2: S rows r0..r0+3, columns cl..cl+3.
         if (rows2) {
-            float acc[4][4];
-#pragma unroll
-            for (int a = 0; a < 4; ++a)
-#pragma unroll
-                for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+            float acc[4][4] = {};
 #pragma unroll 8
             for (int c = 0; c < CH; ++c) {
                 float k4[4], v4[4];

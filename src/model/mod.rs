@@ -230,12 +230,7 @@ impl Model {
         let lm_head = if cfg.tie_word_embeddings && !has_head {
             if ws.untie_head() {
                 // the simulator's head scheme: the shipped recipe clones the tied embedding first
-                Some(ws.load_as(
-                    &ws.decoder_name("embed_tokens.weight"),
-                    "lm_head.weight",
-                    &[v, h],
-                    prec,
-                )?)
+                Some(load_head_weight(ws, v, h, prec)?)
             } else {
                 None
             }
@@ -245,7 +240,7 @@ impl Model {
                 "missing tensor `lm_head.weight` (config says tie_word_embeddings = false)",
             ));
         } else {
-            let head = ws.load_in("lm_head.weight", &[v, h], prec, ws.upload_dtype(prec))?;
+            let head = load_head_weight(ws, v, h, prec)?;
             if cfg.tie_word_embeddings && !ws.untie_head() {
                 // HF: a tied config with a differing stored head is not tied (it warns).
                 let f32 = candle_core::DType::F32;
@@ -485,19 +480,7 @@ impl Model {
     /// loaded under that name, as the simulator unties a quantized head), for `logits_with`.
     pub fn load_head(&self, ws: &WeightStore) -> Result<LinearWeight> {
         let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
-        let dt = ws.upload_dtype(self.prec);
-        let w = if ws.contains("lm_head.weight") {
-            ws.load_in("lm_head.weight", &[v, h], self.prec, dt)?
-        } else {
-            ws.load_as_in(
-                &ws.decoder_name("embed_tokens.weight"),
-                "lm_head.weight",
-                &[v, h],
-                self.prec,
-                dt,
-            )?
-        };
-        LinearWeight::new(w, self.prec)
+        LinearWeight::new(load_head_weight(ws, v, h, self.prec)?, self.prec)
     }
 
     /// The logits of final-normed hidden states through another head (`load_head`).
@@ -618,6 +601,19 @@ impl Model {
             }
             _ => self.logits(hidden),
         }
+    }
+}
+
+/// The head's `[v, h]` weight as its own tensor: `lm_head.weight`, or the embedding loaded under that
+/// name (a tied model whose head the simulator unties), in the dtype the device keeps it
+/// ([`WeightStore::upload_dtype`]).
+fn load_head_weight(ws: &WeightStore, v: usize, h: usize, prec: Precision) -> Result<Tensor> {
+    let dt = ws.upload_dtype(prec);
+    if ws.contains("lm_head.weight") {
+        ws.load_in("lm_head.weight", &[v, h], prec, dt)
+    } else {
+        let embed = ws.decoder_name("embed_tokens.weight");
+        ws.load_as_in(&embed, "lm_head.weight", &[v, h], prec, dt)
     }
 }
 

@@ -347,19 +347,8 @@ impl WeightStore {
         self.load_as_in(full, logical, shape, prec, dtype)
     }
 
-    /// As `load`, with the transform seeing the tensor under `logical` (a tied head is the embedding
+    /// As `load_in`, with the transform seeing the tensor under `logical` (a tied head is the embedding
     /// loaded as `lm_head.weight`).
-    pub fn load_as(
-        &self,
-        full: &str,
-        logical: &str,
-        shape: &[usize],
-        prec: Precision,
-    ) -> Result<Tensor> {
-        self.load_as_in(full, logical, shape, prec, None)
-    }
-
-    /// `load_as` converted to `dtype` (when given) before the upload ([`WeightStore::load_in`]).
     pub fn load_as_in(
         &self,
         full: &str,
@@ -398,17 +387,22 @@ impl WeightStore {
         dtype: Option<DType>,
     ) -> Result<Tensor> {
         let (first, n) = (rows.start, rows.len());
+        // Rounded to `prec` (exact in `dtype` then), converted, then uploaded.
+        let finish = |t: &Tensor| -> Result<Tensor> {
+            let t = prec.round(t)?;
+            let t = match dtype {
+                Some(dt) => t.to_dtype(dt)?,
+                None => t,
+            };
+            Ok(t.to_device(&self.device)?)
+        };
         let rows_total = shape.first().copied().unwrap_or(1);
         if self.transform.is_some() && (first != 0 || n != rows_total) {
             // A transform (fake quantization) sees whole tensors, as exporters do (k-means groups span
             // rows): transform the whole tensor, then take the rows.
             let whole =
                 self.load_rows_as(full, logical, shape, 0..rows_total, Precision::F32, None)?;
-            let rows = prec.round(&whole.narrow(0, first, n)?)?;
-            return Ok(match dtype {
-                Some(dt) => rows.to_dtype(dt)?,
-                None => rows,
-            });
+            return finish(&whole.narrow(0, first, n)?);
         }
         let e = self
             .entries
@@ -470,12 +464,7 @@ impl WeightStore {
             Some(tr) => tr.apply(logical, t)?,
             None => t,
         };
-        let t = prec.round(&t)?;
-        let t = match dtype {
-            Some(dt) => t.to_dtype(dt)?,
-            None => t,
-        };
-        Ok(t.to_device(&self.device)?)
+        finish(&t)
     }
 
     /// Load a decoder-relative tensor (prefix resolved).
